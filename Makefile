@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh Debian 12 machine (as root):
+#   make demo   set-up, then the netns lab migration demo
+#   make test   set-up, then every test (unit tests and kernel tests in namespaces)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test unit netns lint bench clean
+
+setup:
+	@bash scripts/setup
+
+demo: setup
+	$(VENV)/bin/xfer lab demo
+
+test: setup
+	$(PY) -m pytest -q
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+netns: setup
+	$(PY) -m pytest -q netns_tests
+
+lint: setup
+	$(VENV)/bin/ruff check xfer tests netns_tests
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(VENV)/bin/xfer bench conntrack
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

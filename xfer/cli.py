@@ -1,0 +1,318 @@
+"""The ``xfer`` command: parse, call the library, print. Nothing is implemented here.
+
+Exit status: 0 success, 1 the operation failed (one-line reason on stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from xfer.errors import UsageError, XferError
+
+app = typer.Typer(
+    name="xfer",
+    help="Move a live-migrating VM's network state (conntrack, DHCP bindings, counters) "
+         "between Linux firewalls inside the migration's pause window.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bundle_app = typer.Typer(help="Inspect bundles.", no_args_is_help=True)
+conntrack_app = typer.Typer(help="Look at a device's conntrack table.", no_args_is_help=True)
+lab_app = typer.Typer(help="The network-namespace lab: two firewalls, a VM and a server.",
+                      no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks against the baseline tools, measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(conntrack_app, name="conntrack")
+app.add_typer(lab_app, name="lab")
+app.add_typer(bench_app, name="bench")
+
+NetnsOpt = Annotated[str | None, typer.Option("--netns", help="Network namespace of the device "
+                                              "(default: the current one).", metavar="NS")]
+VmOpt = Annotated[str, typer.Option("--vm", help="VM addresses (IPv4, IPv6, MAC; comma-separated) "
+                                    "or an inventory name.", metavar="ADDR[,ADDR...]")]
+KindsOpt = Annotated[str, typer.Option("--kinds", help="Kinds of state: conntrack,dhcp,counters.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ZoneOpt = Annotated[int | None, typer.Option("--zone", help="Only this conntrack zone.")]
+MarkOpt = Annotated[int | None, typer.Option("--mark", help="Only entries whose mark & MASK == MARK.")]
+MaskOpt = Annotated[int, typer.Option("--mask", help="Mask for --mark.")]
+KeyOpt = Annotated[Path | None, typer.Option("--key-file", help="HMAC key to sign/verify bundles "
+                                             "(default: $XFER_BUNDLE_KEY_FILE).")]
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    sys.stderr.write(f"xfer: {message}\n")
+    raise SystemExit(code)
+
+
+def _ct_options(zone: int | None, mark: int | None, mask: int) -> dict[str, Any]:
+    from xfer.conntrack.transfer import Selectors
+
+    return {"selectors": Selectors(zone, mark, mask)}
+
+
+@app.command("export")
+def export_cmd(
+    vm: VmOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle file to write.")],
+    kinds: KindsOpt = "conntrack",
+    netns: NetnsOpt = None,
+    zone: ZoneOpt = None,
+    mark: MarkOpt = None,
+    mask: MaskOpt = 0xFFFFFFFF,
+    key_file: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a VM's state from a device into a bundle file.
+
+    Example: xfer export --vm 10.0.0.2 --kinds conntrack --netns fw-src --out vm.xfer
+    """
+    from xfer import bundle as bundle_mod
+    from xfer import transfer
+    from xfer.model import Kind, parse_kinds, parse_vm
+
+    ident = parse_vm(vm)
+    kind_list = parse_kinds(kinds)
+    options = {Kind.CONNTRACK: _ct_options(zone, mark, mask)}
+    b = transfer.export_bundle(ident, kind_list, netns, options=options)
+    size = bundle_mod.write(out, b, bundle_mod.load_key(key_file))
+    counts = {k.value: s.count for k, s in b.sections.items()}
+    if as_json:
+        _print_json({"file": str(out), "bytes": size, "id": b.id, "counts": counts})
+    else:
+        moved = ", ".join(f"{n} {k}" for k, n in counts.items())
+        typer.echo(f"exported {moved} for {ident.id} to {out} ({size} bytes)")
+
+
+@app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="Bundle file.")],
+    netns: NetnsOpt = None,
+    vm: Annotated[str | None, typer.Option("--vm", help="Refuse the bundle unless it is for this VM.")] = None,
+    kinds: Annotated[str | None, typer.Option("--kinds", help="Import only these kinds.")] = None,
+    no_replace: Annotated[bool, typer.Option("--no-replace", help="Skip (and count) entries that "
+                                             "already exist instead of updating them.")] = False,
+    partial: Annotated[bool, typer.Option("--partial", help="Keep what succeeded when some "
+                                          "entries fail (default: roll back).")] = False,
+    key_file: KeyOpt = None,
+    max_size: Annotated[int, typer.Option("--max-size", help="Refuse bundles larger than this "
+                                          "many bytes.")] = 256 * 1024 * 1024,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a bundle into a device; prints created/updated/skipped/failed counts.
+
+    Example: xfer import vm.xfer --netns fw-dst
+    """
+    from xfer import bundle as bundle_mod
+    from xfer import transfer
+    from xfer.model import Kind, parse_kinds, parse_vm
+
+    b = bundle_mod.read(file, bundle_mod.load_key(key_file), max_size)
+    ident = parse_vm(vm) if vm else None
+    options = {Kind.CONNTRACK: {"replace": not no_replace, "partial": partial}}
+    report = transfer.import_bundle(b, netns, vm=ident,
+                                    kinds=parse_kinds(kinds) if kinds else None, options=options)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        for kind, r in report.kinds.items():
+            typer.echo(f"{kind}: created {r.created}, updated {r.updated}, skipped {r.skipped}, "
+                       f"failed {r.failed} ({r.seconds * 1000:.1f} ms)"
+                       + (" — rolled back" if r.rolled_back else ""))
+            for w in r.warnings:
+                typer.echo(f"  warning: {w}", err=True)
+    if not report.ok:
+        reasons = "; ".join(f"{k}: {m}" for k, m in report.errors.items()) or "some entries failed"
+        _fail(f"import failed: {reasons}")
+
+
+@app.command("forget")
+def forget_cmd(
+    vm: VmOpt,
+    kinds: KindsOpt = "conntrack",
+    netns: NetnsOpt = None,
+    zone: ZoneOpt = None,
+    mark: MarkOpt = None,
+    mask: MaskOpt = 0xFFFFFFFF,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a VM's state from a device (the source, once the destination committed).
+
+    Example: xfer forget --vm 10.0.0.2 --netns fw-src
+    """
+    from xfer import transfer
+    from xfer.model import Kind, parse_kinds, parse_vm
+
+    reports = transfer.forget(parse_vm(vm), parse_kinds(kinds), netns,
+                              options={Kind.CONNTRACK: _ct_options(zone, mark, mask)})
+    if as_json:
+        _print_json({k.value: r.to_dict() for k, r in reports.items()})
+    else:
+        for kind, r in reports.items():
+            typer.echo(f"{kind}: deleted {r.deleted}, already gone {r.skipped}, failed {r.failed}")
+    if any(r.failed for r in reports.values()):
+        _fail("some entries could not be deleted")
+
+
+@bundle_app.command("show")
+def bundle_show(
+    file: Annotated[Path, typer.Argument(help="Bundle file.")],
+    entries: Annotated[bool, typer.Option("--entries", help="List every entry.")] = False,
+    key_file: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a bundle's header, sections and (with --entries or --json) its entries.
+
+    Example: xfer bundle show vm.xfer --json
+    """
+    from xfer import bundle as bundle_mod
+    from xfer.conntrack.transfer import section_entries
+    from xfer.model import Kind
+
+    b = bundle_mod.read(file, bundle_mod.load_key(key_file))
+    header = b.header()
+    ct = b.sections.get(Kind.CONNTRACK)
+    records = section_entries(ct) if ct is not None else []
+    if as_json:
+        header["age_s"] = round(b.age(), 3)
+        if ct is not None:
+            header["conntrack"] = [e.to_json() for e in records]
+        _print_json(header)
+        return
+    typer.echo(f"bundle {b.id} (format {header['format']}, {'signed' if b.signed else 'unsigned'})")
+    typer.echo(f"  vm:      {b.vm.id}  {' '.join((*b.vm.addresses, *b.vm.macs))}")
+    typer.echo(f"  source:  {b.source.get('device')} netns={b.source.get('netns')}")
+    typer.echo(f"  created: {b.created:.3f} ({b.age():.1f} s ago)")
+    for s in header["sections"]:
+        typer.echo(f"  section {s['kind']}: {s['count']} entries, {s['length']} bytes, "
+                   f"{s['encoding']}, sha256 {s['sha256'][:16]}…")
+    if entries:
+        for e in records:
+            typer.echo("    " + e.summary())
+
+
+@conntrack_app.command("ls")
+def conntrack_ls(
+    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM's entries.")] = None,
+    netns: NetnsOpt = None,
+    zone: ZoneOpt = None,
+    mark: MarkOpt = None,
+    mask: MaskOpt = 0xFFFFFFFF,
+    as_json: JsonOpt = False,
+) -> None:
+    """List conntrack entries of a VM (both directions, NAT included).
+
+    Example: xfer conntrack ls --vm 10.0.0.2 --netns fw-src --json
+    """
+    from xfer.conntrack.transfer import Selectors, list_entries
+    from xfer.model import parse_vm
+
+    records = list_entries(parse_vm(vm) if vm else None, netns, Selectors(zone, mark, mask))
+    if as_json:
+        _print_json([e.to_json() for e in records])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("proto", "state", "original", "reply", "timeout", "mark", "zone", "flags",
+                  box=None)
+    for e in records:
+        o, r = e.orig, e.reply
+        table.add_row(
+            o.to_json()["proto"], e.state or "",
+            f"{o.src}:{o.sport or o.icmp_id or ''} → {o.dst}:{o.dport or ''}",
+            f"{r.src}:{r.sport or r.icmp_id or ''} → {r.dst}:{r.dport or ''}",
+            str(e.timeout), str(e.mark), str(e.zone),
+            ",".join(n for n in e.status_names() if n in ("ASSURED", "SRC_NAT", "DST_NAT")),
+        )
+    Console().print(table)
+    typer.echo(f"{len(records)} entries", err=True)
+
+
+@lab_app.command("up")
+def lab_up(
+    prefix: Annotated[str, typer.Option(help="Namespace name prefix.")] = "xfer",
+) -> None:
+    """Build the lab: VM, source firewall, destination firewall and server namespaces.
+
+    Example: xfer lab up && ip netns exec xfer-vm ping -c1 10.0.2.2
+    """
+    from xfer.lab import topology
+
+    lab = topology.Lab(prefix)
+    lab.up()
+    typer.echo(lab.describe())
+
+
+@lab_app.command("down")
+def lab_down(prefix: Annotated[str, typer.Option(help="Namespace name prefix.")] = "xfer") -> None:
+    """Remove every namespace and process of the lab."""
+    from xfer.lab import topology
+
+    topology.Lab(prefix).down()
+    typer.echo("lab removed")
+
+
+@lab_app.command("demo")
+def lab_demo(
+    prefix: Annotated[str, typer.Option(help="Namespace name prefix.")] = "xfer",
+    as_json: JsonOpt = False,
+) -> None:
+    """Migrate the lab VM with a live TCP conversation, then the control without transfer.
+
+    Example: xfer lab demo
+    """
+    from xfer.lab import demo
+
+    result = demo.run(prefix, echo=None if as_json else typer.echo)
+    if as_json:
+        _print_json(result)
+    if not result["ok"]:
+        _fail("demo failed: " + result["reason"])
+
+
+@bench_app.command("conntrack")
+def bench_conntrack(
+    total: Annotated[int, typer.Option(help="Entries in the source table.")] = 200_000,
+    vm_flows: Annotated[int, typer.Option("--vm-flows", help="Of which the VM's.")] = 20_000,
+    repeat: Annotated[int, typer.Option(help="Runs of each contender (median reported).")] = 3,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/conntrack.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Export+import of a VM's conntrack entries vs `conntrack -L ... -o save | conntrack -R -`.
+
+    Example: xfer bench conntrack --total 200000 --vm-flows 20000
+    """
+    from xfer.bench import conntrack as bench
+
+    result = bench.run(total, vm_flows, repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        _print_json(result)
+
+
+def main() -> None:
+    """Console entry point: map errors to exit codes and one-line messages."""
+    logging.basicConfig(level=logging.WARNING, format="xfer: %(message)s")
+    try:
+        app()
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    except XferError as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""ctnetlink wire codec: attribute parsing and message building, no sockets.
+
+The transfer path keeps each entry as the kernel dumped it — its family and the
+raw attribute bytes — and rewrites only what must change on the way in
+(timeout, status, TCP flags, NAT). That keeps the per-entry cost at a handful of
+slices instead of a full decode; ``parse_entry`` does the full decode for
+people and tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from xfer.conntrack import constants as c
+from xfer.conntrack.model import ConntrackEntry, CtTuple, SeqAdj, TcpInfo
+
+_NLA = struct.Struct("=HH")
+_NLMSG = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")
+_U32BE = struct.Struct(">I")
+_U16BE = struct.Struct(">H")
+NLMSG_HDRLEN = _NLMSG.size + _NFGEN.size  # nlmsghdr + nfgenmsg
+
+# Attributes the kernel reports but that a create must not (or cannot) carry.
+_RUNTIME_ONLY = frozenset({c.CTA_COUNTERS_ORIG, c.CTA_COUNTERS_REPLY, c.CTA_USE, c.CTA_ID,
+                           c.CTA_TIMESTAMP, c.CTA_SECCTX, c.CTA_SECMARK, c.CTA_TUPLE_MASTER})
+_UPDATE_FORBIDDEN = frozenset({c.CTA_NAT_SRC, c.CTA_NAT_DST, c.CTA_HELP})
+# Status bits a create cannot carry: EXPECTED needs a master entry, DYING is dying.
+_STATUS_DROP = c.IPS_EXPECTED | c.IPS_DYING | c.IPS_TEMPLATE | c.IPS_UNTRACKED
+# TCP "seen" flags that describe window state we do not carry (td_maxack, unacked
+# data); keeping them would make the destination check against zeroed windows.
+_TCP_FLAGS_KEEP = (c.TCP_FLAG_WINDOW_SCALE | c.TCP_FLAG_SACK_PERM | c.TCP_FLAG_CLOSE_INIT
+                   | c.TCP_FLAG_SIMULTANEOUS_OPEN)
+
+
+def align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def nla(kind: int, data: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
+    length = 4 + len(data)
+    return _NLA.pack(length, kind) + data + b"\0" * (align4(length) - length)
+
+
+def nest(kind: int, *children: bytes) -> bytes:
+    return nla(kind | c.NLA_F_NESTED, b"".join(children))
+
+
+def iter_attrs(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(type, payload_start, payload_end)``; malformed lengths stop the walk."""
+    end = len(buf) if end is None else end
+    unpack = _NLA.unpack_from
+    pos = start
+    while pos + 4 <= end:
+        length, kind = unpack(buf, pos)
+        if length < 4 or pos + length > end:
+            raise ValueError(f"malformed netlink attribute at offset {pos}")
+        yield kind & c.NLA_TYPE_MASK, pos + 4, pos + length
+        pos += align4(length)
+
+
+def split(blob: bytes) -> dict[int, bytes]:
+    """Top-level attributes of an entry: type → the raw attribute (header and padding included)."""
+    out: dict[int, bytes] = {}
+    unpack = _NLA.unpack_from
+    pos, end = 0, len(blob)
+    while pos + 4 <= end:
+        length, kind = unpack(blob, pos)
+        if length < 4 or pos + length > end:
+            raise ValueError(f"malformed netlink attribute at offset {pos}")
+        nxt = pos + align4(length)
+        out[kind & c.NLA_TYPE_MASK] = blob[pos:nxt]
+        pos = nxt
+    return out
+
+
+def _children(raw: bytes) -> dict[int, bytes]:
+    """Payloads of the attributes nested in raw attribute ``raw``."""
+    return {k: raw[s:e] for k, s, e in iter_attrs(raw, 4)}
+
+
+# --- tuples -----------------------------------------------------------------------
+
+def tuple_src(raw_tuple: bytes) -> bytes:
+    """The packed source address of a raw CTA_TUPLE_* attribute (b"" if absent)."""
+    for kind, s, e in iter_attrs(raw_tuple, 4):
+        if kind == c.CTA_TUPLE_IP:
+            for k2, s2, e2 in iter_attrs(raw_tuple, s, e):
+                if k2 in (c.CTA_IP_V4_SRC, c.CTA_IP_V6_SRC):
+                    return raw_tuple[s2:e2]
+    return b""
+
+
+def parse_tuple(raw: bytes) -> CtTuple:
+    top = _children(raw)
+    ip = {k: top[c.CTA_TUPLE_IP][s:e] for k, s, e in iter_attrs(top.get(c.CTA_TUPLE_IP, b""))}
+    pr = {k: top[c.CTA_TUPLE_PROTO][s:e] for k, s, e in iter_attrs(top.get(c.CTA_TUPLE_PROTO, b""))}
+    src = ip.get(c.CTA_IP_V4_SRC) or ip.get(c.CTA_IP_V6_SRC) or b""
+    dst = ip.get(c.CTA_IP_V4_DST) or ip.get(c.CTA_IP_V6_DST) or b""
+
+    def u16(key: int) -> int | None:
+        v = pr.get(key)
+        return _U16BE.unpack(v[:2])[0] if v else None
+
+    def u8(key: int) -> int | None:
+        v = pr.get(key)
+        return v[0] if v else None
+
+    zone = top.get(c.CTA_TUPLE_ZONE)
+    return CtTuple(
+        src=str(ipaddress.ip_address(src)) if src else "",
+        dst=str(ipaddress.ip_address(dst)) if dst else "",
+        proto=u8(c.CTA_PROTO_NUM) or 0,
+        sport=u16(c.CTA_PROTO_SRC_PORT),
+        dport=u16(c.CTA_PROTO_DST_PORT),
+        icmp_id=u16(c.CTA_PROTO_ICMP_ID) if c.CTA_PROTO_ICMP_ID in pr else u16(c.CTA_PROTO_ICMPV6_ID),
+        icmp_type=u8(c.CTA_PROTO_ICMP_TYPE) if c.CTA_PROTO_ICMP_TYPE in pr else u8(c.CTA_PROTO_ICMPV6_TYPE),
+        icmp_code=u8(c.CTA_PROTO_ICMP_CODE) if c.CTA_PROTO_ICMP_CODE in pr else u8(c.CTA_PROTO_ICMPV6_CODE),
+        zone=_U16BE.unpack(zone[:2])[0] if zone else None,
+    )
+
+
+def encode_tuple(kind: int, t: CtTuple) -> bytes:
+    """Build a CTA_TUPLE_ORIG/REPLY attribute from a record."""
+    src, dst = ipaddress.ip_address(t.src), ipaddress.ip_address(t.dst)
+    if src.version == 4:
+        ip = nest(c.CTA_TUPLE_IP, nla(c.CTA_IP_V4_SRC, src.packed), nla(c.CTA_IP_V4_DST, dst.packed))
+    else:
+        ip = nest(c.CTA_TUPLE_IP, nla(c.CTA_IP_V6_SRC, src.packed), nla(c.CTA_IP_V6_DST, dst.packed))
+    proto = [nla(c.CTA_PROTO_NUM, bytes([t.proto]))]
+    if t.proto in (c.IPPROTO_ICMP, c.IPPROTO_ICMPV6):
+        v6 = t.proto == c.IPPROTO_ICMPV6
+        proto += [
+            nla(c.CTA_PROTO_ICMPV6_ID if v6 else c.CTA_PROTO_ICMP_ID, _U16BE.pack(t.icmp_id or 0)),
+            nla(c.CTA_PROTO_ICMPV6_TYPE if v6 else c.CTA_PROTO_ICMP_TYPE, bytes([t.icmp_type or 0])),
+            nla(c.CTA_PROTO_ICMPV6_CODE if v6 else c.CTA_PROTO_ICMP_CODE, bytes([t.icmp_code or 0])),
+        ]
+    elif t.sport is not None:
+        proto += [nla(c.CTA_PROTO_SRC_PORT, _U16BE.pack(t.sport)),
+                  nla(c.CTA_PROTO_DST_PORT, _U16BE.pack(t.dport or 0))]
+    parts = [ip, nest(c.CTA_TUPLE_PROTO, *proto)]
+    if t.zone is not None:
+        parts.append(nla(c.CTA_TUPLE_ZONE, _U16BE.pack(t.zone)))
+    return nest(kind, *parts)
+
+
+# --- whole entries ------------------------------------------------------------------
+
+def _seqadj(raw: bytes | None) -> SeqAdj | None:
+    if not raw:
+        return None
+    f = {k: _U32BE.unpack(raw[s:s + 4])[0] for k, s, e in iter_attrs(raw, 4)}
+    return SeqAdj(f.get(c.CTA_SEQADJ_CORRECTION_POS, 0), f.get(c.CTA_SEQADJ_OFFSET_BEFORE, 0),
+                  f.get(c.CTA_SEQADJ_OFFSET_AFTER, 0))
+
+
+def _counters(raw: bytes | None) -> tuple[int, int] | None:
+    if not raw:
+        return None
+    f = {k: int.from_bytes(raw[s:e], "big") for k, s, e in iter_attrs(raw, 4)}
+    return f.get(c.CTA_COUNTERS_PACKETS, 0), f.get(c.CTA_COUNTERS_BYTES, 0)
+
+
+def parse_tcp(raw_protoinfo: bytes | None) -> TcpInfo | None:
+    if not raw_protoinfo:
+        return None
+    for kind, s, e in iter_attrs(raw_protoinfo, 4):
+        if kind != c.CTA_PROTOINFO_TCP:
+            continue
+        f = {k: raw_protoinfo[s2:e2] for k, s2, e2 in iter_attrs(raw_protoinfo, s, e)}
+        wo, wr = f.get(c.CTA_PROTOINFO_TCP_WSCALE_ORIGINAL), f.get(c.CTA_PROTOINFO_TCP_WSCALE_REPLY)
+        fo, fr = f.get(c.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL), f.get(c.CTA_PROTOINFO_TCP_FLAGS_REPLY)
+        return TcpInfo(state=f.get(c.CTA_PROTOINFO_TCP_STATE, b"\0")[0],
+                       wscale_orig=wo[0] if wo else None, wscale_reply=wr[0] if wr else None,
+                       flags_orig=fo[0] if fo else 0, flags_reply=fr[0] if fr else 0)
+    return None
+
+
+def parse_entry(family: int, blob: bytes) -> ConntrackEntry:
+    """Full decode of one entry's attributes (as dumped by the kernel)."""
+    a = split(blob)
+
+    def u32(key: int, default: int = 0) -> int:
+        raw = a.get(key)
+        return _U32BE.unpack_from(raw, 4)[0] if raw else default
+
+    zone = a.get(c.CTA_ZONE)
+    labels = a.get(c.CTA_LABELS)
+    secctx = a.get(c.CTA_SECCTX)
+    helper = a.get(c.CTA_HELP)
+    return ConntrackEntry(
+        family=family,
+        orig=parse_tuple(a[c.CTA_TUPLE_ORIG]),
+        reply=parse_tuple(a[c.CTA_TUPLE_REPLY]),
+        status=u32(c.CTA_STATUS),
+        timeout=u32(c.CTA_TIMEOUT),
+        mark=u32(c.CTA_MARK),
+        zone=_U16BE.unpack_from(zone, 4)[0] if zone else 0,
+        labels=_payload(labels) if labels else None,
+        secctx=_cstring(_children(secctx).get(c.CTA_SECCTX_NAME, b"")) if secctx else None,
+        helper=_cstring(_children(helper).get(c.CTA_HELP_NAME, b"")) if helper else None,
+        tcp=parse_tcp(a.get(c.CTA_PROTOINFO)),
+        seqadj_orig=_seqadj(a.get(c.CTA_SEQ_ADJ_ORIG)),
+        seqadj_reply=_seqadj(a.get(c.CTA_SEQ_ADJ_REPLY)),
+        counters_orig=_counters(a.get(c.CTA_COUNTERS_ORIG)),
+        counters_reply=_counters(a.get(c.CTA_COUNTERS_REPLY)),
+        id=u32(c.CTA_ID) if c.CTA_ID in a else None,
+    )
+
+
+def _payload(raw: bytes) -> bytes:
+    return raw[4:_NLA.unpack_from(raw)[0]]
+
+
+def _cstring(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+# --- messages ------------------------------------------------------------------
+
+def message(msg_type: int, flags: int, seq: int, family: int, body: bytes) -> bytes:
+    return _NLMSG.pack(NLMSG_HDRLEN + len(body), msg_type, flags, seq, 0) + _NFGEN.pack(family, 0, 0) + body
+
+
+def dump_request(family: int, seq: int, *, orig_src: bytes | None = None,
+                 reply_src: bytes | None = None, zone: int | None = None,
+                 mark: int | None = None, mark_mask: int = 0xFFFFFFFF) -> bytes:
+    """A CT_GET dump, filtered in the kernel (CTA_FILTER) by source address of either tuple.
+
+    The kernel ANDs the original- and reply-tuple filters, so one request matches
+    on one direction only; callers send one request per direction.
+    """
+    v6 = family == c.AF_INET6
+    src_attr = c.CTA_IP_V6_SRC if v6 else c.CTA_IP_V4_SRC
+    body: list[bytes] = []
+    orig_flags = c.CTA_FILTER_FLAG_IP_SRC if orig_src is not None else 0
+    reply_flags = c.CTA_FILTER_FLAG_IP_SRC if reply_src is not None else 0
+    if orig_flags or reply_flags or zone is not None:
+        body.append(nest(c.CTA_FILTER, nla(c.CTA_FILTER_ORIG_FLAGS, struct.pack("=I", orig_flags)),
+                         nla(c.CTA_FILTER_REPLY_FLAGS, struct.pack("=I", reply_flags))))
+    if orig_src is not None:
+        body.append(nest(c.CTA_TUPLE_ORIG, nest(c.CTA_TUPLE_IP, nla(src_attr, orig_src))))
+    if reply_src is not None:
+        body.append(nest(c.CTA_TUPLE_REPLY, nest(c.CTA_TUPLE_IP, nla(src_attr, reply_src))))
+    if zone is not None:
+        body.append(nla(c.CTA_ZONE, _U16BE.pack(zone)))
+    if mark is not None:
+        body += [nla(c.CTA_MARK, _U32BE.pack(mark)), nla(c.CTA_MARK_MASK, _U32BE.pack(mark_mask))]
+    return message(c.MSG_CT_GET, c.NLM_F_REQUEST | c.NLM_F_DUMP, seq, family, b"".join(body))
+
+
+class NatRewrite(NamedTuple):
+    """What the create message needs instead of a NATed reply tuple."""
+
+    reply: bytes        # the un-NATed CTA_TUPLE_REPLY attribute
+    nat: tuple[bytes, ...]  # CTA_NAT_SRC / CTA_NAT_DST attributes
+
+
+def _nat_range(kind: int, addr: str, port: int | None) -> bytes:
+    packed = ipaddress.ip_address(addr).packed
+    lo, hi = ((c.CTA_NAT_V4_MINIP, c.CTA_NAT_V4_MAXIP) if len(packed) == 4
+              else (c.CTA_NAT_V6_MINIP, c.CTA_NAT_V6_MAXIP))
+    parts = [nla(lo, packed), nla(hi, packed)]
+    if port is not None:
+        p = _U16BE.pack(port)
+        parts.append(nest(c.CTA_NAT_PROTO, nla(c.CTA_PROTONAT_PORT_MIN, p),
+                          nla(c.CTA_PROTONAT_PORT_MAX, p)))
+    return nest(kind, *parts)
+
+
+def nat_rewrite(attrs: dict[int, bytes], status: int) -> NatRewrite:
+    """Turn a dumped NATed entry into the un-NATed reply tuple plus NAT ranges.
+
+    NOTE: ctnetlink creates NAT bindings from CTA_NAT_SRC/DST applied to the
+    un-NATed reply tuple; sending the dumped (NATed) reply tuple alone creates an
+    entry without NAT and the connection dies. Each range is collapsed to the
+    address and port in use.
+    """
+    orig = parse_tuple(attrs[c.CTA_TUPLE_ORIG])
+    reply = parse_tuple(attrs[c.CTA_TUPLE_REPLY])
+    icmp = orig.icmp_type is not None
+    nat: list[bytes] = []
+    plain = reply
+    if status & c.IPS_SRC_NAT:
+        port = reply.icmp_id if icmp else reply.dport
+        nat.append(_nat_range(c.CTA_NAT_SRC, reply.dst, port))
+        plain = plain._replace(dst=orig.src, **({"icmp_id": orig.icmp_id} if icmp
+                                                 else {"dport": orig.sport}))
+    if status & c.IPS_DST_NAT:
+        port = None if icmp else reply.sport
+        nat.append(_nat_range(c.CTA_NAT_DST, reply.src, port))
+        plain = plain._replace(src=orig.dst, **({} if icmp else {"sport": orig.dport}))
+    return NatRewrite(encode_tuple(c.CTA_TUPLE_REPLY, plain), tuple(nat))
+
+
+_protoinfo_cache: dict[bytes, bytes] = {}
+
+
+def create_protoinfo(raw: bytes) -> bytes:
+    """Rewrite a dumped CTA_PROTOINFO so the kernel applies it on create.
+
+    NOTE: dumps report TCP flags with a zero mask and the kernel ignores flags
+    whose mask is zero; copied verbatim the entry loses window scaling (applied
+    only when both directions carry WINDOW_SCALE) and BE_LIBERAL, and bulk
+    traffic after the move hits INVALID drops. We send value and a full mask,
+    with BE_LIBERAL set so window tracking resyncs on the first packets.
+    """
+    cached = _protoinfo_cache.get(raw)
+    if cached is not None:
+        return cached
+    tcp = parse_tcp(raw)
+    if tcp is None:  # SCTP, DCCP: the kernel's own encoding works as is
+        out = raw
+    else:
+        fields = [nla(c.CTA_PROTOINFO_TCP_STATE, bytes([tcp.state]))]
+        if tcp.wscale_orig is not None:
+            fields.append(nla(c.CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, bytes([tcp.wscale_orig])))
+        if tcp.wscale_reply is not None:
+            fields.append(nla(c.CTA_PROTOINFO_TCP_WSCALE_REPLY, bytes([tcp.wscale_reply])))
+        fo = (tcp.flags_orig & _TCP_FLAGS_KEEP) | c.TCP_FLAG_BE_LIBERAL
+        fr = (tcp.flags_reply & _TCP_FLAGS_KEEP) | c.TCP_FLAG_BE_LIBERAL
+        fields += [nla(c.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, bytes([fo, 0xFF])),
+                   nla(c.CTA_PROTOINFO_TCP_FLAGS_REPLY, bytes([fr, 0xFF]))]
+        out = nest(c.CTA_PROTOINFO, nest(c.CTA_PROTOINFO_TCP, *fields))
+    if len(_protoinfo_cache) < 4096:
+        _protoinfo_cache[raw] = out
+    return out
+
+
+_STATUS_HDR = _NLA.pack(8, c.CTA_STATUS)
+_TIMEOUT_HDR = _NLA.pack(8, c.CTA_TIMEOUT)
+
+
+def create_message(family: int, attrs: dict[int, bytes], seq: int, *, age: int = 0,
+                   update: bool = False) -> bytes:
+    """A CT_NEW for one dumped entry: create (EXCL) or, with ``update``, change in place.
+
+    ``age`` seconds are taken off the remaining timeout (never below 1 s).
+    Updates leave out NAT and helper, which the kernel only accepts on create.
+    """
+    status = _U32BE.unpack_from(attrs[c.CTA_STATUS], 4)[0] if c.CTA_STATUS in attrs else 0
+    # NOTE: a CTA_STATUS without IPS_CONFIRMED gets EBUSY on this kernel.
+    new_status = (status | c.IPS_CONFIRMED) & ~_STATUS_DROP
+    timeout = _U32BE.unpack_from(attrs[c.CTA_TIMEOUT], 4)[0] if c.CTA_TIMEOUT in attrs else 120
+    parts = [attrs[c.CTA_TUPLE_ORIG]]
+    nated = status & (c.IPS_SRC_NAT | c.IPS_DST_NAT)
+    if nated and not update:
+        rewrite = nat_rewrite(attrs, status)
+        parts.append(rewrite.reply)
+        parts.extend(rewrite.nat)
+    else:
+        parts.append(attrs[c.CTA_TUPLE_REPLY])
+    parts.append(_STATUS_HDR + _U32BE.pack(new_status))
+    parts.append(_TIMEOUT_HDR + _U32BE.pack(max(1, timeout - age)))
+    for kind, raw in attrs.items():
+        if kind in (c.CTA_TUPLE_ORIG, c.CTA_TUPLE_REPLY, c.CTA_STATUS, c.CTA_TIMEOUT) \
+                or kind in _RUNTIME_ONLY or (update and kind in _UPDATE_FORBIDDEN):
+            continue
+        parts.append(create_protoinfo(raw) if kind == c.CTA_PROTOINFO else raw)
+    flags = c.NLM_F_REQUEST if update else c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_EXCL
+    return message(c.MSG_CT_NEW, flags, seq, family, b"".join(parts))
+
+
+def delete_message(family: int, attrs: dict[int, bytes], seq: int) -> bytes:
+    """A CT_DELETE for one entry, by original tuple and zone (and id when known)."""
+    parts = [attrs[c.CTA_TUPLE_ORIG]]
+    for kind in (c.CTA_ZONE, c.CTA_ID):
+        if kind in attrs:
+            parts.append(attrs[kind])
+    return message(c.MSG_CT_DELETE, c.NLM_F_REQUEST, seq, family, b"".join(parts))
+
+
+def entry_status(attrs: dict[int, bytes]) -> int:
+    raw = attrs.get(c.CTA_STATUS)
+    return _U32BE.unpack_from(raw, 4)[0] if raw else 0
+
+
+def entry_key(attrs: dict[int, bytes]) -> bytes:
+    """Identity of an entry within a table: original tuple plus zone."""
+    return attrs[c.CTA_TUPLE_ORIG] + attrs.get(c.CTA_ZONE, b"")

@@ -1,0 +1,62 @@
+"""The one exception hierarchy of xfer.
+
+Kernel and library errors are translated into these where they are raised; the
+CLI maps each to an exit status and a one-line message (see ``xfer.cli``).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class XferError(Exception):
+    """Base of every error xfer raises on purpose. ``str()`` is a one-line reason."""
+
+
+class UsageError(XferError):
+    """The caller asked for something malformed (bad address, unknown kind...)."""
+
+
+class KernelError(XferError):
+    """A kernel call failed; ``errno`` holds the kernel's answer."""
+
+    def __init__(self, errno: int, what: str) -> None:
+        self.errno = errno
+        super().__init__(f"{what}: {os.strerror(errno)} ({_errno.errorcode.get(errno, errno)})")
+
+
+class NamespaceNotFound(XferError):
+    """The named network namespace does not exist."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"network namespace {name!r} not found (see `ip netns list`)")
+
+
+class PermissionDenied(XferError):
+    """The operation needs a capability this process lacks."""
+
+
+class BPFLoadError(XferError):
+    """A BPF program failed to compile, load or attach."""
+
+
+class BundleError(XferError):
+    """A bundle is truncated, corrupted, of the wrong version, oversized or unsigned."""
+
+
+class ForeignEntryError(BundleError):
+    """A bundle holds state that does not belong to the VM it names."""
+
+
+class ImportFailed(XferError):
+    """An import failed and was rolled back; ``report`` says what happened."""
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+class AuthError(XferError):
+    """A peer failed authentication or a signature did not verify."""
