@@ -1,0 +1,1 @@
+"""The network-namespace lab: builder (``hosts``), topology, traffic peers and the demo."""
