@@ -121,12 +121,14 @@ class Hosts:
             ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], net_ns_fd=ns_to)
 
     def route(self, ns: str, dst: str, gateway: str | None = None, dev: str | None = None,
-              replace: bool = False) -> None:
+              replace: bool = False, src: str | None = None) -> None:
         argv = ["ip", "route", "replace" if replace else "add", dst]
         if gateway:
             argv += ["via", gateway]
         if dev:
             argv += ["dev", dev]
+        if src:
+            argv += ["src", src]
         self.check(ns, argv)
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
