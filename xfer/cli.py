@@ -99,7 +99,8 @@ def export_cmd(
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="Bundle file.")],
     netns: NetnsOpt = None,
-    vm: Annotated[str | None, typer.Option("--vm", help="Refuse the bundle unless it is for this VM.")] = None,
+    vm: Annotated[str | None, typer.Option("--vm", help="Refuse the bundle unless it is for "
+                                           "this VM.")] = None,
     kinds: Annotated[str | None, typer.Option("--kinds", help="Import only these kinds.")] = None,
     no_replace: Annotated[bool, typer.Option("--no-replace", help="Skip (and count) entries that "
                                              "already exist instead of updating them.")] = False,

@@ -34,7 +34,7 @@ def _emit(line: str) -> None:
     sys.stdout.flush()
 
 
-def _serve(sock: socket.socket, stream: bool, peer: object | None = None) -> None:
+def _serve(sock: socket.socket, stream: bool, peer: tuple[str, int] | None = None) -> None:
     buf = b""
     bulk_left, bulk_size, bulk_start = 0, 0, 0.0
     stdin = sys.stdin.buffer
