@@ -198,3 +198,15 @@ def test_forget_removes_only_the_vms_entries(lab: Lab) -> None:
     table = conntrack_list(lab, lab.fwsrc)
     assert VM_IP not in table
     assert "10.7.7.7" in table
+
+
+def test_lab_down_leaves_nothing_behind() -> None:
+    from xfer import netns
+
+    lab = Lab(f"d{os.getpid() % 10000}")
+    lab.up()
+    names = [lab.vm, lab.fwsrc, lab.fwdst, lab.srv]
+    Peer(lab.hosts, lab.srv, "tcp-listen", "7999").expect("ready")
+    lab.down()
+    assert not [n for n in names if netns.exists(n)]
+    assert not [p for p in lab.hosts.procs if p.poll() is None]
