@@ -18,6 +18,7 @@ Endpoints (under /v1; JSON unless said otherwise)::
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import signal
@@ -49,6 +50,8 @@ from xfer.errors import AuthError, BundleError, UsageError, XferError
 
 log = logging.getLogger("xfer.agent")
 
+# The trace of the request being handled (set by the middleware, read by the endpoints).
+TRACE: contextvars.ContextVar[Trace] = contextvars.ContextVar("xfer_agent_trace")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CONTROL_MAX = 64 * 1024
 
@@ -138,10 +141,10 @@ class AgentServer:
                "kinds": [k.value for k in cfg.kinds], "netns": cfg.netns})
 
     async def _site(self, app: web.Application, sock: socket.socket, ctx: Any) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         self._runners.append(runner)
-        await web.SockSite(runner, sock, ssl_context=ctx, shutdown_timeout=5).start()
+        await web.SockSite(runner, sock, ssl_context=ctx).start()
 
     @property
     def url(self) -> str:
@@ -167,7 +170,7 @@ class AgentServer:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         trace = Trace()
-        request["trace"] = trace
+        TRACE.set(trace)
         op = request.path.rsplit("/", 1)[-1] or "root"
         peer = tls.peer_name(request.transport.get_extra_info("peercert") if request.transport else None)
         error, status = "", 500
@@ -225,11 +228,11 @@ class AgentServer:
     async def _export(self, request: web.Request) -> web.StreamResponse:
         body = await self._control(request)
         _, data = await self.service.export(parse_request_vm(body.get("vm")),
-                                            parse_request_kinds(body.get("kinds")), request["trace"])
+                                            parse_request_kinds(body.get("kinds")), TRACE.get())
         return web.Response(body=data, content_type=BUNDLE_TYPE)
 
     async def _import(self, request: web.Request) -> web.StreamResponse:
-        trace: Trace = request["trace"]
+        trace: Trace = TRACE.get()
         vm = parse_request_vm(request.query.get("vm"))
         kinds = parse_request_kinds(request.query["kinds"]) if request.query.get("kinds") else None
         with trace.phase("receive"):
@@ -244,21 +247,21 @@ class AgentServer:
     async def _forget(self, request: web.Request) -> web.StreamResponse:
         body = await self._control(request)
         reports = await self.service.forget(parse_request_vm(body.get("vm")),
-                                            parse_request_kinds(body.get("kinds")), request["trace"])
+                                            parse_request_kinds(body.get("kinds")), TRACE.get())
         return web.json_response({k.value: r.to_dict() for k, r in reports.items()})
 
     async def _push(self, request: web.Request) -> web.StreamResponse:
         body = await self._control(request)
         result = await self.service.push(parse_request_vm(body.get("vm")),
                                          parse_request_kinds(body.get("kinds")),
-                                         str(body.get("destination") or ""), request["trace"])
+                                         str(body.get("destination") or ""), TRACE.get())
         return web.json_response(result)
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
         body = await self._control(request)
         report = await self.service.pull(parse_request_vm(body.get("vm")),
                                          parse_request_kinds(body.get("kinds")),
-                                         str(body.get("source") or ""), request["trace"])
+                                         str(body.get("source") or ""), TRACE.get())
         return web.json_response(report.to_dict())
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
