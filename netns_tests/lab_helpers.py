@@ -69,3 +69,4 @@ def nft_counter(lab: Lab, ns: str, name: str) -> int:
 def conntrack_list(lab: Lab, ns: str, *args: str) -> str:
     """The table as conntrack(8) prints it: the independent witness."""
     return lab.hosts.run(ns, ["conntrack", "-L", *args]).stdout
+

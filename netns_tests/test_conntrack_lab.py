@@ -25,7 +25,7 @@ from netns_tests.lab_helpers import (
     xfer,
 )
 from xfer.lab.topology import SERVICE_IP, SERVICE_IP6, SNAT_IP, SNAT_SERVICE_IP, VM_IP, VM_IP6, Lab
-from xfer.lab.traffic import Peer
+from xfer.lab.traffic import Peer, conversation_continues
 
 VM = f"{VM_IP},{VM_IP6}"
 
@@ -43,14 +43,10 @@ def test_tcp_connection_survives_only_with_transfer(lab: Lab, loose: bool, trans
     strict_destination(lab, loose)
     vm, srv = tcp_conversation(lab, SERVICE_IP)
     move(lab, transfer, VM)
-    srv.send("server-first")
-    got = vm.expect("recv server-first", timeout=3)
-    if transfer:
-        assert got, "the connection died although its state was transferred"
-        vm.send("vm-next")
-        assert srv.expect("recv vm-next", timeout=3)
-    else:
-        assert got is None, "the connection survived without transfer: the test does not discriminate"
+    survived = conversation_continues(vm, srv, "after-move")
+    assert survived == transfer, ("the connection died although its state was transferred"
+                                  if transfer else
+                                  "the connection survived without transfer: the test does not discriminate")
 
 
 def test_bulk_stream_after_move_has_no_invalid_packets(lab: Lab) -> None:
@@ -92,12 +88,7 @@ def test_icmp_echo_stream_from_server_survives_only_with_transfer(lab: Lab, tran
     # The source firewall lets the server ping the VM; the destination has no such
     # rule, so echo requests after the move pass only as an established flow.
     lab.allow_inbound(lab.fwsrc, f"ip daddr {VM_IP} icmp type echo-request accept")
-    ping = Peer.__new__(Peer)
-    import subprocess
-
-    ping.proc = lab.hosts.spawn(lab.srv, ["ping", "-n", "-i", "0.1", "-c", "40", VM_IP],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    ping._buf = b""
+    ping = Peer.watch(lab.hosts, lab.srv, ["ping", "-n", "-i", "0.1", "-c", "40", VM_IP])
     assert ping.expect("64 bytes", timeout=3), "no echo reply before the move"
     move(lab, transfer, VM)
     moved_at = time.monotonic()
@@ -124,10 +115,7 @@ def test_connection_opened_from_server_side_survives(lab: Lab) -> None:
     srv.send("ping")
     assert vm.expect("recv ping")
     move(lab, True, VM)
-    srv.send("after")
-    assert vm.expect("recv after", timeout=3)
-    vm.send("reply")
-    assert srv.expect("recv reply", timeout=3)
+    assert conversation_continues(vm, srv, "inbound")
 
 
 def test_masqueraded_connection_survives(lab: Lab) -> None:
@@ -141,10 +129,7 @@ def test_masqueraded_connection_survives(lab: Lab) -> None:
     move(lab, True, VM)
     table = conntrack_list(lab, lab.fwdst, "-p", "tcp", "--dport", "7100")
     assert f"dst={SNAT_IP}" in table, f"destination entry has no SNAT binding:\n{table}"
-    srv.send("via-snat")
-    assert vm.expect("recv via-snat", timeout=3)
-    vm.send("back")
-    assert srv.expect("recv back", timeout=3)
+    assert conversation_continues(vm, srv, "via-snat")
 
 
 def test_import_refuses_nat_entries_without_nat_hooks(lab: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -174,8 +159,7 @@ def test_marks_and_labels_arrive_intact(lab: Lab) -> None:
     move(lab, True, VM)
     table = conntrack_list(lab, lab.fwdst, "-m", "42")
     assert "dport=7200" in table, f"mark 42 did not arrive:\n{table}"
-    srv.send("labelled")
-    assert vm.expect("recv labelled", timeout=3)
+    assert conversation_continues(vm, srv, "labelled")
     assert nft_counter(lab, lab.fwdst, "new_drops") >= 1, "label 5 did not arrive"
 
 
@@ -183,10 +167,7 @@ def test_ipv6_tcp_connection_survives(lab: Lab) -> None:
     strict_destination(lab, loose=False)
     vm, srv = tcp_conversation(lab, SERVICE_IP6, 7300)
     move(lab, True, VM)
-    srv.send("v6")
-    assert vm.expect("recv v6", timeout=3)
-    vm.send("v6-back")
-    assert srv.expect("recv v6-back", timeout=3)
+    assert conversation_continues(vm, srv, "v6")
 
 
 def test_forget_removes_only_the_vms_entries(lab: Lab) -> None:

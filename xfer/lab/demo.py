@@ -22,7 +22,7 @@ from typing import Any
 from xfer import bundle as bundle_mod
 from xfer import transfer
 from xfer.lab.topology import SERVICE_IP, VM_IP, VM_IP6, Lab
-from xfer.lab.traffic import Peer
+from xfer.lab.traffic import Peer, conversation_continues
 from xfer.model import Kind, parse_vm
 
 PORT = 7000
@@ -77,12 +77,7 @@ def _one_run(prefix: str, with_transfer: bool, say: Callable[[str], None]) -> di
         os.killpg(vm.proc.pid, signal.SIGCONT)
         steps["pause_window"] = _ms(time.perf_counter() - pause_started)
 
-        srv.send("server speaks first after the move")
-        got = vm.expect("recv server speaks first", timeout=3)
-        if got:
-            vm.send("VM answers")
-            got = srv.expect("recv VM answers", timeout=3)
-        result["continued"] = bool(got)
+        result["continued"] = conversation_continues(vm, srv, "after-the-move")
     return result
 
 

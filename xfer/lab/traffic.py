@@ -129,11 +129,18 @@ class Peer:
     >>> srv = Peer(hosts, "xfer-srv", "tcp-listen", "7000"); srv.expect("ready")  # doctest: +SKIP
     """
 
-    def __init__(self, hosts: Hosts, ns: str, mode: str, *args: str) -> None:
-        self.proc = hosts.spawn(ns, [sys.executable, "-u", "-m", "xfer.lab.traffic", mode, *args],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
+    def __init__(self, hosts: Hosts, ns: str, mode: str, *args: str,
+                 argv: Sequence[str] | None = None) -> None:
+        """A traffic peer (``mode``), or with ``argv`` any command whose output lines to read."""
+        self.proc = hosts.spawn(
+            ns, argv or [sys.executable, "-u", "-m", "xfer.lab.traffic", mode, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._buf = b""
+
+    @classmethod
+    def watch(cls, hosts: Hosts, ns: str, argv: Sequence[str]) -> Peer:
+        """Read the output lines of any command (``ping``...) with ``expect``."""
+        return cls(hosts, ns, "", argv=argv)
 
     def command(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -163,6 +170,19 @@ class Peer:
                 if not chunk:
                     return None
                 self._buf += chunk
+
+
+def conversation_continues(vm: Peer, srv: Peer, tag: str, timeout: float = 3) -> bool:
+    """The server speaks first, then the VM answers: both must arrive.
+
+    Server first, because a VM-first packet would be picked up mid-stream by a
+    destination with tcp_loose=1 and pass without any transfer.
+    """
+    srv.send(f"{tag}-from-server")
+    if not vm.expect(f"recv {tag}-from-server", timeout=timeout):
+        return False
+    vm.send(f"{tag}-from-vm")
+    return srv.expect(f"recv {tag}-from-vm", timeout=timeout) is not None
 
 
 if __name__ == "__main__":
