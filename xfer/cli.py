@@ -308,6 +308,25 @@ def bench_conntrack(
         _print_json(result)
 
 
+@bench_app.command("agents")
+def bench_agents(
+    vm_flows: Annotated[int, typer.Option("--vm-flows", help="The VM's conntrack entries.")] = 20_000,
+    total: Annotated[int, typer.Option(help="Entries in the source table.")] = 20_000,
+    repeat: Annotated[int, typer.Option(help="Rounds after the cold one (median reported).")] = 5,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/agents.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Push and pull between two agents (mutual TLS) vs in-process export+import, same run.
+
+    Example: xfer bench agents --vm-flows 20000 --json
+    """
+    from xfer.bench import agents as bench
+
+    result = bench.run(vm_flows, max(total, vm_flows), repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        _print_json(result)
+
+
 # --- agent -------------------------------------------------------------------------------
 
 AgentOpt = Annotated[str, typer.Option("--agent", help="The agent to ask: https://HOST:PORT.",
