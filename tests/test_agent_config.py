@@ -105,3 +105,8 @@ def test_missing_and_unparsable_files(tmp_path: Path) -> None:
     bad.write_text("[device\n")
     with pytest.raises(UsageError, match=r"bad\.toml"):
         load(bad)
+
+
+def test_shipped_example_parses() -> None:
+    cfg = load(Path(__file__).parent.parent / "contrib" / "agent.toml")
+    assert cfg.kinds == (Kind.CONNTRACK,) and cfg.url == "https://10.0.4.1:7443"

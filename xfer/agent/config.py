@@ -39,7 +39,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class AgentConfig:
     counter_interfaces: tuple[str, ...] = ()
     dhcp_trusted: str | None = None
     dhcp_untrusted: tuple[str, ...] = ()
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
