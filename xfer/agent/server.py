@@ -32,8 +32,8 @@ from aiohttp import web
 
 from xfer import bundle as bundle_mod
 from xfer import netns as xnetns
+from xfer.agent import device, tls
 from xfer.agent import status as status_mod
-from xfer.agent import tls
 from xfer.agent.client import AgentClient
 from xfer.agent.config import AgentConfig
 from xfer.agent.metrics import CONTENT_TYPE, AgentMetrics
@@ -47,6 +47,7 @@ from xfer.agent.protocol import (
 )
 from xfer.agent.service import AgentService, Trace
 from xfer.errors import AuthError, BundleError, UsageError, XferError
+from xfer.model import Kind
 
 log = logging.getLogger("xfer.agent")
 
@@ -87,6 +88,7 @@ class AgentServer:
         self._service = service
         self._runners: list[web.AppRunner] = []
         self._stopped = asyncio.Event()
+        self._dhcp: device.DhcpKeeper | None = None
         self.port = config.port
 
     @property
@@ -113,6 +115,13 @@ class AgentServer:
                 await self._client.start()
                 self._service = AgentService(cfg, peers=self._client,
                                              key=bundle_mod.load_key(cfg.bundle_key_file))
+            attached = await asyncio.to_thread(device.bring_up, cfg)
+            if attached:
+                _emit({"event": "attached", "device": cfg.device_id, **attached})
+            if Kind.DHCP in cfg.kinds:
+                self._dhcp = device.DhcpKeeper(cfg.netns)
+                await self._dhcp.start()
+            # Before listening: no request may meet the remains of a crashed import.
             for item in await asyncio.to_thread(self.service.recover):
                 _emit({"event": "rolled back unfinished import", "device": cfg.device_id, **item})
             api = web.Application(client_max_size=cfg.max_bundle_bytes,
@@ -156,6 +165,9 @@ class AgentServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self._dhcp is not None:
+            await self._dhcp.stop()
+            self._dhcp = None
         if self._client is not None:
             await self._client.close()
             self._client = None
