@@ -49,7 +49,8 @@ def alab() -> Iterator[AgentLab]:
         agents = LabAgents(lab.hosts, Path(tmp))
         agents.link(lab.fwsrc, lab.fwdst)
         src = agents.start("fw-src", lab.fwsrc, SRC_AGENT_IP, ["conntrack"])
-        dst = agents.start("fw-dst", lab.fwdst, DST_AGENT_IP, ["conntrack"])
+        dst = agents.start("fw-dst", lab.fwdst, DST_AGENT_IP, ["conntrack"],
+                           metrics=f"{DST_AGENT_IP}:9464")
         yield AgentLab(lab, agents, src, dst)
 
 
@@ -110,6 +111,11 @@ def test_status_and_metrics(alab: AgentLab) -> None:
     assert imports and imports[-1]["status"] == 200 and imports[-1]["peer"] == "fw-src"
     assert {"receive", "decode", "import"} <= set(imports[-1]["phases_ms"])
     assert imports[-1]["entries"]["conntrack"] >= 1
+    # The plain-HTTP Prometheus endpoint, scraped from the other firewall.
+    scrape = lab.hosts.run(lab.fwsrc, ["python3", "-c", "import urllib.request; print(urllib.request."
+                                       f"urlopen('http://{DST_AGENT_IP}:9464/metrics').read().decode())"])
+    assert 'xfer_agent_requests_total{op="import",outcome="ok"} 1.0' in scrape.stdout, scrape.stderr
+    assert 'xfer_agent_entries_total{kind="conntrack",op="import"}' in scrape.stdout
 
 
 @pytest.mark.parametrize("client", ["no-certificate", "other-ca", "other-vm", "kind-not-held"])

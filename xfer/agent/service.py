@@ -216,6 +216,7 @@ class AgentService:
             report = await peers.import_(destination, data, vm, tuple(bundle.sections))
         return {"destination": destination, "bundle": bundle.id, "bytes": len(data),
                 "exported": {k.value: s.count for k, s in bundle.sections.items()},
+                "source_phases_ms": {k: round(v * 1000, 3) for k, v in trace.phases.items()},
                 "report": report, "ok": _report_ok(report)}
 
     async def pull(self, vm: VmIdentity, kinds: Sequence[Kind], source: str,

@@ -88,8 +88,12 @@ class LabAgents:
         self.hosts.veth(ns_a, "ag0", ns_b, "ag0", f"{ip_a}/24", f"{ip_b}/24")
 
     def start(self, name: str, ns: str, address: str, kinds: Sequence[str], *,
-              netns_in_config: bool = True, extra: str = "") -> AgentProcess:
-        """Issue ``name``'s certificate, write its config, start it."""
+              netns_in_config: bool = True, metrics: str = "", extra: str = "") -> AgentProcess:
+        """Issue ``name``'s certificate, write its config, start it.
+
+        ``metrics`` is ADDRESS:PORT of the plain-HTTP metrics listener; ``extra`` is
+        TOML appended to the file (whole sections: ``[counters]``...).
+        """
         pki.issue(self.pki, name, ips=[address])
         config = self.workdir / f"{name}.toml"
         kind_list = ", ".join(f'"{k}"' for k in kinds)
@@ -103,6 +107,7 @@ kinds = [{kind_list}]
 [listen]
 address = "{address}"
 port = {AGENT_PORT}
+{f'metrics = "{metrics}"' if metrics else ''}
 
 [tls]
 cert = "pki/{name}.pem"
