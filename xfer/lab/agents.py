@@ -14,7 +14,9 @@ kernel tests and ``xfer bench agents``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +31,31 @@ SRC_AGENT_IP, DST_AGENT_IP = "10.0.4.1", "10.0.4.2"
 AGENT_PORT = 7443
 XFER = [sys.executable, "-m", "xfer.cli"]
 OPERATOR = "operator"
+
+
+def device_toml(counters: Sequence[str] = (), trusted: str = "", untrusted: Sequence[str] = ()) -> str:
+    """The ``[counters]``/``[dhcp]`` sections of an agent config (for ``LabAgents.start(extra=)``)."""
+    text = ""
+    if counters:
+        text += f"\n[counters]\ninterfaces = {list(counters)!r}\n".replace("'", '"')
+    if trusted:
+        text += f"\n[dhcp]\ntrusted = \"{trusted}\"\nuntrusted = {list(untrusted)!r}\n".replace("'", '"')
+    return text
+
+
+def kind_available(module: str) -> bool:
+    """Whether this build of xfer has a kind's device module (``xfer.ebpf.counters_device``...)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def unpin(namespaces: Sequence[str]) -> None:
+    """Remove the BPF pins (counters, DHCP snooping) of lab namespaces; they outlive the namespaces."""
+    if not kind_available("xfer.ebpf.loader"):
+        return
+    from xfer.ebpf.loader import PIN_ROOT
+
+    for ns in namespaces:
+        shutil.rmtree(PIN_ROOT / ns, ignore_errors=True)
 
 
 class AgentProcess:
