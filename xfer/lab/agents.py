@@ -45,7 +45,10 @@ def device_toml(counters: Sequence[str] = (), trusted: str = "", untrusted: Sequ
 
 def kind_available(module: str) -> bool:
     """Whether this build of xfer has a kind's device module (``xfer.ebpf.counters_device``...)."""
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too
+        return False
 
 
 def unpin(namespaces: Sequence[str]) -> None:
