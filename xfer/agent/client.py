@@ -21,7 +21,18 @@ from typing import Any, TypeVar
 import aiohttp
 
 from xfer import netns as xnetns
-from xfer.agent.protocol import API, BUNDLE_TYPE, check_agent_url, error_from, kinds_text, vm_spec
+from xfer.agent.protocol import (
+    API,
+    BUNDLE_TYPE,
+    COMPRESSION_HEADER,
+    check_agent_url,
+    compress,
+    decompress,
+    error_from,
+    kinds_text,
+    vm_spec,
+)
+from xfer.bundle import DEFAULT_MAX_SIZE
 from xfer.errors import AgentError, AuthError, XferError
 from xfer.model import Kind, VmIdentity
 
@@ -57,8 +68,9 @@ class AgentClient:
     """
 
     def __init__(self, ssl_context: ssl.SSLContext, timeout: float = DEFAULT_TIMEOUT,
-                 namespace: str | None = None) -> None:
+                 namespace: str | None = None, max_bundle_bytes: int = DEFAULT_MAX_SIZE) -> None:
         self._ssl = ssl_context
+        self._max_bundle = max_bundle_bytes
         self._has_cert = _has_cert(ssl_context)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._namespace = namespace
@@ -89,7 +101,10 @@ class AgentClient:
         base = check_agent_url(url)
         await self.start()
         assert self._session is not None
-        headers = {"Content-Type": BUNDLE_TYPE} if data is not None else None
+        headers: dict[str, str] | None = None
+        if data is not None:
+            data, headers = compress(data)
+            headers["Content-Type"] = BUNDLE_TYPE
         try:
             async with self._session.request(method, f"{base}{API}{path}", json=json_body, data=data,
                                              params=params, headers=headers) as resp:
@@ -100,7 +115,9 @@ class AgentClient:
                     except ValueError:
                         detail = {"error": body.decode(errors="replace").strip()[:200]}
                     raise error_from(resp.status, detail, base)
-                return body if want_bytes else json.loads(body)
+                if want_bytes:
+                    return decompress(body, resp.headers.get(COMPRESSION_HEADER), self._max_bundle)
+                return json.loads(body)
         except XferError:
             raise
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:

@@ -26,6 +26,10 @@ from xfer.model import Kind, VmIdentity, parse_kinds, parse_vm
 
 API = "/v1"
 BUNDLE_TYPE = "application/octet-stream"
+# Bundle bodies travel compressed (our own header, so that aiohttp does not
+# inflate them on its own, without our size limit).
+COMPRESSION_HEADER = "Xfer-Compression"
+ZSTD = "zstd"
 
 # Most precise first: ForeignEntryError is a BundleError.
 _STATUS: tuple[tuple[type[XferError], int], ...] = (
@@ -101,3 +105,44 @@ def check_agent_url(url: Any) -> str:
     if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
         raise UsageError(f"agent URL {url!r} must look like https://HOST:PORT")
     return url.rstrip("/")
+
+
+def compress(data: bytes) -> tuple[bytes, dict[str, str]]:
+    """Bundle bytes as they travel, and the header that says so.
+
+    zstd level 1: a conntrack bundle shrinks about twentyfold in a few ms, which
+    saves more than it costs even on loopback, and far more on a real link.
+
+    >>> body, headers = compress(b"x" * 1000); len(body) < 100, headers
+    (True, {'Xfer-Compression': 'zstd'})
+    """
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=1).compress(data), {COMPRESSION_HEADER: ZSTD}
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The bundle bytes of a body; BundleError (nothing touched) when over ``limit`` or malformed.
+
+    The frame must declare its size, within ``limit``, before anything is inflated:
+    a small body must not make the agent allocate gigabytes.
+    """
+    if not encoding:
+        return body
+    if encoding != ZSTD:
+        raise BundleError(f"unknown bundle compression {encoding!r}")
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(body)
+        if size < 0:
+            raise BundleError("compressed bundle does not declare its size; refused")
+        if size > limit:
+            raise BundleError(f"bundle is {size} bytes, over this device's limit of {limit}")
+        inflater = zstandard.ZstdDecompressor().decompressobj()
+        data = inflater.decompress(body)
+    except zstandard.ZstdError as exc:
+        raise BundleError(f"compressed bundle is corrupted: {exc}") from None
+    if len(data) != size or not inflater.eof or inflater.unused_data:
+        raise BundleError("compressed bundle is truncated or has trailing bytes")
+    return data

@@ -40,6 +40,9 @@ from xfer.agent.metrics import CONTENT_TYPE, AgentMetrics
 from xfer.agent.protocol import (
     API,
     BUNDLE_TYPE,
+    COMPRESSION_HEADER,
+    compress,
+    decompress,
     error_body,
     parse_request_kinds,
     parse_request_vm,
@@ -111,7 +114,7 @@ class AgentServer:
             server_ctx = tls.server_context(cfg.tls)
             if self._service is None:
                 self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
-                                           namespace=cfg.netns)
+                                           namespace=cfg.netns, max_bundle_bytes=cfg.max_bundle_bytes)
                 await self._client.start()
                 self._service = AgentService(cfg, peers=self._client,
                                              key=bundle_mod.load_key(cfg.bundle_key_file))
@@ -239,9 +242,12 @@ class AgentServer:
 
     async def _export(self, request: web.Request) -> web.StreamResponse:
         body = await self._control(request)
+        trace = TRACE.get()
         _, data = await self.service.export(parse_request_vm(body.get("vm")),
-                                            parse_request_kinds(body.get("kinds")), TRACE.get())
-        return web.Response(body=data, content_type=BUNDLE_TYPE)
+                                            parse_request_kinds(body.get("kinds")), trace)
+        with trace.phase("compress"):
+            packed, headers = compress(data)
+        return web.Response(body=packed, content_type=BUNDLE_TYPE, headers=headers)
 
     async def _import(self, request: web.Request) -> web.StreamResponse:
         trace: Trace = TRACE.get()
@@ -253,6 +259,8 @@ class AgentServer:
             except web.HTTPRequestEntityTooLarge:
                 raise BundleError(f"bundle is over this device's limit of "
                                   f"{self.config.max_bundle_bytes} bytes; nothing imported") from None
+        with trace.phase("inflate"):
+            data = decompress(data, request.headers.get(COMPRESSION_HEADER), self.config.max_bundle_bytes)
         report = await self.service.import_(data, vm, kinds, trace)
         return web.json_response(report.to_dict())
 
