@@ -100,7 +100,9 @@ def add(*tables: Mapping[bytes, Counts]) -> Table:
     for table in tables:
         for key, counts in table.items():
             have = out.get(key)
-            out[key] = counts if have is None else tuple(a + b for a, b in zip(have, counts, strict=True))
+            if have is not None:
+                counts = tuple(a + b for a, b in zip(have, counts, strict=True))
+            out[key] = counts
     return out
 
 
@@ -115,12 +117,15 @@ def select(table: Mapping[bytes, Counts], vm: VmIdentity | None) -> Table:
 def rows(table: Mapping[bytes, Counts]) -> list[dict[str, Any]]:
     """The ``xfer counters show --json`` contract: one dict per (MAC, IP), sorted."""
     out = []
-    for key, counts in table.items():
+    for key in sorted(table, key=_order):
         mac, ip = split_key(key)
-        out.append({"mac": mac, "ip": ip, **dict(zip(FIELDS, counts, strict=True))})
-    out.sort(key=lambda r: (r["mac"], ipaddress.ip_address(r["ip"]).version,
-                            ipaddress.ip_address(r["ip"])))
+        out.append({"mac": mac, "ip": ip, **dict(zip(FIELDS, table[key], strict=True))})
     return out
+
+
+def _order(key: bytes) -> tuple[bytes, int, bytes]:
+    mac, family, addr = KEY.unpack(key)
+    return mac, family, addr
 
 
 def from_raw(keys: bytes, values: bytes) -> Table:
