@@ -60,28 +60,41 @@ def open_maps(netns: str | None = None, dev: str | None = None,
               root: Path = loader.PIN_ROOT) -> CounterMaps:
     """The maps of ``dev``, or of the only interface with counters when ``dev`` is None."""
     if dev is None:
-        found = devices(netns, root)
-        where = f"namespace {netns}" if netns else "this namespace"
-        if not found:
-            raise UsageError(f"no counters in {where}: "
-                             "run `xfer counters attach --dev IFACE` first")
+        found = _counting(netns, root)
         if len(found) > 1:
-            raise UsageError(f"counters run on {', '.join(found)} in {where}: pick one with dev")
+            raise UsageError(f"counters run on {', '.join(found)} in {_where(netns)}: "
+                             "pick one with dev")
         dev = found[0]
     return CounterMaps.open(loader.pin_dir(dev, netns, root))
 
 
-def open_all(netns: str | None = None, root: Path = loader.PIN_ROOT) -> list[CounterMaps]:
-    """The maps of every interface with counters in ``netns``."""
+def open_all(netns: str | None = None, dev: str | None = None,
+             root: Path = loader.PIN_ROOT) -> list[CounterMaps]:
+    """The maps of ``dev``, or of every interface with counters in ``netns``."""
+    if dev is not None:
+        return [open_maps(netns, dev, root)]
     opened: list[CounterMaps] = []
     try:
-        for dev in devices(netns, root):
-            opened.append(CounterMaps.open(loader.pin_dir(dev, netns, root)))
+        for name in _counting(netns, root):
+            opened.append(CounterMaps.open(loader.pin_dir(name, netns, root)))
     except BaseException:
         for maps in opened:
             maps.close()
         raise
     return opened
+
+
+def _counting(netns: str | None, root: Path) -> list[str]:
+    found = devices(netns, root)
+    if not found:
+        # Only a device that holds a kind may export or import it.
+        raise UsageError(f"no counters in {_where(netns)}: "
+                         "run `xfer counters attach --dev IFACE` first")
+    return found
+
+
+def _where(netns: str | None) -> str:
+    return f"namespace {netns}" if netns else "this namespace"
 
 
 @contextlib.contextmanager

@@ -61,7 +61,7 @@ def show(vm: VmIdentity | None, namespace: str | None = None, *, dev: str | None
     [{'mac': '02:00:00:00:00:02', 'ip': '10.0.0.2', 'tx_packets': 200, ...}]
     """
     _check_ns(namespace)
-    all_maps = [open_maps(namespace, dev, root)] if dev else open_all(namespace, root)
+    all_maps = open_all(namespace, dev, root)
     try:
         return counters.add(*(read_totals(m, vm) for m in all_maps))
     finally:
@@ -77,7 +77,7 @@ def export_section(vm: VmIdentity, namespace: str | None = None, *, dev: str | N
     1
     """
     _check_ns(namespace)
-    all_maps = [open_maps(namespace, dev, root)] if dev else open_all(namespace, root)
+    all_maps = open_all(namespace, dev, root)
     try:
         table = counters.add(*(read_totals(m, vm, batch) for m in all_maps))
     finally:
@@ -140,7 +140,7 @@ def forget(vm: VmIdentity, namespace: str | None = None, *, dev: str | None = No
     _check_ns(namespace)
     report = KindReport(Kind.COUNTERS)
     keys = counters.vm_keys(vm)
-    all_maps = [open_maps(namespace, dev, root)] if dev else open_all(namespace, root)
+    all_maps = open_all(namespace, dev, root)
     try:
         for maps in all_maps:
             with locked(maps):

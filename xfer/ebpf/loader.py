@@ -162,6 +162,8 @@ def attach(prog: TcProgram, ifname: str, netns: str | None = None, *,
     """
     if netns and not xnetns.exists(netns):
         raise NamespaceNotFound(netns)
+    with _ipr(netns) as ipr:
+        _ifindex(ipr, ifname, netns)  # a typo must not leave pinned maps behind
     ensure_bpffs(root)
     pins = pin_dir(ifname, netns, root)
     pins.mkdir(parents=True, exist_ok=True)
