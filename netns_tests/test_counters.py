@@ -160,9 +160,10 @@ def test_foreign_sections_are_refused_and_change_nothing(hosts: Hosts, tmp_path:
         smuggled = {counters.make_key(VM_MAC, VM_IP4): (1,) * 6,
                     counters.make_key("02:00:00:00:00:77", "10.9.0.77"): (10**6,) * 6}
         cases = {
-            "other-vm": Bundle(ours, {}, {Kind.COUNTERS: counters.encode_section(other, {})}),
+            "other-vm": Bundle(ours, {}, {Kind.COUNTERS: counters.encode_section(
+                other, counters.Columns())}),
             "foreign-entry": Bundle(ours, {}, {Kind.COUNTERS: counters.encode_section(
-                ours, smuggled)}),
+                ours, counters.Columns.of(smuggled))}),
         }
         for name, b in cases.items():
             path = tmp_path / f"{name}.xfer"

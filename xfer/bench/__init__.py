@@ -1,0 +1,1 @@
+"""Benchmarks: each measures xfer against its baseline in the same run."""
