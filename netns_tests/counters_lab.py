@@ -12,6 +12,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -54,8 +55,11 @@ class Site:
         return {(r["mac"], r["ip"]): {f: r[f] for f in counters.FIELDS} for r in rows}
 
 
-def build_site(hosts: Hosts, vm_short: str, fw_short: str) -> Site:
-    """VM ``eth0`` (VM_MAC, VM_IP4/6) ↔ firewall ``vmif`` (FW_MAC, FW_IP4/6), static neighbours."""
+def build_site(hosts: Hosts, vm_short: str, fw_short: str, offloads: bool = False) -> Site:
+    """VM ``eth0`` (VM_MAC, VM_IP4/6) ↔ firewall ``vmif`` (FW_MAC, FW_IP4/6), static neighbours.
+
+    Offloads are off unless asked for, so one skb is one wire frame.
+    """
     vm, fw = hosts.add(vm_short), hosts.add(fw_short)
     hosts.veth(vm, "eth0", fw, DEV)
     for ns, ifname, mac, addrs, peer_mac, peers in (
@@ -69,8 +73,8 @@ def build_site(hosts: Hosts, vm_short: str, fw_short: str) -> Site:
         for peer in peers:
             hosts.check(ns, ["ip", "neigh", "replace", peer, "lladdr", peer_mac, "dev", ifname,
                              "nud", "permanent"])
-        # One skb per wire frame, so the frame witness sees what the wire carries.
-        no_offloads(ns, ifname)
+        if not offloads:
+            no_offloads(ns, ifname)
     return Site(hosts, vm, fw)
 
 
@@ -97,9 +101,10 @@ def counting(site: Site) -> Iterator[Site]:
         yield site
     finally:
         for dev, ns in site.attached:
-            with contextlib.suppress(Exception):
-                counters_device.detach(dev, ns)
-            loader.unpin(counters_device.PROGRAM, dev, ns)
+            try:
+                counters_device.detach(dev, ns, unpin=True)
+            except Exception:  # the namespace may be half built: still remove the pins
+                loader.unpin(counters_device.PROGRAM, dev, ns)
 
 
 class Witness:
@@ -164,8 +169,25 @@ class Witness:
             self.tcp_payload[key] = self.tcp_payload.get(key, 0) + payload
 
 
-def tcp_transfer(client_ns: str, server_ns: str, server_ip: str, size: int) -> int:
-    """Send ``size`` bytes over one TCP connection client → server; returns bytes received."""
+@dataclass
+class Conversation:
+    """What one TCP transfer did, as the two endpoints' TCP stacks tell it (TCP_INFO)."""
+
+    received: int = 0
+    client_segs_out: int = 0   # every segment the client sent, SYN included, in wire segments
+    client_bytes_sent: int = 0  # payload bytes
+    server_segs_out: int = 0   # the SYN-ACK is sent by the listener's request sock: not included
+    server_bytes_sent: int = 0
+
+
+def _tcp_info(sock: socket.socket) -> tuple[int, int]:
+    """(tcpi_segs_out, tcpi_bytes_sent) from struct tcp_info (offsets 136 and 200)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    return struct.unpack_from("I", info, 136)[0], struct.unpack_from("Q", info, 200)[0]
+
+
+def tcp_transfer(client_ns: str, server_ns: str, server_ip: str, size: int) -> Conversation:
+    """Send ``size`` bytes over one TCP connection client → server, both ends closing cleanly."""
     family = socket.AF_INET6 if ":" in server_ip else socket.AF_INET
     with xnetns.entered(server_ns):
         srv = socket.socket(family, socket.SOCK_STREAM)
@@ -173,13 +195,16 @@ def tcp_transfer(client_ns: str, server_ns: str, server_ip: str, size: int) -> i
     srv.listen(1)
     srv.settimeout(10)
     port = srv.getsockname()[1]
-    received = [0]
+    conv = Conversation()
 
     def serve() -> None:
         conn, _ = srv.accept()
         with conn:
             while chunk := conn.recv(1 << 16):
-                received[0] += len(chunk)
+                conv.received += len(chunk)
+            conn.shutdown(socket.SHUT_WR)
+            time.sleep(0.2)  # the client's ACK of our FIN
+            conv.server_segs_out, conv.server_bytes_sent = _tcp_info(conn)
 
     thread = threading.Thread(target=serve)
     thread.start()
@@ -190,8 +215,9 @@ def tcp_transfer(client_ns: str, server_ns: str, server_ip: str, size: int) -> i
             cli.connect((server_ip, port))
             cli.sendall(b"x" * size)
             cli.shutdown(socket.SHUT_WR)
-            cli.recv(1)  # wait for the server's FIN: the conversation is over
+            cli.recv(1)  # the server's FIN: our ACK of it is sent before recv returns
+            conv.client_segs_out, conv.client_bytes_sent = _tcp_info(cli)
     finally:
         thread.join(10)
         srv.close()
-    return received[0]
+    return conv

@@ -70,8 +70,8 @@ def test_tcp_transfer_counts_match_the_wire(hosts: Hosts) -> None:
     with counting(site):
         witness = Witness(site.fw, DEV)
         try:
-            assert tcp_transfer(site.vm, site.fw, FW_IP4, size) == size  # VM initiates
-            assert tcp_transfer(site.fw, site.vm, VM_IP4, size) == size  # VM accepts
+            assert tcp_transfer(site.vm, site.fw, FW_IP4, size).received == size  # VM initiates
+            assert tcp_transfer(site.fw, site.vm, VM_IP4, size).received == size  # VM accepts
             # A delayed ACK may still be on its way: compare once both stop moving.
             for _ in range(20):
                 time.sleep(0.1)
@@ -86,6 +86,35 @@ def test_tcp_transfer_counts_match_the_wire(hosts: Hosts) -> None:
         assert witness.tcp_payload[key] == 2 * size
         assert seen["tcp_initiated"] == 1 and seen["tcp_accepted"] == 1
         assert site.totals()[key] == seen
+    _no_pins_left(site.fw)
+
+
+def test_gso_aggregates_count_as_wire_segments(hosts: Hosts) -> None:
+    """With offloads on, one skb carries up to 64 KB: counts must still be per wire segment.
+
+    The witness is the endpoints' TCP stacks (TCP_INFO segs_out and bytes_sent). Frame
+    sizes: SYN and SYN-ACK 74 bytes (14 Ethernet + 20 IPv4 + 40 TCP with options); every
+    other segment 66 bytes of headers (TCP with timestamps) plus its payload.
+    """
+    size = 10_000_000
+    site = build_site(hosts, "vm", "fw", offloads=True)
+    with counting(site):
+        skbs = Witness(site.fw, DEV)
+        try:
+            conv = tcp_transfer(site.vm, site.fw, FW_IP4, size)
+            assert conv.received == size
+            time.sleep(0.2)
+            got = site.totals()[(VM_MAC, VM_IP4)]
+            skbs.drain()
+        finally:
+            skbs.close()
+    # The transfer really went as aggregates: the interface saw far fewer skbs than segments.
+    assert skbs.table[(VM_MAC, VM_IP4)][0] < got["tx_packets"] // 4
+    assert got["tcp_initiated"] == 1 and got["tcp_accepted"] == 0
+    assert got["tx_packets"] == conv.client_segs_out
+    assert got["tx_bytes"] == 74 + 66 * (conv.client_segs_out - 1) + conv.client_bytes_sent
+    assert got["rx_packets"] == conv.server_segs_out + 1  # + the SYN-ACK
+    assert got["rx_bytes"] == 74 + 66 * conv.server_segs_out + conv.server_bytes_sent
     _no_pins_left(site.fw)
 
 

@@ -3,7 +3,7 @@
 Scenarios (each reports ``baseline_s``/``xfer_s``/``ratio`` as the bench contract asks;
 ``ratio`` is baseline / xfer, so above 1 means xfer is faster):
 
-* ``bulk``: export + import of ``vms`` VMs' counters (two keys each, IPv4 and IPv6)
+* ``bulk``: export + import of ``vms`` VMs' counters (``keys_per_vm``: IPv4 and IPv6)
   between two devices: ``export_columns`` → section payload → ``unpack_payload``
   (every key checked against the VMs' key set) → ``import_columns``, the code under
   ``export_section``/``import_section``. Building the key set from the VM identities
@@ -34,7 +34,7 @@ from typing import Any
 
 from xfer import bundle as bundle_mod
 from xfer.bundle import Bundle
-from xfer.ebpf import counters, counters_device, counters_transfer, loader
+from xfer.ebpf import counters, counters_device, counters_transfer
 from xfer.ebpf.counter_maps import CounterMaps
 from xfer.errors import UsageError
 from xfer.lab.hosts import Hosts, have
@@ -45,13 +45,13 @@ DEV = "vmif"
 SRC_IP, DST_IP = "10.77.0.2", "10.77.0.1"
 
 
-def _fleet(n: int) -> list[VmIdentity]:
-    """``n`` VMs, each with a MAC, an IPv4 and an IPv6 address."""
+def _fleet(n: int, dual_stack: bool = True) -> list[VmIdentity]:
+    """``n`` VMs, each with a MAC, an IPv4 and (``dual_stack``) an IPv6 address."""
     out = []
     for i in range(n):
         mac = "02:aa:" + ":".join(f"{b:02x}" for b in i.to_bytes(4, "big"))
-        out.append(VmIdentity(f"vm{i}", (mac,), (f"10.{100 + i // 65536}.{i // 256 % 256}."
-                                                 f"{i % 256}",), (f"fd00:77::{i:x}",)))
+        v4 = f"10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}"
+        out.append(VmIdentity(f"vm{i}", (mac,), (v4,), (f"fd00:77::{i:x}",) if dual_stack else ()))
     return out
 
 
@@ -103,15 +103,21 @@ def _iperf(hosts: Hosts, vm_ns: str, seconds: float) -> float:
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
 
 
-def run(vms: int, repeat: int, seconds: float, out: Path, echo: Echo = None) -> dict[str, Any]:
-    """Run every scenario, write ``out`` and return the results."""
+def run(vms: int, repeat: int, seconds: float, out: Path, echo: Echo = None,
+        keys_per_vm: int = 2) -> dict[str, Any]:
+    """Run every scenario, write ``out`` and return the results.
+
+    ``keys_per_vm``: 2 for dual-stack VMs (IPv4 + IPv6), 1 for IPv4 only.
+    """
+    if keys_per_vm not in (1, 2):
+        raise UsageError("--keys-per-vm is 1 (IPv4) or 2 (IPv4 + IPv6)")
     if os.geteuid() != 0:
         raise UsageError("xfer bench counters needs root (namespaces, BPF)")
     if not have("iperf3"):
         raise UsageError("xfer bench counters needs iperf3 (apt-get install iperf3)")
     say = echo or (lambda _m: None)
-    fleet = _fleet(vms)
-    result: dict[str, Any] = {"vms": vms, "keys": 2 * vms, "repeat": repeat}
+    fleet = _fleet(vms, keys_per_vm == 2)
+    result: dict[str, Any] = {"vms": vms, "keys": keys_per_vm * vms, "repeat": repeat}
     with Hosts(f"xbc{os.getpid() % 10000}") as hosts:
         vm_ns, src, dst = hosts.add("vm"), hosts.add("src"), hosts.add("dst")
         hosts.veth(vm_ns, "eth0", src, DEV, f"{SRC_IP}/24", f"{DST_IP}/24")
@@ -122,7 +128,7 @@ def run(vms: int, repeat: int, seconds: float, out: Path, echo: Echo = None) -> 
                         stderr=subprocess.DEVNULL)
             time.sleep(0.5)
             without, with_prog = [], []
-            for _ in range(max(1, repeat // 2 + 1)):
+            for _ in range(max(1, repeat)):
                 counters_device.detach(DEV, src)
                 without.append(_iperf(hosts, vm_ns, seconds))
                 counters_device.attach(DEV, src)
@@ -143,7 +149,7 @@ def run(vms: int, repeat: int, seconds: float, out: Path, echo: Echo = None) -> 
             with counters_device.open_maps(src, DEV) as maps:
                 _seed(maps, fleet)
             everyone = counters.fleet_selection(fleet)
-            say(f"bulk: export + import of {vms} VMs' counters ({2 * vms} keys)")
+            say(f"bulk: export + import of {vms} VMs' counters ({keys_per_vm * vms} keys)")
             batch = _median(lambda: _bulk(everyone, src, dst, True), repeat)
             per_key = _median(lambda: _bulk(everyone, src, dst, False), repeat)
             result["bulk"] = _scenario(per_key, batch, target="xfer_s < 0.010")
@@ -160,8 +166,7 @@ def run(vms: int, repeat: int, seconds: float, out: Path, echo: Echo = None) -> 
                 f"({result['one_vm']['ratio']}x)")
         finally:
             for ns in (src, dst):
-                counters_device.detach(DEV, ns)
-                loader.unpin(counters_device.PROGRAM, DEV, ns)
+                counters_device.detach(DEV, ns, unpin=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     say(f"results written to {out}")

@@ -45,6 +45,7 @@ def detach(dev: str, netns: str | None = None, unpin: bool = False,
     removed = loader.detach(PROGRAM, dev, netns)
     if unpin:
         loader.unpin(PROGRAM, dev, netns, root)
+        _lock_path(loader.pin_dir(dev, netns, root)).unlink(missing_ok=True)
     return removed
 
 
@@ -101,7 +102,10 @@ def _where(netns: str | None) -> str:
 def locked(maps: CounterMaps) -> Iterator[None]:
     """Serialize imports and forgets on one interface's maps (bpffs holds no plain files)."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    name = "-".join(maps.pins.parts[-2:])
-    with open(LOCK_DIR / f"counters-{name}.lock", "w") as f:
+    with open(_lock_path(maps.pins), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def _lock_path(pins: Path) -> Path:
+    return LOCK_DIR / f"counters-{'-'.join(pins.parts[-2:])}.lock"
