@@ -19,12 +19,12 @@ from xfer.ebpf import loader
 from xfer.ebpf.counter_maps import MAP_NAMES, CounterMaps
 from xfer.errors import UsageError
 
-# Priority 20: after DHCP snooping / IP source guard (which should use a lower
-# number and so run first), so frames the guard drops are not counted.
+# Priority 0xc000: after DHCP snooping / IP source guard (0x0d5c; a lower number
+# runs first), so frames the guard drops are not counted as the VM's traffic.
 PROGRAM = loader.TcProgram(
     source="counters.bpf.c",
     functions={"ingress": "xfer_ctr_ingress", "egress": "xfer_ctr_egress"},
-    prio=20,
+    prio=0xC000,
     maps=MAP_NAMES,
 )
 LOCK_DIR = Path("/run/xfer/locks")
