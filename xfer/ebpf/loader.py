@@ -63,7 +63,8 @@ class TcProgram:
 
     ``functions`` maps a direction ("ingress"/"egress") to the C function run there;
     ``prio`` is its tc filter priority, distinct per program sharing an interface;
-    ``maps`` names its pinned maps (what ``unpin`` removes).
+    ``maps`` names the maps it pins under ``XFER_PIN_DIR`` (what ``unpin`` removes);
+    leave it empty for a program that pins elsewhere: then no directory is made.
     """
 
     source: str
@@ -166,7 +167,8 @@ def attach(prog: TcProgram, ifname: str, netns: str | None = None, *,
         _ifindex(ipr, ifname, netns)  # a typo must not leave pinned maps behind
     ensure_bpffs(root)
     pins = pin_dir(ifname, netns, root)
-    pins.mkdir(parents=True, exist_ok=True)
+    if prog.maps:  # a program that pins elsewhere (its own -D path) leaves no empty dirs
+        pins.mkdir(parents=True, exist_ok=True)
     bpf = _compile(prog, pins, cflags)
     try:
         fds = {d: _load(bpf, prog, fn) for d, fn in prog.functions.items()}
