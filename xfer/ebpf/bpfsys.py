@@ -20,11 +20,14 @@ import ctypes.util
 import errno
 import functools
 import os
+import platform
 from types import TracebackType
 
 from xfer.errors import BPFLoadError, KernelError, PermissionDenied
 
-SYS_BPF = 321  # x86_64
+# bpf(2)'s syscall number differs per architecture.
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361,
+           "s390x": 351}.get(platform.machine(), 321)
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
 OBJ_GET, OBJ_GET_INFO_BY_FD = 7, 15
 MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 26, 27
