@@ -179,6 +179,28 @@ def test_migration_adds_counts_once(hosts: Hosts, tmp_path: Path) -> None:
     _no_pins_left(src.fw, dst.fw)
 
 
+def test_per_key_path_matches_the_batch_path(hosts: Hosts) -> None:
+    from xfer.ebpf import counters_transfer
+
+    site = build_site(hosts, "vm", "fw")
+    with counting(site):
+        site.ping(7)
+        site.ping(3, FW_IP6)
+        sel = counters.selection(parse_vm(f"{VM_IP4},{VM_IP6},{VM_MAC}", inventory={}))
+        scan = counters.Selection(None, sel.keyset, sel.test)  # force a map walk
+        batched = counters_transfer.export_columns(scan, site.fw, batch=True)
+        walked = counters_transfer.export_columns(scan, site.fw, batch=False)
+        assert batched.table() == walked.table() == counters_transfer.export_columns(
+            sel, site.fw).table()
+        assert len(batched) == 2
+        # Import through the per-key path: the carried counts equal what was sent.
+        counters_transfer.import_columns(walked, "b1" * 16, site.fw, batch=False)
+        counters_transfer.import_columns(walked, "b1" * 16, site.fw, batch=False)  # again: no-op
+        doubled = counters.add(walked.table(), walked.table())
+        assert counters_transfer.export_columns(sel, site.fw).table() == doubled
+    _no_pins_left(site.fw)
+
+
 def test_foreign_sections_are_refused_and_change_nothing(hosts: Hosts, tmp_path: Path) -> None:
     site = build_site(hosts, "vm", "fw")
     with counting(site):

@@ -47,7 +47,7 @@ BPF_HASH(b, struct xfer_bundle_id, __u64, 1);
 """
     with loader.source_file("xfer_maps.h") as header:
         try:
-            bpf = bcc.BPF(text=probe, cflags=[f"-I{header.parent}"])
+            bpf = bcc.BPF(text=probe.encode(), cflags=[f"-I{header.parent}"])
         except Exception as exc:
             pytest.fail(f"probe does not compile (layout mismatch?): {exc}")
     try:
