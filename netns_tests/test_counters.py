@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from netns_tests.counters_lab import (
     tcp_transfer,
 )
 from xfer import bundle as bundle_mod
+from xfer import netns
 from xfer.bundle import Bundle
 from xfer.ebpf import counters, counters_device, loader
 from xfer.lab.hosts import Hosts
@@ -60,6 +62,40 @@ def test_ping_counts_are_exact_over_ipv4_and_ipv6(hosts: Hosts) -> None:
                                             "rx_packets": 200, "rx_bytes": 200 * 98}
         assert totals[(VM_MAC, VM_IP6)] == {**ZERO, "tx_packets": 200, "tx_bytes": 200 * 118,
                                             "rx_packets": 200, "rx_bytes": 200 * 118}
+    _no_pins_left(site.fw)
+
+
+_UDP_FLOOD = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+payload = bytes(18)
+for _ in range(int(sys.argv[1])):
+    s.sendto(payload, (sys.argv[2], int(sys.argv[3])))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_concurrent_traffic_on_every_cpu_is_counted_exactly(hosts: Hosts) -> None:
+    """A UDP flood from a sender pinned to each CPU. veth runs the firewall's ingress on
+    the sender's CPU, so the program updates one key from every CPU at once; plain
+    (non-atomic) adds lose updates here. Each frame: 14 + 20 + 8 + 18 = 60 bytes."""
+    per_cpu = 200_000
+    cpus = sorted(os.sched_getaffinity(0))
+    site = build_site(hosts, "vm", "fw")
+    with counting(site):
+        with netns.entered(site.fw):
+            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # never read: no ICMP
+        with sink:
+            sink.bind((FW_IP4, 0))
+            port = str(sink.getsockname()[1])
+            procs = [subprocess.Popen(["ip", "netns", "exec", site.vm, "taskset", "-c", str(cpu),
+                                       sys.executable, "-c", _UDP_FLOOD, str(per_cpu), FW_IP4,
+                                       port]) for cpu in cpus]
+            for proc in procs:
+                assert proc.wait(timeout=120) == 0
+        sent = per_cpu * len(cpus)
+        got = site.totals()[(VM_MAC, VM_IP4)]
+        assert (got["tx_packets"], got["tx_bytes"]) == (sent, 60 * sent)
     _no_pins_left(site.fw)
 
 
