@@ -81,14 +81,8 @@ class CounterTable:
         got = self.map.lookup_many(list(keys))
         return counters.Columns(b"".join(got), b"".join(got.values()))
 
-    def read_all(self, batch: bool = True) -> counters.Table:
-        return self.read_columns(batch).table()
-
     def delete(self, keys: Sequence[bytes], batch: bool = True) -> int:
         return self.map.delete_many(list(keys), batch)
-
-    def __len__(self) -> int:
-        return len(self.map.keys())
 
 
 class LiveCounters(CounterTable):
@@ -131,9 +125,6 @@ class ImportedBundles:
                 return False
             raise
         return True
-
-    def unrecord(self, bundle_id: str) -> None:
-        self.map.delete(self.key(bundle_id))
 
 
 @dataclass

@@ -69,12 +69,6 @@ def split_key(key: bytes) -> tuple[str, str]:
     return ":".join(f"{b:02x}" for b in mac), ip
 
 
-def _key_parts(key: bytes) -> tuple[bytes, bytes]:
-    """(MAC bytes, packed IP) as VmIdentity compares them."""
-    mac, family, addr = KEY.unpack(key)
-    return mac, addr[:4] if family == FAMILY_IPV4 else addr
-
-
 def vm_keys(vm: VmIdentity, limit: int = LOOKUP_LIMIT) -> list[bytes] | None:
     """Every key the VM can have, or None when its MAC is unknown or the keys exceed
     ``limit`` (then a scan of the table is cheaper than a lookup per key)."""

@@ -5,7 +5,7 @@ maps of each interface are pinned in ``/run/xfer/bpf/<netns-or-host>/<ifname>``.
 
     attach("eth1", "fw-src")
     with open_maps("fw-src") as maps:      # the one interface with counters
-        print(len(maps.live))
+        print(maps.live.read_columns().table())
 """
 
 from __future__ import annotations
