@@ -8,8 +8,9 @@ link, fills the source with ``vm_flows`` of the VM's conntrack entries (among
   (b) push        operator → source agent: export, send to the destination agent, import
   (c) pull        operator → destination agent: fetch from the source agent, import
 
-Where this build has counters and DHCP snooping, the VM also has a counted port
-and a binding at the source, and every contender moves all three kinds.
+Where this build has counters (DHCP snooping), the VM also has a counted port
+(a binding) at the source, and every contender moves those kinds too. The
+contenders take turns at running first in a round.
 
 The operator's client stays connected across rounds, as a manager would; the
 first round (cold TLS connections) is reported on its own and left out of the
@@ -101,12 +102,13 @@ def _vm_port(hosts: Hosts, src: str, dst: str) -> str:
     return str(json.loads(hosts.check(vm_ns, ["ip", "-j", "link", "show", "eth0"]))[0]["address"])
 
 
-def _vm_traffic(hosts: Hosts, src: str, mac: str) -> None:
+def _vm_traffic(hosts: Hosts, src: str, mac: str, dhcp: bool) -> None:
     """A binding for the VM (it passes the source guard) and counted traffic."""
-    from xfer.dhcpsnoop.device import add_static
-    from xfer.dhcpsnoop.model import Binding
+    if dhcp:
+        from xfer.dhcpsnoop.device import add_static
+        from xfer.dhcpsnoop.model import Binding
 
-    add_static(src, Binding(mac, VM_IP, None, "vm0", source="static"))
+        add_static(src, Binding(mac, VM_IP, None, "vm0", source="static"))
     hosts.check(hosts.name("vm"), ["ping", "-q", "-c", "5", "-i", "0.01", "10.0.1.1"])
     hosts.run(src, ["conntrack", "-D", "-p", "icmp"])  # the entry count is the fill's
 
@@ -127,8 +129,10 @@ def _env(name: str, value: str | None) -> Iterator[None]:
 
 @contextmanager
 def _site(vm_flows: int, total: int) -> Iterator[Site]:
-    datapath = kind_available("xfer.ebpf.counters_device") and kind_available("xfer.dhcpsnoop.device")
-    kinds = [Kind.CONNTRACK, *((Kind.COUNTERS, Kind.DHCP) if datapath else ())]
+    counters = kind_available("xfer.ebpf.counters_device")
+    dhcp = kind_available("xfer.dhcpsnoop.device")
+    datapath = counters or dhcp
+    kinds = [Kind.CONNTRACK, *([Kind.COUNTERS] if counters else []), *([Kind.DHCP] if dhcp else [])]
     with Hosts("xa") as hosts, tempfile.TemporaryDirectory(prefix="xfer-bench-agents-") as tmp, \
             _env("XFER_DHCP_STATE_DIR", str(Path(tmp) / "dhcp") if datapath else None):
         # (The agents inherit the DHCP database directory: it stays in tmp.)
@@ -137,7 +141,8 @@ def _site(vm_flows: int, total: int) -> Iterator[Site]:
             vm, extra = parse_vm(VM_IP, {}), ""
             if datapath:
                 vm = parse_vm(f"{VM_IP},{_vm_port(hosts, src, dst)}", {})
-                extra = device_toml(["vm0"], "ag0", ["vm0"])
+                extra = device_toml(["vm0"] if counters else [], "ag0" if dhcp else "",
+                                    ["vm0"] if dhcp else [])
             fill(src, total, vm_flows)
             agents = LabAgents(hosts, Path(tmp))
             agents.link(src, dst)
@@ -145,7 +150,7 @@ def _site(vm_flows: int, total: int) -> Iterator[Site]:
             a_src = agents.start("bench-src", src, SRC_AGENT_IP, names, extra=extra)
             a_dst = agents.start("bench-dst", dst, DST_AGENT_IP, names, extra=extra)
             if datapath:
-                _vm_traffic(hosts, src, vm.macs[0])
+                _vm_traffic(hosts, src, vm.macs[0], dhcp)
             yield Site(hosts, src, dst, vm, kinds, vm_flows, agents, a_src, a_dst)
         finally:
             hosts.close()
@@ -157,34 +162,38 @@ async def _rounds(site: Site, repeat: int, say: Echo) -> Figures:
     pki = site.agents.pki
     ctx = tls.client_context(pki / "ca.pem", pki / f"{OPERATOR}.pem", pki / f"{OPERATOR}.key")
     vm, kinds = site.vm, site.kinds
+    extra: dict[str, float] = {}
+
+    async def in_process() -> None:
+        t0 = time.perf_counter()
+        data = bundle_mod.encode(transfer.export_bundle(vm, kinds, site.src))
+        extra["export_s"], extra["size"] = time.perf_counter() - t0, len(data)
+        report = transfer.import_bundle(bundle_mod.decode(data), site.dst)
+        if not report.ok:
+            raise RuntimeError(f"in-process import failed: {report.to_dict()}")
+
+    async def push() -> None:
+        pushed = await client.push(site.a_src.url, vm, kinds, site.a_dst.url)
+        if not pushed["ok"]:
+            raise RuntimeError(f"push failed: {pushed}")
+        extra["dst_import_s"] = float(pushed["report"]["seconds"])
+
+    async def pull() -> None:
+        await client.pull(site.a_dst.url, vm, kinds, site.a_src.url)
+
+    contenders = {"in_process": in_process, "push": push, "pull": pull}
     async with AgentClient(ctx, namespace=site.src) as client:
         for n in range(repeat + 1):
-            gc.collect()  # the same clean heap for every contender of the round
-            t0 = time.perf_counter()
-            data = bundle_mod.encode(transfer.export_bundle(vm, kinds, site.src))
-            export_s = time.perf_counter() - t0
-            report = transfer.import_bundle(bundle_mod.decode(data), site.dst)
-            in_process = time.perf_counter() - t0
-            if not report.ok:
-                raise RuntimeError(f"in-process import failed: {report.to_dict()}")
-            site.settle("in-process")
-
-            gc.collect()
-            t0 = time.perf_counter()
-            pushed = await client.push(site.a_src.url, vm, kinds, site.a_dst.url)
-            push = time.perf_counter() - t0
-            if not pushed["ok"]:
-                raise RuntimeError(f"push failed: {pushed}")
-            site.settle("push")
-
-            gc.collect()
-            t0 = time.perf_counter()
-            await client.pull(site.a_dst.url, vm, kinds, site.a_src.url)
-            pull = time.perf_counter() - t0
-            site.settle("pull")
-
-            times = {"in_process": in_process, "push": push, "pull": pull}
-            line = ", ".join(f"{k.replace('_', '-')} {v * 1000:.1f} ms" for k, v in times.items())
+            # Each round starts with another contender, so that none always runs first.
+            order = list(ROUTE[n % 3:] + ROUTE[:n % 3])
+            times: dict[str, float] = {}
+            for name in order:
+                gc.collect()  # the same clean heap for every contender
+                t0 = time.perf_counter()
+                await contenders[name]()
+                times[name] = time.perf_counter() - t0
+                site.settle(name)
+            line = ", ".join(f"{k.replace('_', '-')} {times[k] * 1000:.1f} ms" for k in ROUTE)
             if n == 0:
                 figures.cold = times
                 if say:
@@ -192,18 +201,31 @@ async def _rounds(site: Site, repeat: int, say: Echo) -> Figures:
                 continue
             for k, v in times.items():
                 figures.runs[k].append(v)
-            figures.export_s.append(export_s)
-            figures.dst_import_s.append(float(pushed["report"]["seconds"]))
-            figures.size = len(data)
+            figures.export_s.append(extra["export_s"])
+            figures.dst_import_s.append(extra["dst_import_s"])
+            figures.size = int(extra["size"])
             if say:
                 say(f"round {n}/{repeat}: {line}")
     return figures
 
 
+def _requests(log: str, op: str, last: int) -> list[dict[str, Any]]:
+    """The agent's last ``last`` successful ``op`` requests, from its JSON log."""
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return [r for r in records if r.get("op") == op and r.get("status") == 200][-last:]
+
+
+def _transport_ms(site: Site, last: int) -> float:
+    """Median, over the pushes, of what the wire costs: the source's send phase minus the
+    destination's whole handling of the import (left: compression, TLS, TCP, HTTP)."""
+    sent = _requests(site.a_src.log_text(), "push", last)
+    handled = _requests(site.a_dst.log_text(), "import", last)
+    return median([s["phases_ms"]["send"] - h["ms"] for s, h in zip(sent, handled, strict=True)])
+
+
 def _phases(log: str, op: str, last: int) -> dict[str, float]:
     """Median time of each phase of the agent's last ``last`` ``op`` requests (from its JSON log)."""
-    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
-    mine = [r for r in records if r.get("op") == op and r.get("status") == 200][-last:]
+    mine = _requests(log, op, last)
     names = {name for r in mine for name in r["phases_ms"]} | {"total"}
     return {name: median([r["ms"] if name == "total" else r["phases_ms"].get(name, 0.0) for r in mine])
             for name in sorted(names)} if mine else {}
@@ -220,6 +242,7 @@ def run(vm_flows: int, total: int, repeat: int, out: Path, echo: Echo = print) -
                   for a, op in ((site.a_src, "push"), (site.a_dst, "import"), (site.a_dst, "pull"),
                                 (site.a_src, "export"))}
         kinds = [k.value for k in site.kinds]
+        transport_ms = _transport_ms(site, repeat)
 
     runs = figures.runs
     base = median(runs["in_process"])
@@ -240,6 +263,7 @@ def run(vm_flows: int, total: int, repeat: int, out: Path, echo: Echo = print) -
         "baseline_s": base, "bundle_bytes": figures.size,
         "in_process_export_s": in_export, "in_process_import_s": base - in_export,
         "destination_import_s": median(figures.dst_import_s),
+        "push_transport_s": transport_ms / 1000,
         "cold": figures.cold, "scenarios": scenarios, "agent_phases_ms": phases, "runs": runs,
     }
     write_results(out, result)
@@ -247,6 +271,8 @@ def run(vm_flows: int, total: int, repeat: int, out: Path, echo: Echo = print) -
         say(f"{name}: {s['xfer_s'] * 1000:.1f} ms vs in-process {base * 1000:.1f} ms → "
             f"+{s['overhead_s'] * 1000:.1f} ms ({s['ratio']:.2f}×; target +"
             f"{TARGET_OVERHEAD_S * 1000:.0f} ms)")
+    say(f"  push on the wire (compression, TLS, TCP, HTTP; from the agents' logs): "
+        f"{transport_ms:.1f} ms")
     say(f"  in-process: export+encode {in_export * 1000:.1f} ms, decode+import "
         f"{(base - in_export) * 1000:.1f} ms; bundle {figures.size} bytes")
     for name, ph in phases.items():
