@@ -24,9 +24,6 @@ _U32BE = struct.Struct(">I")
 _U16BE = struct.Struct(">H")
 NLMSG_HDRLEN = _NLMSG.size + _NFGEN.size  # nlmsghdr + nfgenmsg
 
-# Attributes the kernel reports but that a create must not (or cannot) carry.
-_RUNTIME_ONLY = frozenset({c.CTA_COUNTERS_ORIG, c.CTA_COUNTERS_REPLY, c.CTA_USE, c.CTA_ID,
-                           c.CTA_TIMESTAMP, c.CTA_SECCTX, c.CTA_SECMARK, c.CTA_TUPLE_MASTER})
 _UPDATE_FORBIDDEN = frozenset({c.CTA_NAT_SRC, c.CTA_NAT_DST, c.CTA_HELP})
 # Status bits a create cannot carry: EXPECTED needs a master entry, DYING is dying.
 _STATUS_DROP = c.IPS_EXPECTED | c.IPS_DYING | c.IPS_TEMPLATE | c.IPS_UNTRACKED
@@ -452,8 +449,3 @@ def delete_message(family: int, attrs: dict[int, bytes], seq: int, *, same_table
 def entry_status(attrs: dict[int, bytes]) -> int:
     raw = attrs.get(c.CTA_STATUS)
     return _U32BE.unpack_from(raw, 4)[0] if raw else 0
-
-
-def entry_key(attrs: dict[int, bytes]) -> bytes:
-    """Identity of an entry within a table: original tuple plus zone."""
-    return attrs[c.CTA_TUPLE_ORIG] + attrs.get(c.CTA_ZONE, b"")
