@@ -43,6 +43,7 @@ class FakeTransfer:
     forgotten: list[tuple[VmIdentity, tuple[Kind, ...]]] = field(default_factory=list)
     exported: list[tuple[VmIdentity, tuple[Kind, ...]]] = field(default_factory=list)
     on_import: Any = None
+    options: list[Any] = field(default_factory=list)
 
     def export_bundle(self, vm: VmIdentity, kinds: Sequence[Kind], namespace: str | None = None, *,
                       device: str | None = None, options: Any = None) -> Bundle:
@@ -53,6 +54,7 @@ class FakeTransfer:
                       vm: VmIdentity | None = None, kinds: Sequence[Kind] | None = None,
                       options: Any = None) -> ImportReport:
         report = ImportReport()
+        self.options.append(options)
         for kind in kinds or bundle.sections:
             if self.on_import:
                 self.on_import(kind)

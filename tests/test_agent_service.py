@@ -91,6 +91,12 @@ def test_later_kind_refused_undoes_the_committed_ones(tmp_path: Path) -> None:
     assert not Journal(svc.config.state_dir).unfinished()
 
 
+def test_counters_are_imported_into_the_first_counting_interface(tmp_path: Path) -> None:
+    svc, fake = _service(tmp_path, kinds=BOTH, counter_interfaces=("vm0", "vm1"))
+    assert _import(svc, bundle_bytes(kinds=BOTH)).ok
+    assert fake.options[-1] == {Kind.COUNTERS: {"dev": "vm0"}}
+
+
 def test_failed_kind_is_reported_and_the_others_kept(tmp_path: Path) -> None:
     svc, fake = _service(tmp_path, kinds=BOTH)
     fake.fail.add(Kind.CONNTRACK)

@@ -96,6 +96,10 @@ class AgentService:
         self.peers = peers
         self.key = key
         self.journal = Journal(config.state_dir)
+        # Carried counts go to the first counting interface: totals are summed over
+        # all of them at export, and which port the VM lands on is not known here.
+        self.import_options: Options = ({Kind.COUNTERS: {"dev": config.counter_interfaces[0]}}
+                                        if config.counter_interfaces else {})
         # One import or forget at a time: the journal then names at most one
         # request under way, and two pushes of one VM cannot interleave.
         self._kernel_lock = asyncio.Lock()
@@ -175,7 +179,8 @@ class AgentService:
         try:
             for kind in kinds:
                 # One kind at a time, so that we know which ones to undo if a later one is refused.
-                report = self.transfer.import_bundle(bundle, netns, vm=vm, kinds=[kind])
+                report = self.transfer.import_bundle(bundle, netns, vm=vm, kinds=[kind],
+                                                     options=self.import_options)
                 merged.kinds.update(report.kinds)
                 merged.errors.update(report.errors)
                 if kind not in report.errors:
