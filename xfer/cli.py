@@ -491,9 +491,10 @@ def agent_push(agent: AgentOpt, vm: VmOpt, ca: CaOpt,
     Example: xfer agent push --agent https://10.0.4.1:7443 --to https://10.0.4.2:7443 --vm 10.0.1.2
     --ca ca.pem --cert op.pem --key op.key
     """
+    from xfer.agent.protocol import check_agent_url
     from xfer.model import parse_kinds, parse_vm
 
-    ident, kind_list = parse_vm(vm), parse_kinds(kinds)
+    ident, kind_list, to = parse_vm(vm), parse_kinds(kinds), check_agent_url(to)
     result = _agent_run(ca, cert, key, timeout, lambda c: c.push(agent, ident, kind_list, to))
     if as_json:
         _print_json(result)
@@ -514,9 +515,10 @@ def agent_pull(agent: AgentOpt, vm: VmOpt, ca: CaOpt,
     Example: xfer agent pull --agent https://10.0.4.2:7443 --from https://10.0.4.1:7443 --vm 10.0.1.2
     --ca ca.pem --cert op.pem --key op.key
     """
+    from xfer.agent.protocol import check_agent_url
     from xfer.model import parse_kinds, parse_vm
 
-    ident, kind_list = parse_vm(vm), parse_kinds(kinds)
+    ident, kind_list, source = parse_vm(vm), parse_kinds(kinds), check_agent_url(source)
     report = _agent_run(ca, cert, key, timeout, lambda c: c.pull(agent, ident, kind_list, source))
     _print_json(report) if as_json else _print_report(report)
     if _report_failed(report):
