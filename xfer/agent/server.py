@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import json
 import logging
 import signal
@@ -108,7 +109,7 @@ class AgentServer:
         await self.stop()
 
     async def start(self) -> None:
-        """Load TLS material, roll back unfinished imports, then listen."""
+        """Load TLS material, attach the kinds' datapath, roll back unfinished imports, listen."""
         cfg = self.config
         try:
             server_ctx = tls.server_context(cfg.tls)
@@ -160,8 +161,8 @@ class AgentServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.config.address}]" if ":" in self.config.address else self.config.address
-        return f"https://{host}:{self.port}"
+        """The agent's URL, with the port it got when the configuration asked for port 0."""
+        return dataclasses.replace(self.config, port=self.port).url
 
     async def stop(self) -> None:
         """Stop listening, finish the requests under way, close the peer client."""
