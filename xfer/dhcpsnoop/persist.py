@@ -61,14 +61,20 @@ def loads(text: str, now_wall: float) -> list[Binding]:
         raise UsageError(f"snooping database is corrupted: {exc}") from None
 
 
-def save(path: Path, bindings: Iterable[Binding], now_wall: float) -> None:
-    """Write atomically (temp file, fsync, rename): a crash leaves the old or the new file."""
+def save(path: Path, bindings: Iterable[Binding], now_wall: float, sync: bool = True) -> None:
+    """Write atomically (temp file, rename): a crash leaves the old or the new file.
+
+    ``sync`` also fsyncs, so the file survives a power loss; inside a migration's
+    pause window callers skip that (milliseconds on some disks) and leave it to
+    the next save.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(dumps(bindings, now_wall))
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

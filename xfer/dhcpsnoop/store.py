@@ -209,8 +209,9 @@ class BindingTable:
 
     # --- the snooping database file ---------------------------------------------------
 
-    def save(self) -> None:
-        persist.save(self.db_path, self.bindings(), time.time())
+    def save(self, sync: bool = True) -> None:
+        """Write the snooping database file from the maps (see ``persist.save``)."""
+        persist.save(self.db_path, self.bindings(), time.time(), sync)
 
     def restore(self) -> AddResult:
         """Install the file's valid bindings that the maps lack (after a reboot or reload)."""
