@@ -66,7 +66,7 @@ def compile_program(pins: str) -> tuple[Any, Any]:
         cflags = [f"-I{path.parent}", f'-DPIN_DIR="{pins}"', "-w"]
         try:
             bpf = BPF(src_file=str(path).encode(), cflags=cflags)
-            fn = bpf.load_func(FUNCTION, BPF.SCHED_CLS)
+            fn = bpf.load_func(FUNCTION.encode(), BPF.SCHED_CLS)
         except Exception as exc:  # bcc raises bare Exception for compile/verifier errors
             raise BPFLoadError(f"cannot load {PROGRAM}: {exc}") from None
     return bpf, fn
