@@ -1,6 +1,6 @@
 """A DHCP-snooping switch in namespaces, real DHCP peers, and raw-frame helpers.
 
-    sw (device): bridge br0 with ports  up ── srv:eth0 (10.50.0.1, the DHCP server side)
+    sw (device): bridge br0 with ports  uplink ── srv:eth0 (10.50.0.1, the DHCP server side)
                                         p-<vm> ── <vm>:eth0   (untrusted, one per VM)
 
 Everything lives under the test's ``Hosts`` and temp dir; ``cleanup`` unpins the
@@ -101,7 +101,7 @@ class SwitchLab:
         from xfer.dhcpsnoop import device
 
         ports = [self.port(v) for v in (untrusted or self.vms)]
-        device.attach(self.sw, ["up"], ports, mode)
+        device.attach(self.sw, ["uplink"], ports, mode)
 
     def xfer(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([sys.executable, "-m", "xfer.cli", *args], capture_output=True,
@@ -222,13 +222,13 @@ def build_switch(hosts: Hosts, tmp: Path, vms: Sequence[str] = ("vm",), name: st
     sw = hosts.add(name)
     srv = hosts.add(f"{name}srv")
     hosts.check(sw, ["ip", "link", "add", "br0", "type", "bridge"])
-    hosts.veth(sw, "up", srv, "eth0", (), f"{SERVER_IP}/24")
+    hosts.veth(sw, "uplink", srv, "eth0", (), f"{SERVER_IP}/24")
     lab = SwitchLab(hosts, tmp, sw, srv, {})
     for vm in vms:
         ns = hosts.add(f"{name}{vm}")
         hosts.veth(sw, lab.port(vm), ns, "eth0")
         lab.vms[vm] = ns
-    for port in ["up", *(lab.port(v) for v in vms)]:
+    for port in ["uplink", *(lab.port(v) for v in vms)]:
         hosts.check(sw, ["ip", "link", "set", "dev", port, "master", "br0"])
     hosts.link_up(sw, "br0")
     return lab
