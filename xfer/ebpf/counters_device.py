@@ -1,0 +1,94 @@
+"""The counters program on a device: attach, detach, find and open its maps.
+
+A device counts on each VM-facing interface it attached the program to; the
+maps of each interface are pinned in ``/run/xfer/bpf/<netns-or-host>/<ifname>``.
+
+    attach("eth1", "fw-src")
+    with open_maps("fw-src") as maps:      # the one interface with counters
+        print(len(maps.live))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from collections.abc import Iterator
+from pathlib import Path
+
+from xfer.ebpf import loader
+from xfer.ebpf.counter_maps import MAP_NAMES, CounterMaps
+from xfer.errors import UsageError
+
+# Priority 20: after DHCP snooping / IP source guard (which should use a lower
+# number and so run first), so frames the guard drops are not counted.
+PROGRAM = loader.TcProgram(
+    source="counters.bpf.c",
+    functions={"ingress": "xfer_ctr_ingress", "egress": "xfer_ctr_egress"},
+    prio=20,
+    maps=MAP_NAMES,
+)
+LOCK_DIR = Path("/run/xfer/locks")
+
+
+def attach(dev: str, netns: str | None = None, root: Path = loader.PIN_ROOT) -> Path:
+    """Count on ``dev`` (the VM-facing interface); idempotent. Returns the pin directory.
+
+    >>> attach("eth1", "fw-src")  # doctest: +SKIP
+    PosixPath('/run/xfer/bpf/fw-src/eth1')
+    """
+    return loader.attach(PROGRAM, dev, netns, root=root)
+
+
+def detach(dev: str, netns: str | None = None, unpin: bool = False,
+           root: Path = loader.PIN_ROOT) -> int:
+    """Stop counting on ``dev``. Counts stay pinned unless ``unpin`` (then they are gone)."""
+    removed = loader.detach(PROGRAM, dev, netns)
+    if unpin:
+        loader.unpin(PROGRAM, dev, netns, root)
+    return removed
+
+
+def devices(netns: str | None = None, root: Path = loader.PIN_ROOT) -> list[str]:
+    """Interfaces of ``netns`` that have counters pinned (attached now or before)."""
+    base = loader.pin_dir("lo", netns, root).parent
+    if not base.is_dir():
+        return []
+    return sorted(d.name for d in base.iterdir() if (d / MAP_NAMES[0]).exists())
+
+
+def open_maps(netns: str | None = None, dev: str | None = None,
+              root: Path = loader.PIN_ROOT) -> CounterMaps:
+    """The maps of ``dev``, or of the only interface with counters when ``dev`` is None."""
+    if dev is None:
+        found = devices(netns, root)
+        where = f"namespace {netns}" if netns else "this namespace"
+        if not found:
+            raise UsageError(f"no counters in {where}: "
+                             "run `xfer counters attach --dev IFACE` first")
+        if len(found) > 1:
+            raise UsageError(f"counters run on {', '.join(found)} in {where}: pick one with dev")
+        dev = found[0]
+    return CounterMaps.open(loader.pin_dir(dev, netns, root))
+
+
+def open_all(netns: str | None = None, root: Path = loader.PIN_ROOT) -> list[CounterMaps]:
+    """The maps of every interface with counters in ``netns``."""
+    opened: list[CounterMaps] = []
+    try:
+        for dev in devices(netns, root):
+            opened.append(CounterMaps.open(loader.pin_dir(dev, netns, root)))
+    except BaseException:
+        for maps in opened:
+            maps.close()
+        raise
+    return opened
+
+
+@contextlib.contextmanager
+def locked(maps: CounterMaps) -> Iterator[None]:
+    """Serialize imports and forgets on one interface's maps (bpffs holds no plain files)."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    name = "-".join(maps.pins.parts[-2:])
+    with open(LOCK_DIR / f"counters-{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
