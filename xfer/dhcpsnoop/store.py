@@ -22,21 +22,22 @@ from typing import Any
 
 from xfer import netns
 from xfer.dhcpsnoop import abi, persist
-from xfer.dhcpsnoop.bpfsys import PinnedMap
+from xfer.dhcpsnoop.maps import TypedMap
 from xfer.dhcpsnoop.model import Binding, mac_bytes
+from xfer.ebpf import loader
 
-DEFAULT_BPF_ROOT = "/run/xfer/bpf"
 MAP_NAMES = ("bindings", "dhcp_by_mac", "clients", "ports", "stats")
+PIN_NAME = "dhcpsnoop"
 
 
-def pin_dir(namespace: str | None, bpf_root: str | None = None) -> str:
-    """Where a namespace's maps are pinned: ``<root>/<netns>/dhcpsnoop``.
+def pin_dir(namespace: str | None, root: Path | None = None) -> str:
+    """Where a device's maps are pinned: ``/run/xfer/bpf/<netns>/dhcpsnoop``.
 
-    NOTE: ``ip netns exec`` remounts /sys, hiding /sys/fs/bpf, so the root is a
-    bpffs under /run (``$XFER_BPF_ROOT`` overrides it).
+    One directory per device, not per port: every port's program instance
+    shares the binding table. (It sits beside the loader's per-interface
+    directories, so no port may be named "dhcpsnoop".)
     """
-    root = bpf_root or os.environ.get("XFER_BPF_ROOT", DEFAULT_BPF_ROOT)
-    return os.path.join(root, os.path.basename(namespace) if namespace else "_host", "dhcpsnoop")
+    return str(loader.pin_dir(PIN_NAME, namespace, root or loader.PIN_ROOT))
 
 
 def boot_ns() -> int:
@@ -62,17 +63,16 @@ class AddResult:
 class BindingTable:
     """The binding table of the DHCP snooper attached in ``namespace``.
 
-    Raises MapNotPinned when nothing is attached there. ``db_path`` is the
+    Raises BPFLoadError when nothing is attached there. ``db_path`` is the
     snooping database file (default: ``persist.default_path``); every change
     made through this class rewrites it.
     """
 
-    def __init__(self, namespace: str | None = None, *, bpf_root: str | None = None,
-                 db_path: Path | None = None) -> None:
+    def __init__(self, namespace: str | None = None, *, db_path: Path | None = None) -> None:
         self.namespace = namespace
-        self.dir = pin_dir(namespace, bpf_root)
+        self.dir = pin_dir(namespace)
         self.db_path = db_path or persist.default_path(namespace)
-        self._maps: list[PinnedMap[Any, Any]] = []
+        self._maps: list[TypedMap[Any, Any]] = []
         try:
             self.map = self._open("bindings", abi.BindingKey, abi.BindingValue)
             self.by_mac = self._open("dhcp_by_mac", abi.MacKey, abi.IPv4)
@@ -83,8 +83,8 @@ class BindingTable:
             raise
         self._names: dict[int, str] = {}
 
-    def _open(self, name: str, key: type, value: type) -> PinnedMap[Any, Any]:
-        m: PinnedMap[Any, Any] = PinnedMap(os.path.join(self.dir, name), key, value)
+    def _open(self, name: str, key: type, value: type) -> TypedMap[Any, Any]:
+        m: TypedMap[Any, Any] = TypedMap(os.path.join(self.dir, name), key, value)
         self._maps.append(m)
         return m
 

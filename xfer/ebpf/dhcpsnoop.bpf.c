@@ -5,7 +5,7 @@
  * DHCP is parsed here, in the datapath, so a DHCPACK installs its binding before
  * the ACK itself is forwarded: the client can use its address at once.
  *
- * Compiled with -DPIN_DIR="\"/run/xfer/bpf/<netns>/dhcpsnoop\"" so that a reload
+ * Compiled with -DDS_PIN_DIR="/run/xfer/bpf/<netns>/dhcpsnoop" so that a reload
  * (or a new process) reuses the pinned maps and keeps every binding.
  */
 #include <uapi/linux/bpf.h>
@@ -16,23 +16,25 @@
 #include <uapi/linux/pkt_cls.h>
 #include "dhcpsnoop.h"
 
-#ifndef PIN_DIR
-#error "PIN_DIR must be defined"
+#ifndef DS_PIN_DIR
+#error "DS_PIN_DIR must be defined (the device's pin directory)"
 #endif
+/* Let the next filter on the hook (counters) run: TC_ACT_OK would end the chain. */
+#define PASS TC_ACT_UNSPEC
 #define MAX_BINDINGS 4096
 #define MAX_OPTIONS 64          /* options walked per message before giving up */
 #define DHCP_FIXED 236          /* op..file, before the magic cookie */
 #define DHCP_MAGIC 0x63825363
 
 BPF_TABLE_PINNED("hash", struct binding_key, struct binding, bindings, MAX_BINDINGS,
-                 PIN_DIR "/bindings");
+                 DS_PIN_DIR "/bindings");
 /* the address a MAC was last granted by DHCP, to replace or NAK it */
-BPF_TABLE_PINNED("hash", struct mac_key, __u32, dhcp_by_mac, MAX_BINDINGS, PIN_DIR "/dhcp_by_mac");
+BPF_TABLE_PINNED("hash", struct mac_key, __u32, dhcp_by_mac, MAX_BINDINGS, DS_PIN_DIR "/dhcp_by_mac");
 /* the port a client MAC sent DHCP from: the port of the binding its ACK creates */
 BPF_TABLE_PINNED("lru_hash", struct mac_key, struct client_port, clients, MAX_BINDINGS,
-                 PIN_DIR "/clients");
-BPF_TABLE_PINNED("hash", __u32, struct port_cfg, ports, 256, PIN_DIR "/ports");
-BPF_TABLE_PINNED("hash", struct stat_key, __u64, stats, 256 * DS_COUNTER_MAX, PIN_DIR "/stats");
+                 DS_PIN_DIR "/clients");
+BPF_TABLE_PINNED("hash", __u32, struct port_cfg, ports, 256, DS_PIN_DIR "/ports");
+BPF_TABLE_PINNED("hash", struct stat_key, __u64, stats, 256 * DS_COUNTER_MAX, DS_PIN_DIR "/stats");
 
 struct dhcp_info {
     __u8  op;
@@ -93,7 +95,7 @@ static __always_inline int verdict(__u32 ifindex, struct port_cfg *cfg, __u32 co
     if (cfg->mode == DS_MODE_OBSERVE) {
         count(ifindex, DS_OBSERVED);
         count(ifindex, counter);
-        return TC_ACT_OK;
+        return PASS;
     }
     count(ifindex, counter);
     return TC_ACT_SHOT;
@@ -223,7 +225,7 @@ static __always_inline int client_message(struct __sk_buff *skb, __u32 off, __u3
     struct dhcp_info d = {};
     if (parse_dhcp(skb, off, end, &d) < 0 || d.op != 1) {
         count(ifindex, DS_MALFORMED);
-        return TC_ACT_OK;                   /* the server judges it; no state changes */
+        return PASS;                   /* the server judges it; no state changes */
     }
     if (!mac_eq(d.chaddr, src_mac))
         return verdict(ifindex, cfg, DS_DROP_CHADDR);
@@ -247,7 +249,7 @@ static __always_inline int client_message(struct __sk_buff *skb, __u32 off, __u3
         unbind(&k, ifindex);
         break;
     }
-    return TC_ACT_OK;
+    return PASS;
 }
 
 int dhcpsnoop_ingress(struct __sk_buff *skb)
@@ -255,13 +257,13 @@ int dhcpsnoop_ingress(struct __sk_buff *skb)
     __u32 ifindex = skb->ifindex;
     struct port_cfg *cfg = ports.lookup(&ifindex);
     if (!cfg)
-        return TC_ACT_OK;
+        return PASS;
 
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
-        return TC_ACT_OK;
+        return PASS;
     __u8 src_mac[6];
     mac_copy(src_mac, eth->h_source);
     __u16 proto = eth->h_proto;
@@ -274,7 +276,7 @@ int dhcpsnoop_ingress(struct __sk_buff *skb)
     } else if (proto == bpf_htons(ETH_P_8021Q)) {
         __u16 *tag = (void *)(eth + 1);
         if ((void *)(tag + 2) > data_end)
-            return cfg->role == DS_ROLE_TRUSTED ? TC_ACT_OK : verdict(ifindex, cfg, DS_DROP_SOURCE);
+            return cfg->role == DS_ROLE_TRUSTED ? PASS : verdict(ifindex, cfg, DS_DROP_SOURCE);
         vlan = bpf_ntohs(tag[0]) & 0x0fff;
         proto = tag[1];
         off += 4;
@@ -282,7 +284,7 @@ int dhcpsnoop_ingress(struct __sk_buff *skb)
 
     if (proto == bpf_htons(ETH_P_ARP)) {
         if (cfg->role == DS_ROLE_TRUSTED)
-            return TC_ACT_OK;
+            return PASS;
         __u8 arp[28];
         if (bpf_skb_load_bytes(skb, off, arp, sizeof(arp)) < 0)
             return verdict(ifindex, cfg, DS_DROP_ARP);
@@ -294,18 +296,18 @@ int dhcpsnoop_ingress(struct __sk_buff *skb)
         if (!mac_eq(&arp[8], src_mac))
             return verdict(ifindex, cfg, DS_DROP_ARP);
         if (spa == 0)                       /* RFC 5227 probe: a client checking its lease */
-            return TC_ACT_OK;
+            return PASS;
         if (!bound(&arp[8], spa, ifindex, vlan))
             return verdict(ifindex, cfg, DS_DROP_ARP);
         count(ifindex, DS_PASSED);
-        return TC_ACT_OK;
+        return PASS;
     }
     if (proto != bpf_htons(ETH_P_IP))
-        return TC_ACT_OK;                   /* IPv6 and others are not guarded (docs/dhcp.md) */
+        return PASS;                   /* IPv6 and others are not guarded (docs/dhcp.md) */
 
     struct iphdr ip;
     if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
-        return cfg->role == DS_ROLE_TRUSTED ? TC_ACT_OK : verdict(ifindex, cfg, DS_DROP_SOURCE);
+        return cfg->role == DS_ROLE_TRUSTED ? PASS : verdict(ifindex, cfg, DS_DROP_SOURCE);
     __u32 ihl = ip.ihl * 4;
     __u32 l4 = off + ihl;
     __u32 ip_end = off + bpf_ntohs(ip.tot_len);
@@ -329,7 +331,7 @@ int dhcpsnoop_ingress(struct __sk_buff *skb)
             else
                 count(ifindex, DS_MALFORMED);
         }
-        return TC_ACT_OK;
+        return PASS;
     }
 
     /* untrusted port */
@@ -340,11 +342,11 @@ int dhcpsnoop_ingress(struct __sk_buff *skb)
         return verdict(ifindex, cfg, DS_DROP_SOURCE);
     if (!dhcp_client) {
         count(ifindex, DS_PASSED);
-        return TC_ACT_OK;
+        return PASS;
     }
     if (!dhcp_end) {
         count(ifindex, DS_MALFORMED);
-        return TC_ACT_OK;
+        return PASS;
     }
     return client_message(skb, dhcp_off, dhcp_end, ifindex, vlan, src_mac, cfg);
 }
