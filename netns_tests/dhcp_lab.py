@@ -1,7 +1,4 @@
-"""A DHCP-snooping switch in namespaces, real DHCP peers, and raw-frame helpers.
-
-    sw (device): bridge br0 with ports  uplink ── srv:eth0 (10.50.0.1, the DHCP server side)
-                                        p-<vm> ── <vm>:eth0   (untrusted, one per VM)
+"""Test conveniences over ``xfer.lab.switch``: real dhclient, the CLI, pings, cleanup.
 
 Everything lives under the test's ``Hosts`` and temp dir; ``cleanup`` unpins the
 maps of every namespace the test made.
@@ -12,74 +9,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xfer import netns
 from xfer.dhcpsnoop import datapath, packet
 from xfer.dhcpsnoop.store import pin_dir
+from xfer.lab import switch
 from xfer.lab.hosts import Hosts
-
-SERVER_IP = "10.50.0.1"
-NET = "10.50.0"
-ETH_P_ALL = 0x0003
-
-
-class Wire:
-    """A packet socket on one interface inside a namespace: send and sniff raw frames."""
-
-    def __init__(self, ns: str, ifname: str) -> None:
-        with netns.entered(ns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            self.sock.bind((ifname, 0))
-        self.mac = ":".join(f"{b:02x}" for b in self.sock.getsockname()[4][:6])
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, frame: bytes) -> None:
-        self.sock.send(frame)
-
-    def drain(self) -> None:
-        self.sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                self.sock.recv(65535)
-        self.sock.setblocking(True)
-
-    def wait_for(self, match: Callable[[bytes], bool], timeout: float = 1.0) -> bytes | None:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                frame, addr = self.sock.recvfrom(65535)
-            except TimeoutError:
-                return None
-            if addr[2] != socket.PACKET_OUTGOING and match(frame):
-                return frame
-        return None
-
-
-def udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int,
-              payload: bytes, udp_len: int | None = None) -> bytes:
-    return packet.ethernet(dst_mac, src_mac, 0x0800,
-                           packet.ipv4_udp(src, dst, sport, dport, payload, udp_len))
-
-
-def client_frame(mac: str, msg: bytes, src: str = "0.0.0.0", dst: str = "255.255.255.255",
-                 udp_len: int | None = None) -> bytes:
-    """A DHCP client message as the VM would broadcast it."""
-    return udp_frame(mac, packet.BROADCAST, src, dst, 68, 67, msg, udp_len)
-
-
-def server_frame(srv_mac: str, client_mac: str, msg: bytes, dst: str = "255.255.255.255",
-                 udp_len: int | None = None) -> bytes:
-    return udp_frame(srv_mac, client_mac, SERVER_IP, dst, 67, 68, msg, udp_len)
+from xfer.lab.switch import (  # noqa: F401 - re-exported for the tests
+    NET,
+    SERVER_IP,
+    Wire,
+    client_frame,
+    server_frame,
+    start_dnsmasq,
+    udp_frame,
+)
 
 
 @dataclass
@@ -126,18 +75,8 @@ class SwitchLab:
 
     def dnsmasq(self, ns: str, iface: str, first: str, last: str, tag: str,
                 lease: str = "2m") -> subprocess.Popen[bytes]:
-        """dnsmasq serving DHCP only (no DNS), bound to ``iface``, files in the temp dir."""
-        log = open(self.tmp / f"{tag}.log", "wb")  # noqa: SIM115 - the process owns it
-        proc = self.hosts.spawn(ns, [
-            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-            f"--interface={iface}", "--bind-interfaces", "--except-interface=lo",
-            f"--dhcp-range={first},{last},255.255.255.0,{lease}", "--dhcp-authoritative",
-            f"--dhcp-leasefile={self.tmp / (tag + '.leases')}",
-            f"--pid-file={self.tmp / (tag + '.pid')}", "--user=root", "--group=root",
-            "--log-dhcp", "--log-facility=-"], stdout=log, stderr=subprocess.STDOUT)
+        proc = start_dnsmasq(self.hosts, ns, iface, first, last, self.tmp, tag, lease)
         self.procs.append(proc)
-        time.sleep(0.3)   # dnsmasq binds its DHCP socket right after start
-        assert proc.poll() is None, (self.tmp / f"{tag}.log").read_text()
         return proc
 
     def _dhclient_files(self, vm: str) -> list[str]:
@@ -219,19 +158,8 @@ class SwitchLab:
 
 def build_switch(hosts: Hosts, tmp: Path, vms: Sequence[str] = ("vm",), name: str = "sw"
                  ) -> SwitchLab:
-    sw = hosts.add(name)
-    srv = hosts.add(f"{name}srv")
-    hosts.check(sw, ["ip", "link", "add", "br0", "type", "bridge"])
-    hosts.veth(sw, "uplink", srv, "eth0", (), f"{SERVER_IP}/24")
-    lab = SwitchLab(hosts, tmp, sw, srv, {})
-    for vm in vms:
-        ns = hosts.add(f"{name}{vm}")
-        hosts.veth(sw, lab.port(vm), ns, "eth0")
-        lab.vms[vm] = ns
-    for port in ["uplink", *(lab.port(v) for v in vms)]:
-        hosts.check(sw, ["ip", "link", "set", "dev", port, "master", "br0"])
-    hosts.link_up(sw, "br0")
-    return lab
+    net = switch.build_switch(hosts, vms, name)
+    return SwitchLab(hosts, tmp, net.sw, net.srv, dict(net.vms))
 
 
 def cleanup(hosts: Hosts) -> None:
