@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from xfer.dhcpsnoop import datapath, packet
 from xfer.dhcpsnoop.store import pin_dir
@@ -160,6 +162,25 @@ def build_switch(hosts: Hosts, tmp: Path, vms: Sequence[str] = ("vm",), name: st
                  ) -> SwitchLab:
     net = switch.build_switch(hosts, vms, name)
     return SwitchLab(hosts, tmp, net.sw, net.srv, dict(net.vms))
+
+
+@contextlib.contextmanager
+def switches(hosts: Hosts, tmp: Path, monkeypatch: pytest.MonkeyPatch,
+             *specs: tuple[str, Sequence[str]]) -> Iterator[list[SwitchLab]]:
+    """Build one switch lab per (name, VMs); stop their processes and unpin on the way out.
+
+    The snooping database goes to the test's temp dir, never /var/lib.
+    """
+    monkeypatch.setenv("XFER_DHCP_STATE_DIR", str(tmp / "db"))
+    labs: list[SwitchLab] = []
+    try:
+        for name, vms in specs:
+            labs.append(build_switch(hosts, tmp, vms, name))
+        yield labs
+    finally:
+        for lab in labs:
+            lab.stop_processes()
+        cleanup(hosts)
 
 
 def cleanup(hosts: Hosts) -> None:

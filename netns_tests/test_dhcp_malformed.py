@@ -13,10 +13,9 @@ from netns_tests.dhcp_lab import (
     SERVER_IP,
     SwitchLab,
     Wire,
-    build_switch,
-    cleanup,
     client_frame,
     server_frame,
+    switches,
 )
 from xfer.dhcpsnoop import packet
 from xfer.lab.hosts import Hosts
@@ -26,13 +25,9 @@ IP = f"{NET}.60"
 
 @pytest.fixture
 def lab(hosts: Hosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SwitchLab]:
-    monkeypatch.setenv("XFER_DHCP_STATE_DIR", str(tmp_path / "db"))
-    try:
-        built = build_switch(hosts, tmp_path)
+    with switches(hosts, tmp_path, monkeypatch, ("sw", ("vm",))) as (built,):
         built.attach()
         yield built
-    finally:
-        cleanup(hosts)
 
 
 def _ack(mac: str, **kw: object) -> bytes:

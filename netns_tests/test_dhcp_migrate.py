@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from netns_tests.dhcp_lab import NET, SwitchLab, build_switch, cleanup
+from netns_tests.dhcp_lab import NET, SwitchLab, switches
 from xfer import transfer
 from xfer.bundle import Bundle, Section
 from xfer.dhcpsnoop.model import Binding
@@ -22,16 +22,8 @@ from xfer.model import Kind, VmIdentity
 @pytest.fixture
 def two(hosts: Hosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ) -> Iterator[tuple[SwitchLab, SwitchLab]]:
-    monkeypatch.setenv("XFER_DHCP_STATE_DIR", str(tmp_path / "db"))
-    labs: list[SwitchLab] = []
-    try:
-        labs.append(build_switch(hosts, tmp_path, vms=("vm",), name="a"))
-        labs.append(build_switch(hosts, tmp_path, vms=(), name="b"))
-        yield labs[0], labs[1]
-    finally:
-        for lab in labs:
-            lab.stop_processes()
-        cleanup(hosts)
+    with switches(hosts, tmp_path, monkeypatch, ("a", ("vm",)), ("b", ())) as (a, b):
+        yield a, b
 
 
 def replug(a: SwitchLab, b: SwitchLab, mac: str, ip: str) -> None:

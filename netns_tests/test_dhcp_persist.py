@@ -11,22 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from netns_tests.dhcp_lab import NET, SwitchLab, build_switch, cleanup
+from netns_tests.dhcp_lab import NET, SwitchLab, switches
 from xfer.dhcpsnoop import datapath, device
 from xfer.lab.hosts import Hosts, stop_process
 
 
 @pytest.fixture
 def lab(hosts: Hosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SwitchLab]:
-    monkeypatch.setenv("XFER_DHCP_STATE_DIR", str(tmp_path / "db"))
-    built = None
-    try:
-        built = build_switch(hosts, tmp_path)
+    with switches(hosts, tmp_path, monkeypatch, ("sw", ("vm",))) as (built,):
         yield built
-    finally:
-        if built:
-            built.stop_processes()
-        cleanup(hosts)
 
 
 def db_ips(path: Path) -> list[str]:

@@ -13,9 +13,8 @@ from netns_tests.dhcp_lab import (
     SERVER_IP,
     SwitchLab,
     Wire,
-    build_switch,
-    cleanup,
     server_frame,
+    switches,
     udp_frame,
 )
 from xfer.dhcpsnoop import packet
@@ -24,15 +23,8 @@ from xfer.lab.hosts import Hosts
 
 @pytest.fixture
 def lab(hosts: Hosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SwitchLab]:
-    monkeypatch.setenv("XFER_DHCP_STATE_DIR", str(tmp_path / "db"))
-    built = None
-    try:
-        built = build_switch(hosts, tmp_path, vms=("vm", "evil"))
+    with switches(hosts, tmp_path, monkeypatch, ("sw", ("vm", "evil"))) as (built,):
         yield built
-    finally:
-        if built:
-            built.stop_processes()
-        cleanup(hosts)
 
 
 def probe(lab: SwitchLab, vm: str, src_mac: str, src_ip: str) -> bool:

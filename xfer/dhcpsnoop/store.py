@@ -72,21 +72,33 @@ class BindingTable:
         self.namespace = namespace
         self.dir = pin_dir(namespace)
         self.db_path = db_path or persist.default_path(namespace)
-        self._maps: list[TypedMap[Any, Any]] = []
-        try:
-            self.map = self._open("bindings", abi.BindingKey, abi.BindingValue)
-            self.by_mac = self._open("dhcp_by_mac", abi.MacKey, abi.IPv4)
-            self.port_map = self._open("ports", abi.U32, abi.PortCfg)
-            self.stat_map = self._open("stats", abi.StatKey, abi.U64)
-        except BaseException:
-            self.close()
-            raise
+        self._maps: dict[str, TypedMap[Any, Any]] = {}
         self._names: dict[int, str] = {}
+        # opened now: a missing pin is reported here, not halfway through a change
+        self._open("bindings", abi.BindingKey, abi.BindingValue)
 
+    # The other maps open on first use: an export needs only `bindings`, and each
+    # open is two syscalls inside the migration's pause window.
     def _open(self, name: str, key: type, value: type) -> TypedMap[Any, Any]:
-        m: TypedMap[Any, Any] = TypedMap(os.path.join(self.dir, name), key, value)
-        self._maps.append(m)
-        return m
+        if name not in self._maps:
+            self._maps[name] = TypedMap(os.path.join(self.dir, name), key, value)
+        return self._maps[name]
+
+    @property
+    def map(self) -> TypedMap[Any, Any]:
+        return self._open("bindings", abi.BindingKey, abi.BindingValue)
+
+    @property
+    def by_mac(self) -> TypedMap[Any, Any]:
+        return self._open("dhcp_by_mac", abi.MacKey, abi.IPv4)
+
+    @property
+    def port_map(self) -> TypedMap[Any, Any]:
+        return self._open("ports", abi.U32, abi.PortCfg)
+
+    @property
+    def stat_map(self) -> TypedMap[Any, Any]:
+        return self._open("stats", abi.StatKey, abi.U64)
 
     def __enter__(self) -> BindingTable:
         return self
@@ -96,21 +108,27 @@ class BindingTable:
         self.close()
 
     def close(self) -> None:
-        for m in self._maps:
+        for m in self._maps.values():
             m.close()
         self._maps.clear()
 
     # --- interfaces ----------------------------------------------------------------
 
+    def _learn_names(self, indexes: Iterable[int]) -> None:
+        missing = {i for i in indexes if i and i not in self._names}
+        if not missing:
+            return
+        with netns.entered(self.namespace):    # one setns round trip for all of them
+            for index in missing:
+                try:
+                    self._names[index] = socket.if_indextoname(index)
+                except OSError:
+                    self._names[index] = f"#{index}"   # the port was removed since
+
     def ifname(self, ifindex: int) -> str | None:
         if ifindex == 0:
             return None
-        if ifindex not in self._names:
-            try:
-                with netns.entered(self.namespace):
-                    self._names[ifindex] = socket.if_indextoname(ifindex)
-            except OSError:
-                return f"#{ifindex}"   # the port was removed since
+        self._learn_names([ifindex])
         return self._names[ifindex]
 
     def ifindex(self, name: str) -> int | None:
@@ -122,17 +140,22 @@ class BindingTable:
 
     def ports(self) -> list[Port]:
         out = []
-        for key, cfg in self.port_map.items():
+        items = self.port_map.items()
+        self._learn_names(int(k.value) for k, _ in items)
+        for key, cfg in items:
             idx = int(key.value)
             out.append(Port(self.ifname(idx) or "", idx,
                             "trusted" if cfg.role == abi.ROLE_TRUSTED else "untrusted",
                             "observe" if cfg.mode == abi.MODE_OBSERVE else "enforce"))
         return sorted(out, key=lambda p: p.name)
 
-    def _resolve_port(self, b: Binding, untrusted: list[Port], warnings: list[str]) -> int:
-        by_name = {p.name: p.ifindex for p in untrusted}
-        if b.port is not None and b.port in by_name:
-            return by_name[b.port]
+    def _resolve_port(self, b: Binding, warnings: list[str]) -> int:
+        if b.port is not None:
+            index = self.ifindex(b.port)
+            cfg = self.port_map.get(abi.U32(index)) if index else None
+            if cfg is not None and cfg.role == abi.ROLE_UNTRUSTED:
+                return index   # type: ignore[return-value]
+        untrusted = [p for p in self.ports() if p.role == "untrusted"]
         if len(untrusted) == 1:
             return untrusted[0].ifindex
         warnings.append(f"{b.mac} {b.ip}: port {b.port!r} is not an untrusted port here; "
@@ -144,8 +167,9 @@ class BindingTable:
     def bindings(self, include_expired: bool = False) -> list[Binding]:
         """Every binding (unexpired ones unless asked), lease as remaining seconds."""
         now = boot_ns()
-        out = [Binding.from_datapath(k, v, now, self.ifname(v.ifindex))
-               for k, v in self.map.items()]
+        items = self.map.items()
+        self._learn_names(v.ifindex for _, v in items)
+        out = [Binding.from_datapath(k, v, now, self.ifname(v.ifindex)) for k, v in items]
         if not include_expired:
             out = [b for b in out if not b.expired]
         return sorted(out, key=lambda b: (b.ip, b.mac))
@@ -154,10 +178,9 @@ class BindingTable:
             save: bool = True) -> AddResult:
         """Install bindings (effective for the next packet); returns created/updated counts."""
         result = AddResult()
-        untrusted = [p for p in self.ports() if p.role == "untrusted"]
         now = boot_ns()
         for b in bindings:
-            ifindex = self._resolve_port(b, untrusted, result.warnings)
+            ifindex = self._resolve_port(b, result.warnings)
             key, value = b.to_datapath(now, ifindex)
             existed = self.map.get(key) is not None
             if existed and not replace_existing:

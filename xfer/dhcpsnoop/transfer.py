@@ -63,12 +63,15 @@ def section_bindings(section: Section) -> list[Binding]:
 
 
 def import_section(section: Section, bundle: Bundle, namespace: str | None = None, *,
-                   replace: bool = True, vm: VmIdentity | None = None, **_: object
-                   ) -> KindReport:
+                   replace: bool = True, vm: VmIdentity | None = None, persist: bool = True,
+                   **_: object) -> KindReport:
     """Install the bundle's bindings for its VM; all or nothing.
 
     Every binding must belong to ``vm`` (default: the bundle's VM), or
     ForeignEntryError is raised before anything changes. Expired ones are skipped.
+    The bindings are enforceable when this returns; ``persist`` then rewrites the
+    snooping database file (not fsynced: ``xfer dhcp serve`` syncs it), which
+    ``report.seconds`` does not include because the VM need not wait for it.
     """
     started = time.perf_counter()
     report = KindReport(Kind.DHCP)
@@ -76,14 +79,15 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
     live = [b for b in bindings if not b.expired]
     report.skipped = len(bindings) - len(live)
     with BindingTable(namespace) as table:
-        before = {(b.mac, b.ip): b for b in table.bindings(include_expired=True)}
+        before = [(b, table.map.get(b.key())) for b in live]   # raw values, for a rollback
         try:
             result = table.add(live, replace_existing=replace, save=False)
         except XferError as exc:
             # roll back: drop what this import created, put back what it replaced
-            table.remove([b for b in live if (b.mac, b.ip) not in before], save=False)
-            table.add([before[(b.mac, b.ip)] for b in live if (b.mac, b.ip) in before],
-                      save=False)
+            table.remove([b for b, old in before if old is None], save=False)
+            for b, old in before:
+                if old is not None:
+                    table.map.put(b.key(), old)
             report.failed = len(live)
             report.rolled_back = True
             report.errors.append(str(exc))
@@ -93,7 +97,8 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
         report.skipped += len(live) - result.created - result.updated
         report.warnings = result.warnings
         report.seconds = time.perf_counter() - started
-        table.save(sync=False)   # no fsync inside the pause window; the daemon syncs later
+        if persist:
+            table.save(sync=False)
     return report
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: each contender measured against its baseline tool in the same run."""
