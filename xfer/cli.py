@@ -403,6 +403,7 @@ def bench_counters(
 def bench_dhcp(
     repeat: Annotated[int, typer.Option(help="Runs of each measurement (median reported).")] = 20,
     seconds: Annotated[float, typer.Option(help="Seconds per iperf3 run.")] = 3.0,
+    rounds: Annotated[int, typer.Option(help="iperf3 on/off rounds per traffic kind.")] = 4,
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/dhcp.json"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -412,7 +413,8 @@ def bench_dhcp(
     """
     from xfer.bench import dhcp as bench
 
-    result = bench.run(repeat, seconds, out, echo=None if as_json else typer.echo)
+    result = bench.run(repeat, seconds, out, echo=None if as_json else typer.echo,
+                       rounds=rounds)
     if as_json:
         _print_json(result)
 
