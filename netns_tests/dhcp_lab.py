@@ -189,3 +189,6 @@ def cleanup(hosts: Hosts) -> None:
         with contextlib.suppress(Exception):
             datapath.detach(ns, purge=True)
         datapath.unpin(pin_dir(ns))
+    left = [d for d in (os.path.dirname(pin_dir(ns)) for ns in hosts.namespaces)
+            if os.path.exists(d)]
+    assert not left, f"pinned directories left behind: {left}"

@@ -29,9 +29,9 @@ from xfer.dhcpsnoop.store import MAP_NAMES, PIN_NAME, pin_dir
 from xfer.ebpf import loader
 from xfer.errors import UsageError
 
-# Priority 0x0d5c runs before the counters program (0xc000) on a shared port, so
-# what the source guard drops is never counted for the VM it pretends to be.
-PROGRAM = loader.TcProgram("dhcpsnoop.bpf.c", {"ingress": "dhcpsnoop_ingress"}, prio=0x0D5C)
+# Priority 10 runs before the counters program (20) on a shared port (lower runs
+# first), so what the source guard drops is never counted for the VM it pretends to be.
+PROGRAM = loader.TcProgram("dhcpsnoop.bpf.c", {"ingress": "dhcpsnoop_ingress"}, prio=10)
 MODES = {"enforce": abi.MODE_ENFORCE, "observe": abi.MODE_OBSERVE}
 
 
@@ -134,6 +134,15 @@ def unpin(pins: str) -> None:
     for name in MAP_NAMES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(pins, name))
-    for d in (pins, os.path.dirname(pins)):
-        with contextlib.suppress(OSError):
-            os.rmdir(d)   # only when empty: other programs' pins stay
+    with contextlib.suppress(OSError):
+        os.rmdir(pins)
+    parent = os.path.dirname(pins)
+    # The loader leaves an empty directory per port; a port that is gone (its
+    # namespace deleted, its link removed) could not be named at detach time.
+    with contextlib.suppress(OSError), os.scandir(parent) as entries:
+        for entry in list(entries):
+            if entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)   # only when empty: other programs' pins stay
+    with contextlib.suppress(OSError):
+        os.rmdir(parent)
