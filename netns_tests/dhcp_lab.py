@@ -98,16 +98,16 @@ class SwitchLab:
         return ["-cf", str(self.tmp / "dhclient.conf"), "-lf", str(self.tmp / f"{vm}.leases"),
                 "-pf", str(self.tmp / f"{vm}.dhclient.pid"), "-sf", str(script)]
 
-    def dhclient(self, vm: str) -> subprocess.Popen[bytes]:
+    def dhclient(self, vm: str, iface: str = "eth0") -> subprocess.Popen[bytes]:
         """A foreground dhclient in the VM (it stays to renew); returns once it has a lease."""
         log = open(self.tmp / f"{vm}.dhclient.log", "wb")  # noqa: SIM115
         proc = self.hosts.spawn(self.vms[vm], ["dhclient", "-4", "-d", "-v",
-                                               *self._dhclient_files(vm), "eth0"],
+                                               *self._dhclient_files(vm), iface],
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if self.vm_ip(vm):
+            if self.vm_ip(vm, iface):
                 return proc
             assert proc.poll() is None, (self.tmp / f"{vm}.dhclient.log").read_text()
             time.sleep(0.1)
@@ -122,8 +122,8 @@ class SwitchLab:
         self.hosts.check(self.vms[vm], ["dhclient", "-4", "-r", "-v",
                                         *self._dhclient_files(vm), "eth0"])
 
-    def vm_ip(self, vm: str) -> str | None:
-        out = self.hosts.check(self.vms[vm], ["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+    def vm_ip(self, vm: str, iface: str = "eth0") -> str | None:
+        out = self.hosts.check(self.vms[vm], ["ip", "-4", "-o", "addr", "show", "dev", iface])
         for line in out.splitlines():
             return line.split()[3].split("/")[0]
         return None

@@ -89,3 +89,30 @@ def test_foreign_bindings_are_refused_and_nothing_changes(two: tuple[SwitchLab, 
     proc = b.xfer("import", str(path), "--netns", b.sw, check=False)
     assert proc.returncode == 1 and "does not belong" in proc.stderr
     assert b.bindings() == []
+
+
+@pytest.fixture
+def wide(hosts: Hosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SwitchLab]:
+    with switches(hosts, tmp_path, monkeypatch, ("w", ("vm", "evil"))) as (built,):
+        yield built
+
+
+def test_unknown_port_is_pinned_by_the_vms_first_packet(wide: SwitchLab) -> None:
+    wide.attach()
+    mac, ip = wide.mac(wide.vms["vm"]), f"{NET}.33"
+    vm = VmIdentity("vm", macs=(mac,), ipv4=(ip,))
+    records = [Binding(mac, ip, 60.0, "eth7").to_json()]   # the source's port name
+    section = Section(Kind.DHCP, ENCODING, 1, json.dumps(records).encode())
+    report = transfer.import_bundle(Bundle(vm, {}, {Kind.DHCP: section}), wide.sw)
+    assert "any untrusted port" in report.kinds[Kind.DHCP].warnings[0]
+    assert wide.bindings()[0]["port"] is None
+
+    wide.set_ip("vm", ip)
+    assert wide.ping("vm")                                  # first packet pins p-vm
+    assert wide.bindings()[0]["port"] == "p-vm"
+    # the other VM now cannot take the address over, even with the right MAC
+    wide.hosts.check(wide.vms["evil"], ["ip", "link", "set", "dev", "eth0", "address", mac])
+    wide.set_ip("evil", ip)
+    assert not wide.ping("evil")
+    dropped = wide.counters("p-evil")
+    assert dropped.get("drop_arp", 0) + dropped.get("drop_source", 0) >= 1

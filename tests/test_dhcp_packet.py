@@ -76,3 +76,10 @@ def test_frames() -> None:
     assert struct.unpack("!H", lying[24:26])[0] == 99
     frame = p.ethernet(p.BROADCAST, MAC, 0x0806, p.arp(1, MAC, "10.0.0.2", p.BROADCAST, "10.0.0.1"))
     assert len(frame) == 14 + 28
+
+
+def test_vlan_tag() -> None:
+    frame = p.ethernet(p.BROADCAST, MAC, 0x0800, b"payload")
+    tagged = p.vlan_tag(frame, 100)
+    assert tagged[12:16] == b"\x81\x00\x00\x64" and tagged[16:18] == b"\x08\x00"
+    assert tagged[:12] + tagged[16:] == frame

@@ -170,3 +170,8 @@ def arp(op: int, sha: str, spa: str, tha: str, tpa: str) -> bytes:
 
 
 BROADCAST = "ff:ff:ff:ff:ff:ff"
+
+
+def vlan_tag(frame: bytes, vid: int, pcp: int = 0) -> bytes:
+    """Insert an 802.1Q tag after the MAC addresses of an Ethernet frame."""
+    return frame[:12] + struct.pack("!HH", 0x8100, (pcp << 13) | (vid & 0x0FFF)) + frame[12:]
