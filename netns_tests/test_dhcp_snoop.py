@@ -13,6 +13,7 @@ from netns_tests.dhcp_lab import (
     SERVER_IP,
     SwitchLab,
     Wire,
+    client_frame,
     server_frame,
     switches,
     udp_frame,
@@ -156,8 +157,6 @@ def test_nak_and_decline_remove_the_binding(lab: SwitchLab) -> None:
     assert lab.bindings()
     vm_wire = Wire(lab.vms["vm"], "eth0")
     try:
-        from netns_tests.dhcp_lab import client_frame
-
         vm_wire.send(client_frame(vm_mac, packet.build(1, packet.DECLINE, vm_mac,
                                                        requested=ip)))
     finally:
@@ -171,3 +170,22 @@ def test_a_new_address_replaces_the_old_binding(lab: SwitchLab) -> None:
     lab.crafted_lease("vm", f"{NET}.50", 300)
     lab.crafted_lease("vm", f"{NET}.51", 300)
     assert [r["ip"] for r in lab.bindings()] == [f"{NET}.51"]
+
+
+def test_another_port_cannot_release_or_steal_a_binding(lab: SwitchLab) -> None:
+    lab.attach()
+    ip = f"{NET}.45"
+    lab.crafted_lease("vm", ip, 300)
+    vm_mac = lab.mac(lab.vms["vm"])
+    with Wire(lab.vms["evil"], "eth0") as evil, Wire(lab.srv, "eth0") as srv:
+        # evil copies the VM's MAC: RELEASE (from 0.0.0.0, which the guard lets through)
+        evil.send(client_frame(vm_mac, packet.build(1, packet.RELEASE, vm_mac, ciaddr=ip)))
+        # ... and REQUEST for the VM's address, hoping the ACK moves the binding to its port
+        evil.send(client_frame(vm_mac, packet.build(1, packet.REQUEST, vm_mac, requested=ip)))
+        time.sleep(0.05)
+        srv.send(server_frame(srv.mac, vm_mac, packet.build(2, packet.ACK, vm_mac, yiaddr=ip,
+                                                            lease=300, server=SERVER_IP)))
+        time.sleep(0.1)
+    assert [(r["ip"], r["port"]) for r in lab.bindings()] == [(ip, "p-vm")]
+    assert lab.counters("p-evil")["drop_port_mismatch"] >= 2
+    assert lab.ping("vm")

@@ -35,6 +35,7 @@ class Counter(IntEnum):
     MALFORMED = 9
     ACK_NO_CLIENT = 10
     DHCP_CLIENT = 11
+    DROP_PORT_MISMATCH = 12
 
 
 class BindingKey(ctypes.Structure):

@@ -217,6 +217,15 @@ static __always_inline void server_message(struct __sk_buff *skb, __u32 off, __u
     count(ifindex, DS_BINDING_ADDED);
 }
 
+/* False when (mac, ip) is bound, unexpired, to another port or VLAN than this one. */
+static __always_inline int not_bound_elsewhere(struct binding_key *k, __u32 ifindex, __u16 vlan)
+{
+    struct binding *b = bindings.lookup(k);
+    if (!b || (b->expires_ns && bpf_ktime_get_boot_ns() >= b->expires_ns))
+        return 1;
+    return (b->ifindex == 0 || b->ifindex == ifindex) && b->vlan == vlan;
+}
+
 /* A client message on an untrusted port that already passed the source guard. */
 static __always_inline int client_message(struct __sk_buff *skb, __u32 off, __u32 end,
                                           __u32 ifindex, __u16 vlan, const __u8 *src_mac,
@@ -229,9 +238,25 @@ static __always_inline int client_message(struct __sk_buff *skb, __u32 off, __u3
     }
     if (!mac_eq(d.chaddr, src_mac))
         return verdict(ifindex, cfg, DS_DROP_CHADDR);
-    count(ifindex, DS_DHCP_CLIENT);
     struct binding_key k = {};
     mac_copy(k.mac, d.chaddr);
+    /* A MAC bound on another port (or VLAN) may not speak DHCP here: else anyone who
+     * copies a VM's MAC could RELEASE its binding, or REQUEST its address and have
+     * the server's ACK move the binding to the copier's port. */
+    struct mac_key own = {};
+    mac_copy(own.mac, d.chaddr);
+    __u32 *leased = dhcp_by_mac.lookup(&own);
+    if (leased) {
+        k.ip = *leased;
+        if (!not_bound_elsewhere(&k, ifindex, vlan))
+            return verdict(ifindex, cfg, DS_DROP_PORT_MISMATCH);
+    }
+    if (d.msg_type == 4 || d.msg_type == 7) {   /* the binding it ends must be this port's */
+        k.ip = d.msg_type == 4 ? d.requested : d.ciaddr;
+        if (!not_bound_elsewhere(&k, ifindex, vlan))
+            return verdict(ifindex, cfg, DS_DROP_PORT_MISMATCH);
+    }
+    count(ifindex, DS_DHCP_CLIENT);
     switch (d.msg_type) {
     case 1: case 3: case 8: {               /* DISCOVER, REQUEST, INFORM: learn the port */
         struct mac_key mk = {};

@@ -29,6 +29,7 @@ enum ds_counter {
     DS_MALFORMED,           /* DHCP message that could not be parsed: ignored */
     DS_ACK_NO_CLIENT,       /* DHCPACK for a client never seen on an untrusted port */
     DS_DHCP_CLIENT,         /* DHCP client messages let through on untrusted ports */
+    DS_DROP_PORT_MISMATCH,  /* DHCP client message for a MAC/IP bound on another port/VLAN */
     DS_COUNTER_MAX,
 };
 
