@@ -34,6 +34,7 @@ def test_malformed_key_is_refused() -> None:
     bad = counters.KEY.pack(b"\x02" * 6, 9, bytes(16))
     with pytest.raises(BundleError):
         counters.split_key(bad)
+    assert not counters.owner(VmIdentity("v", ("02:02:02:02:02:02",)))(bad)
 
 
 def test_belongs_needs_the_vm_mac_and_ip() -> None:
@@ -57,17 +58,40 @@ def test_add_sums_key_by_key() -> None:
     assert total == {a: (11, 22, 33, 44, 55, 66), b: (1,) * 6}
 
 
-def test_select_keeps_the_vm_entries() -> None:
+def test_selection_keeps_the_vm_entries() -> None:
     mine, theirs = counters.make_key(MAC, "10.0.0.2"), counters.make_key("02:00:00:00:00:03",
                                                                           "10.0.0.3")
-    table = {mine: (1,) * 6, theirs: (2,) * 6}
-    assert counters.select(table, VM) == {mine: (1,) * 6}
-    assert counters.select(table, None) == table
+    cols = counters.Columns.of({mine: (1,) * 6, theirs: (2,) * 6})
+    sel = counters.selection(VM)
+    assert sel.keys is not None and set(sel.keys) == set(counters.vm_keys(VM) or ())
+    assert cols.select(sel).table() == {mine: (1,) * 6}
+    by_ip = counters.selection(VmIdentity("v", ipv4=("10.0.0.3",)))
+    assert by_ip.keys is None  # MAC unknown: scan and test
+    assert cols.select(by_ip).table() == {theirs: (2,) * 6}
+    fleet = counters.fleet_selection([VM, OTHER])
+    assert cols.select(fleet) is cols  # everything kept: no copy
 
 
-def test_raw_round_trip() -> None:
+def test_add_columns() -> None:
+    a = counters.Columns.of({counters.make_key(MAC, "10.0.0.2"): (1,) * 6})
+    assert counters.add_columns(a, counters.Columns()) is a
+    assert counters.add_columns(a, a).table() == {counters.make_key(MAC, "10.0.0.2"): (2,) * 6}
+    assert len(counters.add_columns()) == 0
+
+
+def test_columns_round_trip() -> None:
     table = {counters.make_key(MAC, "10.0.0.2"): (1, 2, 3, 4, 5, 2**63)}
-    assert counters.from_raw(*counters.to_raw(table)) == table
+    assert counters.Columns.of(table).table() == table
+    with pytest.raises(BundleError):
+        counters.Columns(b"x" * 24, b"")
+
+
+def test_payload_is_keys_then_little_endian_values() -> None:
+    key = counters.make_key(MAC, "10.0.0.2")
+    payload = counters.pack_payload(counters.Columns.of({key: (1, 2, 3, 4, 5, 6)}))
+    assert payload[:24] == key
+    assert payload[24:32] == (1).to_bytes(8, "little")
+    assert payload[-8:] == (6).to_bytes(8, "little")
 
 
 def test_rows_follow_the_json_contract() -> None:
@@ -82,14 +106,14 @@ def test_rows_follow_the_json_contract() -> None:
 
 
 def _section(vm: VmIdentity, table: counters.Table) -> Section:
-    return counters.encode_section(vm, table)
+    return counters.encode_section(vm, counters.Columns.of(table))
 
 
 def test_section_round_trips_through_a_bundle() -> None:
     table = {counters.make_key(MAC, "10.0.0.2"): (200, 19600, 200, 19600, 1, 0)}
     b = Bundle(VM, {}, {Kind.COUNTERS: _section(VM, table)})
     back = bundle_mod.decode(bundle_mod.encode(b))
-    assert counters.decode_section(back.sections[Kind.COUNTERS], back.vm) == table
+    assert counters.decode_section(back.sections[Kind.COUNTERS], back.vm).table() == table
 
 
 def test_section_for_another_vm_is_refused() -> None:
@@ -113,7 +137,9 @@ def test_malformed_sections_are_refused() -> None:
         Section(Kind.COUNTERS, good.encoding, 2, good.payload, good.meta),
         Section(Kind.COUNTERS, good.encoding, 1, good.payload[:-1], good.meta),
         Section(Kind.COUNTERS, good.encoding, 1, good.payload, {}),
-        Section(Kind.COUNTERS, good.encoding, 2, good.payload * 2, good.meta),  # duplicate key
+        Section(Kind.COUNTERS, good.encoding, 2, good.payload[:24] * 2 + good.payload[24:] * 2,
+                good.meta),  # the same key twice
+        Section(Kind.COUNTERS, good.encoding, 1, good.payload, {**good.meta, "fields": ["x"]}),
     ):
         with pytest.raises(BundleError):
             counters.decode_section(bad, VM)
@@ -157,3 +183,17 @@ def test_cli_ebpf_prints_the_program() -> None:
     result = CliRunner().invoke(app, ["counters", "attach", "--dev", "eth1", "--ebpf"])
     assert result.exit_code == 0
     assert "xfer_ctr_ingress" in result.output
+
+
+def test_select_keeps_order_and_values_whatever_the_mix() -> None:
+    keys = [counters.make_key(f"02:00:00:00:{i // 256:02x}:{i % 256:02x}", f"10.1.{i // 256}."
+                              f"{i % 256}") for i in range(50)]
+    cols = counters.Columns.of({k: (i,) * 6 for i, k in enumerate(keys)})
+    for wanted in ({0, 1, 2, 49}, set(range(50)) - {0, 7, 8, 49}, {3}, set(range(50))):
+        sel = counters.Selection(None, frozenset(keys[i] for i in wanted),
+                                 frozenset(keys[i] for i in wanted).__contains__)
+        got = cols.select(sel)
+        assert got.key_list() == [keys[i] for i in sorted(wanted)]
+        assert got.table() == {keys[i]: (i,) * 6 for i in wanted}
+        predicate_only = counters.Selection(None, None, sel.test)
+        assert cols.select(predicate_only) == got

@@ -33,7 +33,6 @@ def _asserts() -> str:
 def test_struct_module_agrees_with_ctypes() -> None:
     assert counters.KEY.size == ctypes.sizeof(CounterKey)
     assert counters.VALUE.size == ctypes.sizeof(CounterValue)
-    assert counters.RECORD.size == ctypes.sizeof(CounterKey) + ctypes.sizeof(CounterValue)
     assert CounterKey.addr.offset == 8 and CounterKey.family.offset == 6
 
 
@@ -48,7 +47,7 @@ BPF_HASH(b, struct xfer_bundle_id, __u64, 1);
 """
     with loader.source_file("xfer_maps.h") as header:
         try:
-            bpf = bcc.BPF(text=probe, cflags=[f"-I{header.parent}"])
+            bpf = bcc.BPF(text=probe.encode(), cflags=[f"-I{header.parent}"])
         except Exception as exc:
             pytest.fail(f"probe does not compile (layout mismatch?): {exc}")
     try:

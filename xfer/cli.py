@@ -313,7 +313,8 @@ DevOpt = Annotated[str, typer.Option("--dev", help="The device's VM-facing inter
 
 @counters_app.command("attach")
 def counters_attach(
-    dev: DevOpt,
+    dev: Annotated[str | None, typer.Option("--dev", help="The device's VM-facing interface "
+                                            "(required unless --ebpf).", metavar="IFACE")] = None,
     netns: NetnsOpt = None,
     ebpf: Annotated[bool, typer.Option("--ebpf", help="Print the BPF program and exit.")] = False,
 ) -> None:
@@ -329,6 +330,8 @@ def counters_attach(
 
         sys.stdout.write(loader.source_text(PROGRAM))
         return
+    if not dev:
+        raise UsageError("--dev IFACE is required (the device's VM-facing interface)")
     from xfer.ebpf import counters_device
 
     pins = counters_device.attach(dev, netns)
@@ -385,6 +388,8 @@ def bench_counters(
     vms: Annotated[int, typer.Option("--vms", help="VMs whose counters move in bulk.")] = 10_000,
     repeat: Annotated[int, typer.Option(help="Runs of each contender (median reported).")] = 5,
     seconds: Annotated[float, typer.Option(help="Length of each iperf3 run.")] = 3.0,
+    keys_per_vm: Annotated[int, typer.Option("--keys-per-vm", help="2: IPv4 + IPv6 per VM; "
+                                             "1: IPv4 only.")] = 2,
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/counters.json"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -394,7 +399,8 @@ def bench_counters(
     """
     from xfer.bench import counters as bench
 
-    result = bench.run(vms, repeat, seconds, out, echo=None if as_json else typer.echo)
+    result = bench.run(vms, repeat, seconds, out, echo=None if as_json else typer.echo,
+                       keys_per_vm=keys_per_vm)
     if as_json:
         _print_json(result)
 

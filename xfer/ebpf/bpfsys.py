@@ -20,17 +20,21 @@ import ctypes.util
 import errno
 import functools
 import os
+import platform
 from types import TracebackType
 
 from xfer.errors import BPFLoadError, KernelError, PermissionDenied
 
-SYS_BPF = 321  # x86_64
+# bpf(2)'s syscall number differs per architecture.
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361,
+           "s390x": 351}.get(platform.machine(), 321)
 MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 1, 2, 3, 4
 OBJ_GET, OBJ_GET_INFO_BY_FD = 7, 15
 MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 26, 27
 ANY, NOEXIST, EXIST = 0, 1, 2
 # Kernels or map types without batch support answer one of these: fall back per key.
 _NO_BATCH = {errno.EINVAL, errno.ENOTSUP, 524}  # 524: ENOTSUPP, the kernel-internal one
+_CHUNK = 16384  # entries per LOOKUP_BATCH call
 
 
 class _ElemAttr(ctypes.Structure):
@@ -78,6 +82,11 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
 
 def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
+
+
+def _bytes_addr(data: bytes) -> int:
+    """Address of an immutable bytes object's buffer (valid while ``data`` lives)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
 class BpfMap:
@@ -181,32 +190,39 @@ class BpfMap:
         return b"".join(keys), b"".join(values), len(keys)
 
     def _dump_batch(self) -> tuple[bytes, bytes, int] | None:
-        cap = max(self.max_entries, 1)
-        keys = ctypes.create_string_buffer(cap * self.key_size)
-        values = ctypes.create_string_buffer(cap * self.value_size)
+        # Chunks of at most _CHUNK entries: an empty map costs a small buffer, not
+        # max_entries of them, and only the filled part is copied out.
+        chunk = max(1, min(self.max_entries, _CHUNK))
+        ks, vs = self.key_size, self.value_size
+        keys = ctypes.create_string_buffer(chunk * ks)
+        values = ctypes.create_string_buffer(chunk * vs)
         # The batch cursor is opaque (a bucket index for hash maps); key_size bytes
         # is what the kernel documents as enough.
-        cursor_in = ctypes.create_string_buffer(max(self.key_size, 8))
-        cursor_out = ctypes.create_string_buffer(max(self.key_size, 8))
+        cursor_in = ctypes.create_string_buffer(max(ks, 8))
+        cursor_out = ctypes.create_string_buffer(max(ks, 8))
+        key_parts: list[bytes] = []
+        value_parts: list[bytes] = []
         total = 0
         first = True
-        while total < cap:
+        while True:
             attr = _BatchAttr(in_batch=0 if first else _addr(cursor_in),
-                              out_batch=_addr(cursor_out),
-                              keys=ctypes.addressof(keys) + total * self.key_size,
-                              values=ctypes.addressof(values) + total * self.value_size,
-                              count=cap - total, map_fd=self.fd)
+                              out_batch=_addr(cursor_out), keys=_addr(keys),
+                              values=_addr(values), count=chunk, map_fd=self.fd)
             ret = _bpf(MAP_LOOKUP_BATCH, attr)
             if ret < 0 and -ret in _NO_BATCH and first:
                 self.batch_ok = False
                 return None
-            total += attr.count
+            if ret < 0 and ret != -errno.ENOENT:
+                self._check(ret, "batch lookup")
+            if attr.count:
+                key_parts.append(ctypes.string_at(keys, attr.count * ks))
+                value_parts.append(ctypes.string_at(values, attr.count * vs))
+                total += attr.count
             if ret == -errno.ENOENT:
                 break
-            self._check(ret, "batch lookup")
             first = False
             ctypes.memmove(cursor_in, cursor_out, len(cursor_out))
-        return (keys.raw[:total * self.key_size], values.raw[:total * self.value_size], total)
+        return b"".join(key_parts), b"".join(value_parts), total
 
     def update_many(self, keys: bytes, values: bytes, batch: bool = True,
                     flags: int = ANY) -> None:
@@ -217,10 +233,9 @@ class BpfMap:
         if n == 0:
             return
         if batch and self.batch_ok:
-            kbuf = ctypes.create_string_buffer(keys, len(keys))
-            vbuf = ctypes.create_string_buffer(values, len(values))
-            attr = _BatchAttr(keys=_addr(kbuf), values=_addr(vbuf), count=n, map_fd=self.fd,
-                              elem_flags=flags)
+            # The kernel only reads these buffers: point it at the bytes objects, no copy.
+            attr = _BatchAttr(keys=_bytes_addr(keys), values=_bytes_addr(values), count=n,
+                              map_fd=self.fd, elem_flags=flags)
             ret = _bpf(MAP_UPDATE_BATCH, attr)
             if ret >= 0:
                 return

@@ -14,7 +14,7 @@ can use the per-key path; ``BpfMap`` also falls back by itself when the kernel
 refuses a batch.
 
     with CounterMaps.open(pin_dir("eth1", "fw-src")) as maps:
-        table = counters.add(maps.live.read_all(), maps.carried.read_all())
+        total = counters.add_columns(maps.live.read_columns(), maps.carried.read_columns())
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import ctypes
 import errno
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -66,24 +66,23 @@ def _checked(m: BpfMap, key: type[ctypes.Structure], value: type[ctypes._SimpleC
 
 
 class CounterTable:
+    """Reads shared by both counter maps."""
+
     def __init__(self, m: BpfMap) -> None:
         self.map = _checked(m, CounterKey, CounterValue)
 
-    def read_all(self, batch: bool = True) -> counters.Table:
+    def read_columns(self, batch: bool = True) -> counters.Columns:
         """Every entry (one batch syscall, or a per-key walk with ``batch=False``)."""
         keys, values, _ = self.map.dump(batch)
-        return counters.from_raw(keys, values)
+        return counters.Columns(keys, values)
 
-    def read(self, keys: Sequence[bytes]) -> counters.Table:
+    def read_keys(self, keys: Sequence[bytes]) -> counters.Columns:
         """The entries of ``keys`` that exist (one lookup each: cheap for one VM)."""
         got = self.map.lookup_many(list(keys))
-        return {k: counters.VALUE.unpack(v) for k, v in got.items()}
+        return counters.Columns(b"".join(got), b"".join(got.values()))
 
     def delete(self, keys: Sequence[bytes], batch: bool = True) -> int:
         return self.map.delete_many(list(keys), batch)
-
-    def __len__(self) -> int:
-        return len(self.map.keys())
 
 
 class LiveCounters(CounterTable):
@@ -93,10 +92,9 @@ class LiveCounters(CounterTable):
 class CarriedCounters(CounterTable):
     """``xfer_ctr_base``: the counts imports carried in."""
 
-    def write(self, table: Mapping[bytes, counters.Counts], batch: bool = True) -> None:
+    def write(self, cols: counters.Columns, batch: bool = True) -> None:
         """Store these entries (replacing their values)."""
-        keys, values = counters.to_raw(table)
-        self.map.update_many(keys, values, batch)
+        self.map.update_many(cols.keys, cols.values, batch)
 
 
 class ImportedBundles:
@@ -127,9 +125,6 @@ class ImportedBundles:
                 return False
             raise
         return True
-
-    def unrecord(self, bundle_id: str) -> None:
-        self.map.delete(self.key(bundle_id))
 
 
 @dataclass

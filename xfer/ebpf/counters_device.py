@@ -5,7 +5,7 @@ maps of each interface are pinned in ``/run/xfer/bpf/<netns-or-host>/<ifname>``.
 
     attach("eth1", "fw-src")
     with open_maps("fw-src") as maps:      # the one interface with counters
-        print(len(maps.live))
+        print(maps.live.read_columns().table())
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from xfer.ebpf import loader
 from xfer.ebpf.counter_maps import MAP_NAMES, CounterMaps
 from xfer.errors import UsageError
 
-# Priority 20: after DHCP snooping / IP source guard (which should use a lower
-# number and so run first), so frames the guard drops are not counted.
+# Priority 0xc000: after DHCP snooping / IP source guard (0x0d5c; a lower number
+# runs first), so frames the guard drops are not counted as the VM's traffic.
 PROGRAM = loader.TcProgram(
     source="counters.bpf.c",
     functions={"ingress": "xfer_ctr_ingress", "egress": "xfer_ctr_egress"},
-    prio=20,
+    prio=0xC000,
     maps=MAP_NAMES,
 )
 LOCK_DIR = Path("/run/xfer/locks")
@@ -45,6 +45,7 @@ def detach(dev: str, netns: str | None = None, unpin: bool = False,
     removed = loader.detach(PROGRAM, dev, netns)
     if unpin:
         loader.unpin(PROGRAM, dev, netns, root)
+        _lock_path(loader.pin_dir(dev, netns, root)).unlink(missing_ok=True)
     return removed
 
 
@@ -60,23 +61,23 @@ def open_maps(netns: str | None = None, dev: str | None = None,
               root: Path = loader.PIN_ROOT) -> CounterMaps:
     """The maps of ``dev``, or of the only interface with counters when ``dev`` is None."""
     if dev is None:
-        found = devices(netns, root)
-        where = f"namespace {netns}" if netns else "this namespace"
-        if not found:
-            raise UsageError(f"no counters in {where}: "
-                             "run `xfer counters attach --dev IFACE` first")
+        found = _counting(netns, root)
         if len(found) > 1:
-            raise UsageError(f"counters run on {', '.join(found)} in {where}: pick one with dev")
+            raise UsageError(f"counters run on {', '.join(found)} in {_where(netns)}: "
+                             "pick one with dev")
         dev = found[0]
     return CounterMaps.open(loader.pin_dir(dev, netns, root))
 
 
-def open_all(netns: str | None = None, root: Path = loader.PIN_ROOT) -> list[CounterMaps]:
-    """The maps of every interface with counters in ``netns``."""
+def open_all(netns: str | None = None, dev: str | None = None,
+             root: Path = loader.PIN_ROOT) -> list[CounterMaps]:
+    """The maps of ``dev``, or of every interface with counters in ``netns``."""
+    if dev is not None:
+        return [open_maps(netns, dev, root)]
     opened: list[CounterMaps] = []
     try:
-        for dev in devices(netns, root):
-            opened.append(CounterMaps.open(loader.pin_dir(dev, netns, root)))
+        for name in _counting(netns, root):
+            opened.append(CounterMaps.open(loader.pin_dir(name, netns, root)))
     except BaseException:
         for maps in opened:
             maps.close()
@@ -84,11 +85,27 @@ def open_all(netns: str | None = None, root: Path = loader.PIN_ROOT) -> list[Cou
     return opened
 
 
+def _counting(netns: str | None, root: Path) -> list[str]:
+    found = devices(netns, root)
+    if not found:
+        # Only a device that holds a kind may export or import it.
+        raise UsageError(f"no counters in {_where(netns)}: "
+                         "run `xfer counters attach --dev IFACE` first")
+    return found
+
+
+def _where(netns: str | None) -> str:
+    return f"namespace {netns}" if netns else "this namespace"
+
+
 @contextlib.contextmanager
 def locked(maps: CounterMaps) -> Iterator[None]:
     """Serialize imports and forgets on one interface's maps (bpffs holds no plain files)."""
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    name = "-".join(maps.pins.parts[-2:])
-    with open(LOCK_DIR / f"counters-{name}.lock", "w") as f:
+    with open(_lock_path(maps.pins), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+def _lock_path(pins: Path) -> Path:
+    return LOCK_DIR / f"counters-{'-'.join(pins.parts[-2:])}.lock"

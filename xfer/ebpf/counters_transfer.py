@@ -18,7 +18,6 @@ Options (``--kinds counters`` through ``xfer.transfer``): ``dev`` (interface),
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +29,41 @@ from xfer.ebpf.counters_device import locked, open_all, open_maps
 from xfer.errors import ForeignEntryError, ImportFailed, NamespaceNotFound, XferError
 from xfer.model import Kind, KindReport, VmIdentity
 
-# Above this many keys a full batch dump beats one lookup syscall per key.
-_LOOKUP_LIMIT = 64
-
 
 def _check_ns(namespace: str | None) -> None:
     if namespace and not xnetns.exists(namespace):
         raise NamespaceNotFound(namespace)
 
 
-def _read(table: CounterTable, keys: Sequence[bytes] | None, vm: VmIdentity | None,
-          batch: bool) -> counters.Table:
-    """The VM's entries of one map: by key when few are known, else a filtered dump."""
-    if keys is not None and len(keys) <= _LOOKUP_LIMIT:
-        return table.read(keys)
-    return counters.select(table.read_all(batch), vm)
+def _read(table: CounterTable, sel: counters.Selection | None, batch: bool) -> counters.Columns:
+    """Selected entries of one map: by key when few are known, else a filtered dump."""
+    if sel is None:
+        return table.read_columns(batch)
+    if sel.keys is not None:
+        return table.read_keys(sel.keys)
+    return table.read_columns(batch).select(sel)
 
 
-def read_totals(maps: CounterMaps, vm: VmIdentity | None, batch: bool = True) -> counters.Table:
-    """Datapath + carried counts of one interface for ``vm`` (everything for None)."""
-    keys = counters.vm_keys(vm) if vm is not None else None
-    return counters.add(_read(maps.live, keys, vm, batch), _read(maps.carried, keys, vm, batch))
+def read_totals(maps: CounterMaps, sel: counters.Selection | None,
+                batch: bool = True) -> counters.Columns:
+    """Datapath + carried counts of one interface for ``sel`` (everything for None)."""
+    return counters.add_columns(_read(maps.live, sel, batch), _read(maps.carried, sel, batch))
+
+
+def export_columns(sel: counters.Selection | None, namespace: str | None = None, *,
+                   dev: str | None = None, batch: bool = True,
+                   root: Path = loader.PIN_ROOT) -> counters.Columns:
+    """The selected totals on the device, summed over its counting interfaces.
+
+    The bulk path (many VMs at once) and the core of ``export_section`` and ``show``.
+    """
+    _check_ns(namespace)
+    all_maps = open_all(namespace, dev, root)
+    try:
+        return counters.add_columns(*(read_totals(m, sel, batch) for m in all_maps))
+    finally:
+        for m in all_maps:
+            m.close()
 
 
 def show(vm: VmIdentity | None, namespace: str | None = None, *, dev: str | None = None,
@@ -60,13 +73,8 @@ def show(vm: VmIdentity | None, namespace: str | None = None, *, dev: str | None
     >>> counters.rows(show(None, "fw-src"))  # doctest: +SKIP
     [{'mac': '02:00:00:00:00:02', 'ip': '10.0.0.2', 'tx_packets': 200, ...}]
     """
-    _check_ns(namespace)
-    all_maps = [open_maps(namespace, dev, root)] if dev else open_all(namespace, root)
-    try:
-        return counters.add(*(read_totals(m, vm) for m in all_maps))
-    finally:
-        for m in all_maps:
-            m.close()
+    sel = counters.selection(vm) if vm is not None else None
+    return export_columns(sel, namespace, dev=dev, root=root).table()
 
 
 def export_section(vm: VmIdentity, namespace: str | None = None, *, dev: str | None = None,
@@ -76,14 +84,8 @@ def export_section(vm: VmIdentity, namespace: str | None = None, *, dev: str | N
     >>> export_section(parse_vm("10.0.0.2,02:00:00:00:00:02"), "fw-src").count  # doctest: +SKIP
     1
     """
-    _check_ns(namespace)
-    all_maps = [open_maps(namespace, dev, root)] if dev else open_all(namespace, root)
-    try:
-        table = counters.add(*(read_totals(m, vm, batch) for m in all_maps))
-    finally:
-        for m in all_maps:
-            m.close()
-    return counters.encode_section(vm, table)
+    cols = export_columns(counters.selection(vm), namespace, dev=dev, batch=batch, root=root)
+    return counters.encode_section(vm, cols)
 
 
 def import_section(section: Section, bundle: Bundle, namespace: str | None = None, *,
@@ -94,43 +96,58 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
     >>> import_section(b.sections[Kind.COUNTERS], b, "fw-dst").created  # doctest: +SKIP
     1
     """
-    started = time.perf_counter()
-    report = KindReport(Kind.COUNTERS)
     if vm is not None and not vm.same_vm(bundle.vm):
         raise ForeignEntryError(f"bundle is for VM {bundle.vm.id}, not for {vm.id}")
     incoming = counters.decode_section(section, bundle.vm)  # refuses before any change
+    return import_columns(incoming, bundle.id, namespace, dev=dev, batch=batch, root=root)
+
+
+def import_columns(incoming: counters.Columns, bundle_id: str, namespace: str | None = None, *,
+                   dev: str | None = None, batch: bool = True,
+                   root: Path = loader.PIN_ROOT) -> KindReport:
+    """Add already validated entries to the carried counts, once per ``bundle_id``.
+
+    All or nothing: on failure the carried counts are restored and ImportFailed raised.
+    """
+    started = time.perf_counter()
+    report = KindReport(Kind.COUNTERS)
     _check_ns(namespace)
     with open_maps(namespace, dev, root) as maps, locked(maps):
-        if maps.imported.seen(bundle.id):
+        if maps.imported.seen(bundle_id):
             report.skipped = len(incoming)
-            report.warnings.append(f"bundle {bundle.id} was already imported here: nothing added")
+            report.warnings.append(f"bundle {bundle_id} was already imported here: nothing added")
         else:
-            _add_carried(maps, bundle.id, incoming, batch, report)
+            _add_carried(maps, bundle_id, incoming, batch, report)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _add_carried(maps: CounterMaps, bundle_id: str, incoming: counters.Table, batch: bool,
+def _add_carried(maps: CounterMaps, bundle_id: str, incoming: counters.Columns, batch: bool,
                  report: KindReport) -> None:
-    keys = list(incoming)
-    before = (maps.carried.read(keys) if len(keys) <= _LOOKUP_LIMIT
-              else {k: v for k, v in maps.carried.read_all(batch).items() if k in incoming})
+    if len(incoming) <= counters.LOOKUP_LIMIT:
+        before = maps.carried.read_keys(incoming.key_list())
+    else:
+        carried = maps.carried.read_columns(batch)
+        # Usually empty: a VM is rarely carried into the same device twice.
+        wanted = frozenset(incoming.key_list()) if len(carried) else frozenset()
+        before = carried.select(counters.Selection(None, wanted, wanted.__contains__))
     try:
-        maps.carried.write(counters.add(before, incoming), batch)
+        maps.carried.write(counters.add_columns(before, incoming), batch)
         if not maps.imported.record(bundle_id):
             raise ImportFailed(f"bundle {bundle_id} was imported concurrently")
     except XferError as exc:
-        _restore(maps, before, keys)
-        report.failed = len(keys)
+        _restore(maps, before, incoming)
+        report.failed = len(incoming)
         report.rolled_back = True
         raise ImportFailed(f"counters import failed and was rolled back: {exc}", report) from None
-    report.created = sum(k not in before for k in keys)
-    report.updated = len(keys) - report.created
+    report.updated = len(before)  # keys already carried (``before`` holds only those)
+    report.created = len(incoming) - report.updated
 
 
-def _restore(maps: CounterMaps, before: counters.Table, keys: Sequence[bytes]) -> None:
+def _restore(maps: CounterMaps, before: counters.Columns, incoming: counters.Columns) -> None:
+    existed = set(before.key_list())
     maps.carried.write(before)
-    maps.carried.delete([k for k in keys if k not in before])
+    maps.carried.delete([k for k in incoming.key_list() if k not in existed])
 
 
 def forget(vm: VmIdentity, namespace: str | None = None, *, dev: str | None = None,
@@ -139,14 +156,13 @@ def forget(vm: VmIdentity, namespace: str | None = None, *, dev: str | None = No
     started = time.perf_counter()
     _check_ns(namespace)
     report = KindReport(Kind.COUNTERS)
-    keys = counters.vm_keys(vm)
-    all_maps = [open_maps(namespace, dev, root)] if dev else open_all(namespace, root)
+    sel = counters.selection(vm)
+    all_maps = open_all(namespace, dev, root)
     try:
         for maps in all_maps:
             with locked(maps):
                 for table in (maps.live, maps.carried):
-                    mine = list(_read(table, keys, vm, batch))
-                    report.deleted += table.delete(mine, batch)
+                    report.deleted += table.delete(_read(table, sel, batch).key_list(), batch)
     finally:
         for m in all_maps:
             m.close()

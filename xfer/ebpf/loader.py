@@ -22,7 +22,7 @@ API (every function takes ``netns=None`` for the current namespace)::
 * Filters are added with ``replace`` at a fixed (prio, handle) per program, so
   attaching twice leaves one filter and programs of different ``prio`` share an
   interface (lower prio runs first). Programs should return TC_ACT_UNSPEC to let
-  the next filter run.
+  the next filter run. In use: DHCP snooping 0x0d5c, counters 0xc000.
 * Failures raise ``BPFLoadError`` with a one-line reason (the first compiler error,
   the verifier's errno, the netlink error), ``NamespaceNotFound`` for a missing
   namespace.
@@ -63,7 +63,8 @@ class TcProgram:
 
     ``functions`` maps a direction ("ingress"/"egress") to the C function run there;
     ``prio`` is its tc filter priority, distinct per program sharing an interface;
-    ``maps`` names its pinned maps (what ``unpin`` removes).
+    ``maps`` names the maps it pins under ``XFER_PIN_DIR`` (what ``unpin`` removes);
+    leave it empty for a program that pins elsewhere: then no directory is made.
     """
 
     source: str
@@ -162,9 +163,12 @@ def attach(prog: TcProgram, ifname: str, netns: str | None = None, *,
     """
     if netns and not xnetns.exists(netns):
         raise NamespaceNotFound(netns)
+    with _ipr(netns) as ipr:
+        _ifindex(ipr, ifname, netns)  # a typo must not leave pinned maps behind
     ensure_bpffs(root)
     pins = pin_dir(ifname, netns, root)
-    pins.mkdir(parents=True, exist_ok=True)
+    if prog.maps:  # a program that pins elsewhere (its own -D path) leaves no empty dirs
+        pins.mkdir(parents=True, exist_ok=True)
     bpf = _compile(prog, pins, cflags)
     try:
         fds = {d: _load(bpf, prog, fn) for d, fn in prog.functions.items()}
