@@ -29,9 +29,10 @@ from xfer.dhcpsnoop.store import MAP_NAMES, PIN_NAME, pin_dir
 from xfer.ebpf import loader
 from xfer.errors import UsageError
 
-# Priority 10 runs before the counters program (20) on a shared port (lower runs
-# first), so what the source guard drops is never counted for the VM it pretends to be.
-PROGRAM = loader.TcProgram("dhcpsnoop.bpf.c", {"ingress": "dhcpsnoop_ingress"}, prio=10)
+# Priority 0x0d5c runs before the counters program (0xc000) on a shared port (lower
+# runs first), so what the source guard drops is never counted for the VM it pretends
+# to be. The loader's docstring lists the priorities in use.
+PROGRAM = loader.TcProgram("dhcpsnoop.bpf.c", {"ingress": "dhcpsnoop_ingress"}, prio=0x0D5C)
 MODES = {"enforce": abi.MODE_ENFORCE, "observe": abi.MODE_OBSERVE}
 
 
@@ -87,6 +88,9 @@ def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[st
     pins = pin_dir(namespace)
     fresh = not os.path.exists(os.path.join(pins, "ports"))
     cflags = [f'-DDS_PIN_DIR="{pins}"']
+    # NOTE: bcc creates only the last directory of a BPF_TABLE_PINNED path.
+    loader.ensure_bpffs()
+    os.makedirs(pins, exist_ok=True)
     order = list(ports)
     if fresh:
         # The first compile creates the maps, so that port runs unconfigured (and
