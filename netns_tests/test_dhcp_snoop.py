@@ -189,3 +189,13 @@ def test_another_port_cannot_release_or_steal_a_binding(lab: SwitchLab) -> None:
     assert [(r["ip"], r["port"]) for r in lab.bindings()] == [(ip, "p-vm")]
     assert lab.counters("p-evil")["drop_port_mismatch"] >= 2
     assert lab.ping("vm")
+
+
+def test_mode_is_per_port(lab: SwitchLab) -> None:
+    lab.attach()                                            # both VM ports enforce
+    lab.attach(mode="observe", untrusted=["evil"])          # then only evil observes
+    vm_mac, evil_mac = lab.mac(lab.vms["vm"]), lab.mac(lab.vms["evil"])
+    assert not probe(lab, "vm", vm_mac, f"{NET}.98")
+    assert probe(lab, "evil", evil_mac, f"{NET}.99")
+    assert lab.counters("p-evil")["observed"] >= 1
+    assert lab.counters("p-vm").get("observed", 0) == 0
