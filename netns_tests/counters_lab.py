@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from xfer import netns as xnetns
-from xfer.ebpf import counters, counters_device, loader
+from xfer.ebpf import counters, counters_device
+from xfer.errors import XferError
 from xfer.lab.hosts import Hosts
 
 VM_MAC = "02:00:00:00:00:02"
@@ -42,6 +43,10 @@ class Site:
         counters_device.attach(DEV, self.fw)
         if (DEV, self.fw) not in self.attached:
             self.attached.append((DEV, self.fw))
+
+    def link_stat(self, ns: str, ifname: str, name: str) -> int:
+        """One of the interface's statistics (``tx_dropped``...) as its namespace sees it."""
+        return int(self.hosts.check(ns, ["cat", f"/sys/class/net/{ifname}/statistics/{name}"]))
 
     def ping(self, count: int, ip: str = FW_IP4) -> None:
         argv = ["ping", "-q", "-c", str(count), "-i", "0.005", "-W", "2", ip]
@@ -101,10 +106,9 @@ def counting(site: Site) -> Iterator[Site]:
         yield site
     finally:
         for dev, ns in site.attached:
-            try:
+            # the namespace may be half built: detach still removes pins and lock
+            with contextlib.suppress(XferError):
                 counters_device.detach(dev, ns, unpin=True)
-            except Exception:  # the namespace may be half built: still remove the pins
-                loader.unpin(counters_device.PROGRAM, dev, ns)
 
 
 class Witness:
@@ -178,12 +182,14 @@ class Conversation:
     client_bytes_sent: int = 0  # payload bytes
     server_segs_out: int = 0   # the SYN-ACK is sent by the listener's request sock: not included
     server_bytes_sent: int = 0
+    retransmits: int = 0       # both ends; a retransmission may carry SACK options
 
 
-def _tcp_info(sock: socket.socket) -> tuple[int, int]:
-    """(tcpi_segs_out, tcpi_bytes_sent) from struct tcp_info (offsets 136 and 200)."""
+def _tcp_info(sock: socket.socket) -> tuple[int, int, int]:
+    """(tcpi_segs_out, tcpi_bytes_sent, tcpi_total_retrans) of struct tcp_info."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-    return struct.unpack_from("I", info, 136)[0], struct.unpack_from("Q", info, 200)[0]
+    return (struct.unpack_from("I", info, 136)[0], struct.unpack_from("Q", info, 200)[0],
+            struct.unpack_from("I", info, 100)[0])
 
 
 def tcp_transfer(client_ns: str, server_ns: str, server_ip: str, size: int) -> Conversation:
@@ -204,7 +210,8 @@ def tcp_transfer(client_ns: str, server_ns: str, server_ip: str, size: int) -> C
                 conv.received += len(chunk)
             conn.shutdown(socket.SHUT_WR)
             time.sleep(0.2)  # the client's ACK of our FIN
-            conv.server_segs_out, conv.server_bytes_sent = _tcp_info(conn)
+            conv.server_segs_out, conv.server_bytes_sent, retrans = _tcp_info(conn)
+            conv.retransmits += retrans
 
     thread = threading.Thread(target=serve)
     thread.start()
@@ -216,7 +223,8 @@ def tcp_transfer(client_ns: str, server_ns: str, server_ip: str, size: int) -> C
             cli.sendall(b"x" * size)
             cli.shutdown(socket.SHUT_WR)
             cli.recv(1)  # the server's FIN: our ACK of it is sent before recv returns
-            conv.client_segs_out, conv.client_bytes_sent = _tcp_info(cli)
+            conv.client_segs_out, conv.client_bytes_sent, retrans = _tcp_info(cli)
+            conv.retransmits += retrans
     finally:
         thread.join(10)
         srv.close()

@@ -88,14 +88,18 @@ def test_concurrent_traffic_on_every_cpu_is_counted_exactly(hosts: Hosts) -> Non
         with sink:
             sink.bind((FW_IP4, 0))
             port = str(sink.getsockname()[1])
+            # A loaded host may defer softirqs and overflow the backlog: veth counts
+            # those drops (before tc ingress) as the VM side's tx_dropped.
+            dropped = site.link_stat(site.vm, "eth0", "tx_dropped")
             procs = [subprocess.Popen(["ip", "netns", "exec", site.vm, "taskset", "-c", str(cpu),
                                        sys.executable, "-c", _UDP_FLOOD, str(per_cpu), FW_IP4,
                                        port]) for cpu in cpus]
             for proc in procs:
                 assert proc.wait(timeout=120) == 0
-        sent = per_cpu * len(cpus)
+            dropped = site.link_stat(site.vm, "eth0", "tx_dropped") - dropped
+        delivered = per_cpu * len(cpus) - dropped
         got = site.totals()[(VM_MAC, VM_IP4)]
-        assert (got["tx_packets"], got["tx_bytes"]) == (sent, 60 * sent)
+        assert (got["tx_packets"], got["tx_bytes"]) == (delivered, 60 * delivered)
     _no_pins_left(site.fw)
 
 
@@ -144,6 +148,9 @@ def test_gso_aggregates_count_as_wire_segments(hosts: Hosts) -> None:
             skbs.drain()
         finally:
             skbs.close()
+    if conv.retransmits:
+        pytest.skip(f"{conv.retransmits} retransmissions (a loaded host dropped frames): "
+                    "their SACK options make header sizes unpredictable")
     # The transfer really went as aggregates: the interface saw far fewer skbs than segments.
     assert skbs.table[(VM_MAC, VM_IP4)][0] < got["tx_packets"] // 4
     assert got["tcp_initiated"] == 1 and got["tcp_accepted"] == 0

@@ -118,7 +118,8 @@ def decode(data: bytes, key: bytes | None = None, max_size: int = DEFAULT_MAX_SI
     if magic != MAGIC:
         raise BundleError("not an xfer bundle (bad magic)")
     if version != FORMAT_VERSION:
-        raise BundleError(f"bundle format version {version} is not supported (this xfer reads {FORMAT_VERSION})")
+        raise BundleError(f"bundle format version {version} is not supported "
+                          f"(this xfer reads {FORMAT_VERSION})")
     if hlen > MAX_HEADER or _PREAMBLE.size + hlen > len(data):
         raise BundleError("bundle is truncated (header cut short)")
     start = _PREAMBLE.size + hlen

@@ -105,12 +105,16 @@ def export_cmd(
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="Bundle file.")],
     netns: NetnsOpt = None,
-    vm: Annotated[str | None, typer.Option("--vm", help="Refuse the bundle unless it is for this VM.")] = None,
+    vm: Annotated[str | None, typer.Option("--vm", help="Refuse the bundle unless it is for "
+                                           "this VM.")] = None,
     kinds: Annotated[str | None, typer.Option("--kinds", help="Import only these kinds.")] = None,
     no_replace: Annotated[bool, typer.Option("--no-replace", help="Skip (and count) entries that "
                                              "already exist instead of updating them.")] = False,
     partial: Annotated[bool, typer.Option("--partial", help="Keep what succeeded when some "
                                           "entries fail (default: roll back).")] = False,
+    dev: Annotated[str | None, typer.Option("--dev", help="Counting interface that receives "
+                                            "imported counters, where the device has several.",
+                                            metavar="IFACE")] = None,
     key_file: KeyOpt = None,
     max_size: Annotated[int, typer.Option("--max-size", help="Refuse bundles larger than this "
                                           "many bytes.")] = 256 * 1024 * 1024,
@@ -126,7 +130,10 @@ def import_cmd(
 
     b = bundle_mod.read(file, bundle_mod.load_key(key_file), max_size)
     ident = parse_vm(vm) if vm else None
-    options = {Kind.CONNTRACK: {"replace": not no_replace, "partial": partial}}
+    options: dict[Kind, dict[str, Any]] = {
+        Kind.CONNTRACK: {"replace": not no_replace, "partial": partial}}
+    if dev:
+        options[Kind.COUNTERS] = {"dev": dev}
     report = transfer.import_bundle(b, netns, vm=ident,
                                     kinds=parse_kinds(kinds) if kinds else None, options=options)
     if as_json:

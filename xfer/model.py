@@ -38,9 +38,6 @@ class Kind(StrEnum):
     COUNTERS = "counters"
 
 
-ALL_KINDS: tuple[Kind, ...] = tuple(Kind)
-
-
 def parse_kinds(spec: str | Iterable[str] | None) -> tuple[Kind, ...]:
     """``"conntrack,dhcp"`` → ``(Kind.CONNTRACK, Kind.DHCP)``; ``None`` → conntrack only.
 
@@ -101,9 +98,6 @@ class VmIdentity:
         if isinstance(addr, str):
             addr = ipaddress.ip_address(addr).packed
         return addr in self._packed
-
-    def owns_mac(self, mac: str) -> bool:
-        return mac.lower() in self.macs
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "macs": list(self.macs), "ipv4": list(self.ipv4),

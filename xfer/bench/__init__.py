@@ -1,1 +1,1 @@
-"""Benchmarks: each measures xfer against its baseline in the same run."""
+"""Benchmarks: each contender measured against its baseline tool in the same run."""

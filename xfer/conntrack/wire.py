@@ -24,9 +24,6 @@ _U32BE = struct.Struct(">I")
 _U16BE = struct.Struct(">H")
 NLMSG_HDRLEN = _NLMSG.size + _NFGEN.size  # nlmsghdr + nfgenmsg
 
-# Attributes the kernel reports but that a create must not (or cannot) carry.
-_RUNTIME_ONLY = frozenset({c.CTA_COUNTERS_ORIG, c.CTA_COUNTERS_REPLY, c.CTA_USE, c.CTA_ID,
-                           c.CTA_TIMESTAMP, c.CTA_SECCTX, c.CTA_SECMARK, c.CTA_TUPLE_MASTER})
 _UPDATE_FORBIDDEN = frozenset({c.CTA_NAT_SRC, c.CTA_NAT_DST, c.CTA_HELP})
 # Status bits a create cannot carry: EXPECTED needs a master entry, DYING is dying.
 _STATUS_DROP = c.IPS_EXPECTED | c.IPS_DYING | c.IPS_TEMPLATE | c.IPS_UNTRACKED
@@ -85,14 +82,57 @@ def _children(raw: bytes) -> dict[int, bytes]:
 
 # --- tuples -----------------------------------------------------------------------
 
-def tuple_src(raw_tuple: bytes) -> bytes:
-    """The packed source address of a raw CTA_TUPLE_* attribute (b"" if absent)."""
-    for kind, s, e in iter_attrs(raw_tuple, 4):
+# How the kernel starts every tuple (ctnetlink_dump_tuples_ip puts the source
+# address first): nested CTA_TUPLE_IP, then the source address attribute.
+_V4_SRC_HEAD = _NLA.pack(8, c.CTA_IP_V4_SRC)
+_V6_SRC_HEAD = _NLA.pack(20, c.CTA_IP_V6_SRC)
+_TUPLE_IP_TYPE = c.CTA_TUPLE_IP | c.NLA_F_NESTED
+
+
+def tuple_src(buf: bytes, pos: int = 0) -> bytes:
+    """The packed source address of the CTA_TUPLE_* attribute at ``pos`` (b"" if absent).
+
+    Reads the kernel's own layout at fixed offsets when it is there and walks the
+    attributes otherwise, so a hand-made tuple is read right too.
+    """
+    if _NLA.unpack_from(buf, pos + 4)[1] == _TUPLE_IP_TYPE:
+        head = buf[pos + 8:pos + 12]
+        if head == _V4_SRC_HEAD:
+            return buf[pos + 12:pos + 16]
+        if head == _V6_SRC_HEAD:
+            return buf[pos + 12:pos + 28]
+    end = pos + _NLA.unpack_from(buf, pos)[0]
+    for kind, s, e in iter_attrs(buf, pos + 4, end):
         if kind == c.CTA_TUPLE_IP:
-            for k2, s2, e2 in iter_attrs(raw_tuple, s, e):
+            for k2, s2, e2 in iter_attrs(buf, s, e):
                 if k2 in (c.CTA_IP_V4_SRC, c.CTA_IP_V6_SRC):
-                    return raw_tuple[s2:e2]
+                    return buf[s2:e2]
     return b""
+
+
+def endpoint_sources(blob: bytes) -> tuple[bytes, bytes, int]:
+    """Source addresses of an entry's original and reply tuples, and its status.
+
+    The kernel dumps CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, then (after CTA_ZONE when
+    zoned) CTA_STATUS; that layout is read at known places, anything else the
+    slow way.
+    """
+    unpack = _NLA.unpack_from
+    first_len, first_type = unpack(blob, 0)
+    second = align4(first_len)
+    if (first_type & c.NLA_TYPE_MASK == c.CTA_TUPLE_ORIG and second + 4 <= len(blob)
+            and unpack(blob, second)[1] & c.NLA_TYPE_MASK == c.CTA_TUPLE_REPLY):
+        pos = second + align4(unpack(blob, second)[0])
+        for _ in range(2):
+            if pos + 8 > len(blob):
+                break
+            length, kind = unpack(blob, pos)
+            if kind & c.NLA_TYPE_MASK == c.CTA_STATUS:
+                return tuple_src(blob, 0), tuple_src(blob, second), _U32BE.unpack_from(blob, pos + 4)[0]
+            pos += align4(max(length, 4))
+    attrs = split(blob)
+    return (tuple_src(attrs[c.CTA_TUPLE_ORIG]), tuple_src(attrs[c.CTA_TUPLE_REPLY]),
+            entry_status(attrs))
 
 
 def parse_tuple(raw: bytes) -> CtTuple:
@@ -286,14 +326,19 @@ def nat_rewrite(attrs: dict[int, bytes], status: int) -> NatRewrite:
     nat: list[bytes] = []
     plain = reply
     if status & c.IPS_SRC_NAT:
-        port = reply.icmp_id if icmp else reply.dport
-        nat.append(_nat_range(c.CTA_NAT_SRC, reply.dst, port))
-        plain = plain._replace(dst=orig.src, **({"icmp_id": orig.icmp_id} if icmp
-                                                 else {"dport": orig.sport}))
+        if icmp:  # the ICMP id plays the port's part
+            nat.append(_nat_range(c.CTA_NAT_SRC, reply.dst, reply.icmp_id))
+            plain = plain._replace(dst=orig.src, icmp_id=orig.icmp_id)
+        else:
+            nat.append(_nat_range(c.CTA_NAT_SRC, reply.dst, reply.dport))
+            plain = plain._replace(dst=orig.src, dport=orig.sport)
     if status & c.IPS_DST_NAT:
-        port = None if icmp else reply.sport
-        nat.append(_nat_range(c.CTA_NAT_DST, reply.src, port))
-        plain = plain._replace(src=orig.dst, **({} if icmp else {"sport": orig.dport}))
+        if icmp:
+            nat.append(_nat_range(c.CTA_NAT_DST, reply.src, None))
+            plain = plain._replace(src=orig.dst)
+        else:
+            nat.append(_nat_range(c.CTA_NAT_DST, reply.src, reply.sport))
+            plain = plain._replace(src=orig.dst, sport=orig.dport)
     return NatRewrite(encode_tuple(c.CTA_TUPLE_REPLY, plain), tuple(nat))
 
 
@@ -335,40 +380,67 @@ _STATUS_HDR = _NLA.pack(8, c.CTA_STATUS)
 _TIMEOUT_HDR = _NLA.pack(8, c.CTA_TIMEOUT)
 
 
-def create_message(family: int, attrs: dict[int, bytes], seq: int, *, age: int = 0,
+# What a create carries over verbatim; the rest is rewritten or left behind.
+_COPY = frozenset({c.CTA_TUPLE_ORIG, c.CTA_TUPLE_REPLY, c.CTA_ZONE, c.CTA_MARK, c.CTA_LABELS,
+                   c.CTA_HELP, c.CTA_SEQ_ADJ_ORIG, c.CTA_SEQ_ADJ_REPLY, c.CTA_SYNPROXY})
+_COPY_UPDATE = _COPY - _UPDATE_FORBIDDEN
+_NAT_BITS = c.IPS_SRC_NAT | c.IPS_DST_NAT
+_CREATE = c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_EXCL
+
+
+def create_message(family: int, blob: bytes, seq: int, *, age: int = 0,
                    update: bool = False) -> bytes:
     """A CT_NEW for one dumped entry: create (EXCL) or, with ``update``, change in place.
 
-    ``age`` seconds are taken off the remaining timeout (never below 1 s).
-    Updates leave out NAT and helper, which the kernel only accepts on create.
+    One pass over the entry's attributes: most are copied as they are, status,
+    timeout and TCP protoinfo are rewritten, runtime-only ones are dropped. ``age``
+    seconds come off the remaining timeout (never below 1 s). Updates leave out
+    NAT and helper, which the kernel only accepts on create.
     """
-    status = _U32BE.unpack_from(attrs[c.CTA_STATUS], 4)[0] if c.CTA_STATUS in attrs else 0
-    # NOTE: a CTA_STATUS without IPS_CONFIRMED gets EBUSY on this kernel.
-    new_status = (status | c.IPS_CONFIRMED) & ~_STATUS_DROP
-    timeout = _U32BE.unpack_from(attrs[c.CTA_TIMEOUT], 4)[0] if c.CTA_TIMEOUT in attrs else 120
-    parts = [attrs[c.CTA_TUPLE_ORIG]]
-    nated = status & (c.IPS_SRC_NAT | c.IPS_DST_NAT)
-    if nated and not update:
-        rewrite = nat_rewrite(attrs, status)
-        parts.append(rewrite.reply)
+    keep = _COPY_UPDATE if update else _COPY
+    unpack = _NLA.unpack_from
+    parts: list[bytes] = []
+    status, timeout, reply_at = 0, 120, -1
+    pos, end = 0, len(blob)
+    while pos + 4 <= end:
+        length, kind = unpack(blob, pos)
+        if length < 4:
+            raise ValueError(f"malformed netlink attribute at offset {pos}")
+        kind &= c.NLA_TYPE_MASK
+        nxt = pos + ((length + 3) & ~3)
+        if kind in keep:
+            if kind == c.CTA_TUPLE_REPLY:
+                reply_at = len(parts)
+            parts.append(blob[pos:nxt])
+        elif kind == c.CTA_STATUS:
+            status = _U32BE.unpack_from(blob, pos + 4)[0]
+        elif kind == c.CTA_TIMEOUT:
+            timeout = _U32BE.unpack_from(blob, pos + 4)[0]
+        elif kind == c.CTA_PROTOINFO:
+            parts.append(create_protoinfo(blob[pos:nxt]))
+        pos = nxt
+    if status & _NAT_BITS and not update and reply_at >= 0:
+        rewrite = nat_rewrite(split(blob), status)
+        parts[reply_at] = rewrite.reply
         parts.extend(rewrite.nat)
-    else:
-        parts.append(attrs[c.CTA_TUPLE_REPLY])
-    parts.append(_STATUS_HDR + _U32BE.pack(new_status))
+    # NOTE: a CTA_STATUS without IPS_CONFIRMED gets EBUSY on this kernel.
+    parts.append(_STATUS_HDR + _U32BE.pack((status | c.IPS_CONFIRMED) & ~_STATUS_DROP))
     parts.append(_TIMEOUT_HDR + _U32BE.pack(max(1, timeout - age)))
-    for kind, raw in attrs.items():
-        if kind in (c.CTA_TUPLE_ORIG, c.CTA_TUPLE_REPLY, c.CTA_STATUS, c.CTA_TIMEOUT) \
-                or kind in _RUNTIME_ONLY or (update and kind in _UPDATE_FORBIDDEN):
-            continue
-        parts.append(create_protoinfo(raw) if kind == c.CTA_PROTOINFO else raw)
-    flags = c.NLM_F_REQUEST if update else c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_EXCL
-    return message(c.MSG_CT_NEW, flags, seq, family, b"".join(parts))
+    body = b"".join(parts)
+    return (_NLMSG.pack(NLMSG_HDRLEN + len(body), c.MSG_CT_NEW,
+                        c.NLM_F_REQUEST if update else _CREATE, seq, 0)
+            + _NFGEN.pack(family, 0, 0) + body)
 
 
-def delete_message(family: int, attrs: dict[int, bytes], seq: int) -> bytes:
-    """A CT_DELETE for one entry, by original tuple and zone (and id when known)."""
+def delete_message(family: int, attrs: dict[int, bytes], seq: int, *, same_table: bool) -> bytes:
+    """A CT_DELETE for one entry, by original tuple and zone.
+
+    ``same_table``: the attributes were dumped from the table we delete from, so
+    CTA_ID is sent too and a newer entry that reused the tuple is left alone.
+    (An id is meaningless in another table: a rollback must not send it.)
+    """
     parts = [attrs[c.CTA_TUPLE_ORIG]]
-    for kind in (c.CTA_ZONE, c.CTA_ID):
+    for kind in (c.CTA_ZONE, c.CTA_ID) if same_table else (c.CTA_ZONE,):
         if kind in attrs:
             parts.append(attrs[kind])
     return message(c.MSG_CT_DELETE, c.NLM_F_REQUEST, seq, family, b"".join(parts))
@@ -377,8 +449,3 @@ def delete_message(family: int, attrs: dict[int, bytes], seq: int) -> bytes:
 def entry_status(attrs: dict[int, bytes]) -> int:
     raw = attrs.get(c.CTA_STATUS)
     return _U32BE.unpack_from(raw, 4)[0] if raw else 0
-
-
-def entry_key(attrs: dict[int, bytes]) -> bytes:
-    """Identity of an entry within a table: original tuple plus zone."""
-    return attrs[c.CTA_TUPLE_ORIG] + attrs.get(c.CTA_ZONE, b"")

@@ -41,12 +41,17 @@ def attach(dev: str, netns: str | None = None, root: Path = loader.PIN_ROOT) -> 
 
 def detach(dev: str, netns: str | None = None, unpin: bool = False,
            root: Path = loader.PIN_ROOT) -> int:
-    """Stop counting on ``dev``. Counts stay pinned unless ``unpin`` (then they are gone)."""
-    removed = loader.detach(PROGRAM, dev, netns)
-    if unpin:
-        loader.unpin(PROGRAM, dev, netns, root)
-        _lock_path(loader.pin_dir(dev, netns, root)).unlink(missing_ok=True)
-    return removed
+    """Stop counting on ``dev``. Counts stay pinned unless ``unpin`` (then they are gone).
+
+    With ``unpin`` the pins and the import lock go even when the interface or
+    its namespace is already gone (a torn-down lab).
+    """
+    try:
+        return loader.detach(PROGRAM, dev, netns)
+    finally:
+        if unpin:
+            loader.unpin(PROGRAM, dev, netns, root)
+            _lock_path(loader.pin_dir(dev, netns, root)).unlink(missing_ok=True)
 
 
 def devices(netns: str | None = None, root: Path = loader.PIN_ROOT) -> list[str]:

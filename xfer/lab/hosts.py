@@ -12,6 +12,7 @@ context manager), so a failing test leaves nothing behind. Needs root
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -19,6 +20,7 @@ import signal
 import subprocess
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 from xfer import netns as xnetns
 from xfer.errors import XferError
@@ -28,7 +30,7 @@ class LabError(XferError):
     """A lab or test host could not be built."""
 
 
-def _pyroute2():  # type: ignore[no-untyped-def]
+def _pyroute2() -> Any:
     # pyroute2 takes ~0.1 s to import: only the lab pays for it.
     import pyroute2
 
@@ -121,12 +123,14 @@ class Hosts:
             ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], net_ns_fd=ns_to)
 
     def route(self, ns: str, dst: str, gateway: str | None = None, dev: str | None = None,
-              replace: bool = False) -> None:
+              replace: bool = False, src: str | None = None) -> None:
         argv = ["ip", "route", "replace" if replace else "add", dst]
         if gateway:
             argv += ["via", gateway]
         if dev:
             argv += ["dev", dev]
+        if src:
+            argv += ["src", src]
         self.check(ns, argv)
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
@@ -188,10 +192,8 @@ def remove_namespace(name: str) -> None:
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
                           check=False).stdout.split()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
     subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
