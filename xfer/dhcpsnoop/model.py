@@ -137,7 +137,7 @@ def belongs(b: Binding, vm: VmIdentity) -> bool:
     """
     if not vm.macs and not vm.ipv4:
         return False
-    mac_ok = not vm.macs or vm.owns_mac(b.mac)
+    mac_ok = not vm.macs or b.mac in vm.macs   # both normalized (lower case, colons)
     ip_ok = not vm.ipv4 or b.ip in vm.ipv4
     return mac_ok and ip_ok
 
@@ -155,4 +155,4 @@ def check_owned(bindings: Iterable[Binding], vm: VmIdentity) -> list[Binding]:
 
 def for_vm(bindings: Iterable[Binding], vm: VmIdentity) -> list[Binding]:
     """The VM's bindings: those whose MAC or IP is one of the VM's."""
-    return [b for b in bindings if vm.owns_mac(b.mac) or b.ip in vm.ipv4]
+    return [b for b in bindings if b.mac in vm.macs or b.ip in vm.ipv4]
