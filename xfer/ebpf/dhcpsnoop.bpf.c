@@ -365,10 +365,8 @@ int dhcpsnoop_ingress(struct __sk_buff *skb)
     int dhcp_client = first_udp && udp.source == bpf_htons(68) && udp.dest == bpf_htons(67);
     if (!(dhcp_client && ip.saddr == 0) && !bound(src_mac, ip.saddr, ifindex, vlan))
         return verdict(ifindex, cfg, DS_DROP_SOURCE);
-    if (!dhcp_client) {
-        count(ifindex, DS_PASSED);
-        return PASS;
-    }
+    if (!dhcp_client)
+        return PASS;    /* not counted: a shared counter costs ~70 of ~220 ns per packet */
     if (!dhcp_end) {
         count(ifindex, DS_MALFORMED);
         return PASS;

@@ -17,7 +17,8 @@
 
 /* counters, per port (struct stat_key.counter) */
 enum ds_counter {
-    DS_PASSED = 0,          /* untrusted-port IPv4/ARP packets that matched a binding */
+    DS_PASSED = 0,          /* untrusted-port ARP that matched a binding (IPv4 passes are
+                             * not counted: per-VM counts are the counters program's job) */
     DS_DROP_SOURCE,         /* IPv4 whose (source MAC, source IP) is not bound */
     DS_DROP_ARP,            /* ARP whose sender MAC/IP is not bound */
     DS_DROP_ROGUE_SERVER,   /* DHCP server message on an untrusted port */
