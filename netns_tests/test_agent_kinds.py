@@ -117,6 +117,11 @@ def test_push_moves_every_kind_and_the_connection_survives(lab: tuple[Lab, LabAg
     status = json.loads(lab_.hosts.check(lab_.fwdst, [*XFER, "agent", "status",
                                                       *agents.client_args(dst.url), "--json"]))
     assert status["counts"]["counters"] >= 1  # (MAC, IP) rows: IPv6 neighbour traffic may add one
+    if HAVE_DHCP:
+        assert status["counts"]["dhcp"] == 1
+    for agent in (src, dst):
+        assert "Traceback" not in agent.log_text() and "failed" not in agent.log_text()
+        assert '"event":"attached"' in agent.log_text()
 
 
 @pytest.mark.skipif(not HAVE_DHCP, reason="DHCP snooping is not in this build")
