@@ -1,0 +1,112 @@
+"""A real HTTP server on 127.0.0.1 that stands in for the manager (issue 6) in tests and bench.
+
+It speaks the migration-message contract: records every message with its arrival
+time, runs an optional ``probe`` (tests query QEMU from there, to prove the guest
+is stopped while the message is handled), takes ``delay_s`` (the "transfer"),
+then answers 2xx with a JSON report, or ``fail_status`` with an error.
+
+    async with StubManager(delay_s=0.3) as mgr:
+        await send_migration_message(mgr.url, msg, time.monotonic() + 1)
+        assert mgr.received[0].message["vm"] == "vm1"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from xfer.hypervisor import http1
+
+Probe = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass
+class Received:
+    """One message as the stand-in saw it; times are ``time.time()`` (comparable with QMP's)."""
+
+    message: dict[str, Any]
+    headers: dict[str, str]
+    arrived: float
+    answered: float | None = None
+    probe: Any = None
+    handler_s: float | None = None
+
+
+@dataclass
+class StubManager:
+    """Explicit ``start()``/``stop()`` (or ``async with``); ``url`` once started."""
+
+    delay_s: float = 0.0
+    fail_status: int | None = None
+    probe: Probe | None = None
+    received: list[Received] = field(default_factory=list)
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.arrived = asyncio.Event()
+
+    async def __aenter__(self) -> StubManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/migrations"
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop listening and cancel handlers still sleeping (a killed client's, say)."""
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*self._handlers, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._handle(reader, writer)
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            pass  # a client that went away mid-request (the killed-hook test does that)
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, headers = await http1.read_head(reader)
+        body = await http1.read_body(reader, headers, request=True)
+        started = time.perf_counter()
+        rec = Received(json.loads(body), headers, time.time())
+        self.received.append(rec)
+        self.arrived.set()
+        if self.probe is not None:
+            rec.probe = await self.probe(rec.message)
+        await asyncio.sleep(self.delay_s)
+        rec.handler_s = time.perf_counter() - started
+        rec.answered = time.time()
+        if self.fail_status is not None:
+            answer = http1.response(self.fail_status, "Error", json.dumps(
+                {"error": "stand-in manager told to fail"}).encode())
+        else:
+            answer = http1.response(200, "OK", json.dumps(
+                {"ok": True, "vm": rec.message.get("vm"), "handler_ms": rec.handler_s * 1000}).encode())
+        writer.write(answer)
+        await writer.drain()
