@@ -2,19 +2,27 @@
 
 Each test starts a source guest and a `-incoming defer` destination, migrates over
 127.0.0.1, and watches both from their second QMP monitor ("witness"). Skipped,
-with the reason, only when qemu-system-x86_64 is not installed.
+with the reason, only when qemu-system-x86_64 is not installed. No timed
+assertions: only orderings and containments (the window lies inside the downtime).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from xfer.hypervisor import hook, window
+from xfer.hypervisor import hook, migrate, window
 from xfer.hypervisor.qmp import QmpClient
+from xfer.hypervisor.report import WindowReport
 from xfer.lab.qemu import QemuPair, qemu_binary
 from xfer.lab.stub_manager import StubManager
 
@@ -28,6 +36,13 @@ def pair() -> Iterator[QemuPair]:
         yield p
 
 
+@dataclass
+class Witness:
+    src: QmpClient
+    dst: QmpClient
+    mgr: StubManager
+
+
 def options(url: str, **kw: Any) -> hook.HookOptions:
     return hook.HookOptions(vm="vm1", manager=url, source="hv1", destination="hv2",
                             wait_s=20, finish_s=20, **kw)
@@ -37,56 +52,186 @@ async def status(qmp: QmpClient) -> dict[str, Any]:
     return dict(await qmp.execute("query-status"))
 
 
+@asynccontextmanager
+async def watching(pair: QemuPair, **manager: Any) -> AsyncIterator[Witness]:
+    """Witness connections to both guests and a stand-in manager that probes them."""
+    async with QmpClient(pair.src.witness) as src, QmpClient(pair.dst.witness) as dst:
+        async def probe(message: dict[str, Any]) -> dict[str, Any]:
+            return {"src": await status(src), "dst": await status(dst),
+                    "src_migration": await window.migration_status(src)}
+
+        await window.set_capabilities(dst, {window.EVENTS: True})
+        async with StubManager(probe=probe, **manager) as mgr:
+            yield Witness(src, dst, mgr)
+
+
 async def until_armed(qmp: QmpClient) -> None:
     async with asyncio.timeout(10):
         while not (await window.capabilities(qmp)).get(window.PAUSE):
             await asyncio.sleep(0.01)
 
 
-async def start_migration(src: QmpClient, dst: QmpClient, uri: str) -> None:
+async def start_migration(w: Witness, uri: str) -> None:
     """What an orchestrator does once the hook armed the source."""
-    await window.set_capabilities(dst, {window.EVENTS: True})
-    await dst.execute("migrate-incoming", {"uri": uri})
-    await src.execute("migrate", {"uri": uri})
+    await until_armed(w.src)
+    await w.dst.execute("migrate-incoming", {"uri": uri})
+    await w.src.execute("migrate", {"uri": uri})
 
 
-def witnesses_probe(src: QmpClient, dst: QmpClient) -> Any:
-    async def probe(message: dict[str, Any]) -> dict[str, Any]:
-        return {"src": await status(src), "dst": await status(dst),
-                "src_migration": await window.migration_status(src)}
-    return probe
+async def hooked(pair: QemuPair, w: Witness, **kw: Any) -> WindowReport:
+    task = asyncio.create_task(hook.run_hook(pair.src.qmp, options(w.mgr.url, **kw)))
+    await start_migration(w, pair.uri())
+    return await task
+
+
+def assert_inside_window(w: Witness, report: WindowReport, resume: float) -> None:
+    stop = w.src.last_event("STOP")
+    for rec in w.mgr.received:
+        # While the manager worked: source stopped in the window, destination not running.
+        assert rec.probe["src"] == {**rec.probe["src"], "running": False, "status": "finish-migrate"}
+        assert rec.probe["src_migration"] == "pre-switchover"
+        assert rec.probe["dst"] == {**rec.probe["dst"], "running": False, "status": "inmigrate"}
+        # By QEMU's clock: after the source stopped, answered before the destination ran.
+        assert stop is not None and stop.timestamp < rec.arrived
+        assert rec.answered is not None and rec.answered < resume
+    # QEMU's downtime contains the whole held window, which contains the transfer.
+    assert report.downtime_ms is not None and report.window_s is not None
+    assert report.downtime_ms >= report.window_s * 1000 - 1  # downtime is in whole ms
+    assert report.transfer_s is not None and report.window_s >= report.transfer_s
 
 
 def test_hook_moves_state_inside_the_window(pair: QemuPair) -> None:
     async def scenario() -> None:
-        async with QmpClient(pair.src.witness) as src, QmpClient(pair.dst.witness) as dst, \
-                StubManager(delay_s=0.2, probe=witnesses_probe(src, dst)) as mgr:
-            await window.set_capabilities(dst, {window.EVENTS: True})
-            task = asyncio.create_task(hook.run_hook(pair.src.qmp, options(mgr.url)))
-            await until_armed(src)
-            await start_migration(src, dst, pair.uri())
-            report = await task
-            resume = await dst.wait_event(lambda e: e.name == "RESUME", 10)
-            stop = src.last_event("STOP")
+        async with watching(pair, delay_s=0.2) as w:
+            report = await hooked(pair, w)
+            resume = await w.dst.wait_event(lambda e: e.name == "RESUME", 10)
 
             assert report.ok, report.to_dict()
-            assert report.status == "completed"
-            [rec] = mgr.received
+            [rec] = w.mgr.received
             assert rec.message == {"vm": "vm1", "indication": "not-running", "direction": "out",
                                    "source": "hv1", "destination": "hv2"}
-            # While the manager worked: source stopped in the window, destination not running.
-            assert rec.probe["src"]["running"] is False
-            assert rec.probe["src"]["status"] == "finish-migrate"
-            assert rec.probe["src_migration"] == "pre-switchover"
-            assert rec.probe["dst"]["running"] is False
-            assert rec.probe["dst"]["status"] == "inmigrate"
-            # And by QEMU's own clock: after the source stopped, answered before the destination ran.
-            assert stop is not None and stop.timestamp < rec.arrived
-            assert rec.answered is not None and rec.answered < resume.timestamp
-            # The downtime QEMU reports contains the time the hook held the window.
-            assert report.downtime_ms is not None and report.downtime_ms >= 200
-            assert (await status(dst))["running"] is True
-            # Capability cleared afterwards.
-            assert (await window.capabilities(src))[window.PAUSE] is False
+            assert_inside_window(w, report, resume.timestamp)
+            assert report.window_s is not None and report.window_s >= 0.2
+            assert (await status(w.dst))["running"] is True
+            assert (await window.capabilities(w.src))[window.PAUSE] is False
+
+    asyncio.run(scenario())
+
+
+def test_downtime_grows_by_the_time_the_window_was_held(pair: QemuPair) -> None:
+    """Same pair of QEMUs migrated there and back: handler 0 ms, then 300 ms."""
+    async def scenario() -> list[WindowReport]:
+        reports = []
+        for delay in (0.0, 0.3):
+            async with watching(pair, delay_s=delay) as w:
+                reports.append(await hooked(pair, w))
+                resume = await w.dst.wait_event(lambda e: e.name == "RESUME", 10)
+                assert_inside_window(w, reports[-1], resume.timestamp)
+            # The destination becomes the next source; a fresh -incoming destination.
+            pair.src, pair.dst = pair.dst, pair.src
+            pair.guests.remove(pair.dst)
+            pair.dst.stop()
+            pair.new_destination(f"dst{delay}")
+        return reports
+
+    quick, held = asyncio.run(scenario())
+    assert quick.ok and held.ok
+    assert held.downtime_ms is not None and held.window_s is not None and held.window_s >= 0.3
+    assert held.downtime_ms >= 300
+
+
+@pytest.mark.parametrize("manager", [{"fail_status": 500}, {"delay_s": 5.0}],
+                         ids=["manager-fails", "deadline-missed"])
+def test_failed_transfer_cancels_and_the_source_runs_again(pair: QemuPair, manager: Any) -> None:
+    async def scenario() -> None:
+        async with watching(pair, **manager) as w:
+            report = await hooked(pair, w, deadline_s=0.3)
+            assert report.outcome == "cancelled" and report.status == "cancelled"
+            assert not report.ok and report.error
+            assert (await status(w.src))["running"] is True
+            assert w.src.last_event("RESUME") is not None
+            assert (await window.capabilities(w.src))[window.PAUSE] is False
+
+    asyncio.run(scenario())
+
+
+def test_on_fail_continue_moves_the_vm_without_its_state(pair: QemuPair) -> None:
+    async def scenario() -> None:
+        async with watching(pair, fail_status=503) as w:
+            report = await hooked(pair, w, on_fail="continue")
+            assert report.outcome == "continued-without-state" and report.status == "completed"
+            assert not report.ok and "503" in (report.error or "")
+            assert "WITHOUT" in report.to_dict()["meaning"]
+            await w.dst.wait_event(lambda e: e.name == "RESUME", 10)
+
+    asyncio.run(scenario())
+
+
+def test_qemu_migrate_reports_the_guest_gap(pair: QemuPair) -> None:
+    async def scenario() -> None:
+        async with watching(pair, delay_s=0.1) as w:
+            report = await migrate.run_migration(pair.src.qmp, pair.dst.qmp, pair.uri(),
+                                                 options(w.mgr.url))
+            assert report.ok, report.to_dict()
+            assert report.resume is not None
+            assert_inside_window(w, report, report.resume)
+            d = report.to_dict()
+            assert d["guest_gap_ms"] >= d["window_ms"] >= d["transfer_ms"] >= 100
+            assert (await status(w.dst))["running"] is True
+
+    asyncio.run(scenario())
+
+
+def test_store_mode_sends_out_then_in_inside_the_window(pair: QemuPair) -> None:
+    async def scenario() -> None:
+        async with watching(pair) as w:
+            report = await migrate.run_migration(pair.src.qmp, pair.dst.qmp, pair.uri(),
+                                                 options(w.mgr.url, mode="store"))
+            assert report.ok and report.resume is not None
+            assert [(r.message["indication"], r.message["direction"]) for r in w.mgr.received] == [
+                ("not-running", "out"), ("starting", "in")]
+            assert_inside_window(w, report, report.resume)
+
+    asyncio.run(scenario())
+
+
+async def _hook_process(pair: QemuPair, url: str, *extra: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "xfer.cli", "qemu-hook", "--qmp", pair.src.qmp, "--vm", "vm1",
+        "--manager", url, "--from", "hv1", "--to", "hv2", "--json", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_hook_killed_inside_the_window(pair: QemuPair, sig: signal.Signals) -> None:
+    """SIGKILL leaves the window open and a rerun ends it; SIGTERM ends it on the way out."""
+    async def scenario() -> None:
+        async with watching(pair, delay_s=60) as w:
+            proc = await _hook_process(pair, w.mgr.url, "--deadline-ms", "60000")
+            try:
+                await start_migration(w, pair.uri())
+                async with asyncio.timeout(20):
+                    await w.mgr.arrived.wait()
+                os.kill(proc.pid, sig)
+                await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            if sig == signal.SIGKILL:
+                assert await window.migration_status(w.src) == "pre-switchover"
+                assert (await status(w.src))["running"] is False
+                rerun = await _hook_process(pair, w.mgr.url)
+                out, err = await asyncio.wait_for(rerun.communicate(), 20)
+                assert rerun.returncode == 1, err
+                assert json.loads(out)["outcome"] == "stale-cancelled"
+                assert b"left open by an earlier run" in err
+            else:
+                assert proc.returncode == 1
+            async with asyncio.timeout(10):
+                while not (await status(w.src))["running"]:
+                    await asyncio.sleep(0.02)
+            assert await window.migration_status(w.src) == "cancelled"
+            assert (await window.capabilities(w.src))[window.PAUSE] is False
 
     asyncio.run(scenario())

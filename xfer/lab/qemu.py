@@ -39,6 +39,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening(path: str) -> bool:
+    # NOTE: QEMU creates the socket file (bind) a moment before it listens; until
+    # then a client gets ECONNREFUSED, so existence of the file is not enough.
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class QemuGuest:
     """One QEMU process; ``qmp`` and ``witness`` are its QMP socket paths."""
@@ -83,7 +94,7 @@ def start_guest(workdir: Path, name: str, incoming: bool = False, memory_mb: int
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     guest = QemuGuest(name, qmp, witness, proc, log)
     deadline = time.monotonic() + 10
-    while not (Path(qmp).exists() and Path(witness).exists()):
+    while not (_listening(qmp) and _listening(witness)):
         if proc.poll() is not None or time.monotonic() > deadline:
             guest.stop()
             raise HypervisorError(f"{name}: QEMU did not start: "

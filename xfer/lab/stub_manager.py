@@ -96,9 +96,13 @@ class StubManager:
         started = time.perf_counter()
         rec = Received(json.loads(body), headers, time.time())
         self.received.append(rec)
-        self.arrived.set()
         if self.probe is not None:
-            rec.probe = await self.probe(rec.message)
+            try:
+                rec.probe = await self.probe(rec.message)
+            except Exception as exc:  # answer anyway; the test sees the probe's failure
+                rec.probe = {"error": repr(exc)}
+        # After the probe: a test that acts on arrival must not race the probe.
+        self.arrived.set()
         await asyncio.sleep(self.delay_s)
         rec.handler_s = time.perf_counter() - started
         rec.answered = time.time()

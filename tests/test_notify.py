@@ -1,0 +1,109 @@
+"""The migration-message client against a real HTTP server on 127.0.0.1 (the lab's stand-in)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from xfer.errors import MigrationMessageError, UsageError
+from xfer.hypervisor import http1
+from xfer.hypervisor.notify import MigrationMessage, check_url, messages_for, send_migration_message
+from xfer.lab.qemu import free_port
+from xfer.lab.stub_manager import StubManager
+
+MSG = MigrationMessage("vm1", "not-running", "out", "hv1", "hv2", ("conntrack",), "relay")
+
+
+def send(mgr: StubManager, within: float = 2.0) -> dict:
+    return asyncio.run(_send(mgr, within))
+
+
+async def _send(mgr: StubManager, within: float) -> dict:
+    async with mgr:
+        return await send_migration_message(mgr.url, MSG, time.monotonic() + within)
+
+
+def test_the_manager_receives_the_contract_body_and_its_report_comes_back() -> None:
+    mgr = StubManager()
+    report = send(mgr)
+    assert report["ok"] is True and report["vm"] == "vm1"
+    [rec] = mgr.received
+    assert rec.message == {"vm": "vm1", "indication": "not-running", "direction": "out",
+                           "source": "hv1", "destination": "hv2", "kinds": ["conntrack"],
+                           "mode": "relay"}
+    assert 0 < int(rec.headers["x-xfer-deadline-ms"]) <= 2000
+
+
+def test_optional_keys_are_left_out() -> None:
+    assert MigrationMessage("vm1", "starting", "in", "a", "b").to_json() == {
+        "vm": "vm1", "indication": "starting", "direction": "in", "source": "a", "destination": "b"}
+
+
+def test_a_refusal_is_an_error_with_the_managers_reason() -> None:
+    with pytest.raises(MigrationMessageError, match="answered 500: stand-in manager told to fail"):
+        send(StubManager(fail_status=500))
+
+
+def test_the_deadline_abandons_the_request() -> None:
+    started = time.monotonic()
+    with pytest.raises(MigrationMessageError, match="deadline"):
+        send(StubManager(delay_s=10), within=0.2)
+    assert time.monotonic() - started < 5  # abandoned, not waited out (generous bound)
+
+
+def test_nobody_listening_is_an_error() -> None:
+    async def scenario() -> None:
+        await send_migration_message(f"http://127.0.0.1:{free_port()}/m", MSG, time.monotonic() + 1)
+
+    with pytest.raises(MigrationMessageError, match=r"127\.0\.0\.1"):
+        asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("url", ["ftp://x/", "http:///nohost", "http://h:99999/", "mgr:8700"])
+def test_bad_urls_are_usage_errors(url: str) -> None:
+    with pytest.raises(UsageError):
+        check_url(url)
+
+
+def test_store_mode_sends_in_after_out_and_unknown_modes_are_refused() -> None:
+    assert [m.indication for m in messages_for("vm1", "a", "b", mode="store")] == ["not-running", "starting"]
+    assert [m.direction for m in messages_for("vm1", "a", "b", mode="relay")] == ["out"]
+    with pytest.raises(UsageError):
+        messages_for("vm1", "a", "b", mode="teleport")
+
+
+def test_chunked_and_unframed_bodies() -> None:
+    async def read(raw: bytes) -> bytes:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        _, headers = await http1.read_head(reader)
+        return await http1.read_body(reader, headers)
+
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4;x=y\r\n\":1}\r\n0\r\n\r\n"
+    assert asyncio.run(read(chunked)) == b'{"a":1}'
+    assert asyncio.run(read(b"HTTP/1.1 200 OK\r\n\r\n{}")) == b"{}"
+
+
+def _xfer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xfer.cli", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["--on-fail", "later"], 2, "--on-fail"),
+    (["--manager", "mgr:8700"], 2, "manager URL"),
+    (["--deadline-ms", "0"], 2, "deadline"),
+    ([], 1, "cannot open QMP socket"),
+])
+def test_cli_errors_are_one_line(args: list[str], code: int, words: str) -> None:
+    base = {"--qmp": "/nonexistent/qmp.sock", "--vm": "vm1", "--manager": "http://127.0.0.1:1/m"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    r = _xfer("qemu-hook", *[x for kv in base.items() for x in kv])
+    assert r.returncode == code, r.stderr
+    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1
