@@ -409,6 +409,29 @@ def bench_counters(
         _print_json(result)
 
 
+@bench_app.command("qemu")
+def bench_qemu(
+    repeat: Annotated[int, typer.Option(help="Migrations of each contender (median reported).")] = 10,
+    transfer_ms: Annotated[float, typer.Option("--transfer-ms", help="Time the stand-in manager "
+                                               "takes in the second hooked scenario.")] = 50.0,
+    memory_mb: Annotated[int, typer.Option("--memory-mb", help="Guest memory.")] = 64,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/qemu.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Extra guest downtime the QEMU hook causes (window held minus the transfer), real QEMU.
+
+    Baseline: the same migration without the hook, in the same run. Target: under 5 ms.
+
+    Example: xfer bench qemu --repeat 10 --json
+    """
+    from xfer.bench import qemu as bench
+
+    result = bench.run(repeat, transfer_ms, out, echo=None if as_json else typer.echo,
+                       memory_mb=memory_mb)
+    if as_json:
+        _print_json(result)
+
+
 QmpSockOpt = Annotated[str, typer.Option("--qmp", help="The source QEMU's QMP unix socket.",
                                           metavar="SOCKET")]
 VmIdOpt = Annotated[str, typer.Option("--vm", help="VM id, as the manager knows it.", metavar="VM")]

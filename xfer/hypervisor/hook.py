@@ -109,7 +109,7 @@ async def record_finish(qmp: QmpClient, report: WindowReport, since: int, timeou
     """Wait for the migration to finish; note its status, QEMU's downtime and the STOP time."""
     report.status = await window.wait_finished(qmp, since, timeout)
     if report.status == "completed":
-        info = await qmp.execute("query-migrate")
+        info = await window.completed_info(qmp)
         report.downtime_ms, report.total_time_ms = info.get("downtime"), info.get("total-time")
     stop = next((e for e in qmp.events[since:] if e.name == "STOP"), None)
     report.stop = stop.timestamp if stop else None
@@ -138,19 +138,21 @@ async def hold_window(qmp: QmpClient, opts: HookOptions, report: WindowReport,
 
 
 async def _end(qmp: QmpClient, report: WindowReport, moved: bool, on_fail: str) -> None:
+    # The window ends when QEMU reads the command: note when it was sent; the answer
+    # comes after QEMU's own switchover work (device state), which runs without us too.
+    report.ended = time.time()
     if moved or on_fail == "continue":
         await window.continue_migration(qmp)
-        report.ended = time.time()
         report.outcome = "moved" if moved else "continued-without-state"
         if not moved:
             log.error("vm %s: MIGRATION CONTINUED WITHOUT NETWORK STATE (%s): its connections, "
                       "DHCP binding and counters did not follow it", report.vm, report.error)
     else:
         await window.cancel_migration(qmp)
-        report.ended = time.time()
         report.outcome = "cancelled"
         log.warning("vm %s: migration cancelled, the guest runs on the source (%s)",
                     report.vm, report.error)
+    report.end_acked = time.time()
 
 
 async def _abandon(qmp: QmpClient, opts: HookOptions, armed: window.Armed) -> None:

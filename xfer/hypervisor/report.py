@@ -36,7 +36,8 @@ class WindowReport:
     status: str | None = None          # QEMU's final migration status
     error: str | None = None
     opened: float | None = None        # QEMU entered pre-switchover
-    ended: float | None = None         # migrate-continue / migrate_cancel acknowledged
+    ended: float | None = None         # migrate-continue / migrate_cancel sent
+    end_acked: float | None = None     # ... and answered
     transfer_s: float | None = None    # message sent -> manager's answer
     downtime_ms: float | None = None   # query-migrate "downtime"
     total_time_ms: float | None = None
@@ -66,11 +67,16 @@ class WindowReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("opened", "ended", "stop", "resume", "transfer_s"):
+        for key in ("opened", "ended", "end_acked", "stop", "resume", "transfer_s"):
             out.pop(key)
         out.update(ok=self.ok, meaning=OUTCOMES.get(self.outcome, self.outcome),
                    window_ms=_ms(self.window_s), transfer_ms=_ms(self.transfer_s),
                    overhead_ms=_ms(self.overhead_s), guest_gap_ms=_ms(self.guest_gap_s),
+                   # QEMU's own part: guest stopped -> window entered.
+                   window_entry_ms=_ms(None if self.stop is None or self.opened is None
+                                       else self.opened - self.stop),
+                   end_ack_ms=_ms(None if self.ended is None or self.end_acked is None
+                                  else self.end_acked - self.ended),
                    stop_ts=self.stop, resume_ts=self.resume, window_opened_ts=self.opened)
         return out
 

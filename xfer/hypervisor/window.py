@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from xfer.errors import HypervisorError
 from xfer.hypervisor.qmp import QmpClient, QmpEvent
@@ -129,6 +130,19 @@ async def cancel_migration(qmp: QmpClient, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not await guest_running(qmp):
             await asyncio.sleep(0.01)
+
+
+async def completed_info(qmp: QmpClient, timeout: float = 5.0) -> dict[str, Any]:
+    """``query-migrate`` of a completed migration, once its figures are final.
+
+    NOTE: QEMU (7.2) sets status ``completed`` (and sends the event) in the migration
+    thread before it computes ``downtime``/``total-time`` under the BQL, at the same
+    time as it moves the guest to ``postmigrate``; read before that, downtime is 0.
+    """
+    async with asyncio.timeout(timeout):
+        while (await qmp.execute("query-status"))["status"] != "postmigrate":
+            await asyncio.sleep(0.002)
+    return dict(await qmp.execute("query-migrate"))
 
 
 async def wait_finished(qmp: QmpClient, since: int, timeout: float, poll_s: float = 0.1) -> str:

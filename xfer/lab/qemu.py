@@ -109,6 +109,8 @@ class QemuPair:
     def __init__(self, memory_mb: int = 64) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="xfer-qemu-"))
         self.guests: list[QemuGuest] = []
+        self.memory_mb = memory_mb
+        self._count = 0
         try:
             self.src = self._add(start_guest(self.dir, "src", memory_mb=memory_mb))
             self.dst = self._add(start_guest(self.dir, "dst", incoming=True, memory_mb=memory_mb))
@@ -123,10 +125,17 @@ class QemuPair:
     def uri(self) -> str:
         return f"tcp:127.0.0.1:{free_port()}"
 
-    def new_destination(self, name: str = "dst2") -> QemuGuest:
-        """Another `-incoming defer` guest (after a cancelled migration the first one exits)."""
-        self.dst = self._add(start_guest(self.dir, name, incoming=True))
-        return self.dst
+    def swap(self) -> None:
+        """After a completed migration: the destination becomes the source, a fresh
+        `-incoming defer` guest the destination (QEMU takes one incoming migration per
+        process), and the old source, now in ``postmigrate``, is stopped."""
+        old = self.src
+        self.src = self.dst
+        self.guests.remove(old)
+        old.stop()
+        self._count += 1
+        self.dst = self._add(start_guest(self.dir, f"dst{self._count}", incoming=True,
+                                         memory_mb=self.memory_mb))
 
     def close(self) -> None:
         for guest in self.guests:
