@@ -6,6 +6,9 @@ takes ``transfer_ms`` (the state transfer, measured on the server side). Runs
 alternate in the same loop so drift hits every contender alike:
 
 * ``baseline``: the same migration without the hook (no pause-before-switchover);
+* ``pause_noop``: the hook with a no-op message (no HTTP): what QEMU's
+  pause-before-switchover itself costs (entering the window takes QEMU ~1 ms
+  more than going straight to the device state) plus the hook's QMP round trips;
 * ``hook_0ms``: the hook with an instant manager: what owning the window costs;
 * ``hook_<N>ms``: the hook with a manager that takes N ms.
 
@@ -24,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xfer.bench.common import Echo, median, write_results
 from xfer.hypervisor import migrate
 from xfer.hypervisor.hook import HookOptions
+from xfer.hypervisor.notify import MigrationMessage, send_migration_message
 from xfer.hypervisor.report import WindowReport
 from xfer.lab.qemu import QemuPair
 from xfer.lab.stub_manager import StubManager
@@ -37,15 +42,27 @@ from xfer.lab.stub_manager import StubManager
 TARGET_OVERHEAD_MS = 5.0
 
 
-async def _migrate(pair: QemuPair, mgr: StubManager, handler_s: float | None) -> tuple[WindowReport, float]:
-    """One migration (hooked unless ``handler_s`` is None); returns it and the handler's time."""
-    mgr.delay_s = handler_s or 0.0
+@dataclass(frozen=True)
+class Contender:
+    hooked: bool
+    handler_s: float = 0.0
+    http: bool = True     # False: the hook with a no-op message (no HTTP, no manager)
+
+
+async def _no_message(url: str, message: MigrationMessage, deadline: float) -> dict[str, Any]:
+    return {}
+
+
+async def _migrate(pair: QemuPair, mgr: StubManager, who: Contender) -> tuple[WindowReport, float]:
+    """One migration; returns its report and the stand-in manager's handler time."""
+    mgr.delay_s = who.handler_s
     seen = len(mgr.received)
     opts = HookOptions(vm="bench-vm", manager=mgr.url, source="hv-a", destination="hv-b",
                        deadline_s=5.0, wait_s=30, finish_s=30)
     report = await migrate.run_migration(pair.src.qmp, pair.dst.qmp, pair.uri(), opts,
-                                         use_hook=handler_s is not None)
-    if report.status != "completed" or (handler_s is not None and not report.ok):
+                                         notify=send_migration_message if who.http else _no_message,
+                                         use_hook=who.hooked)
+    if report.status != "completed" or (who.hooked and not report.ok):
         raise RuntimeError(f"migration failed: {report.to_dict()}")
     handler = sum(r.handler_s or 0.0 for r in mgr.received[seen:])
     pair.swap()
@@ -59,21 +76,25 @@ def _ms(values: list[float]) -> dict[str, float]:
             "max": round(ordered[-1], 3)}
 
 
+def _row(report: WindowReport, handler_s: float) -> dict[str, float]:
+    d = report.to_dict()
+    window = d["window_ms"] or 0.0
+    return {"downtime_ms": float(d["downtime_ms"]), "handler_ms": handler_s * 1000,
+            "guest_gap_ms": d["guest_gap_ms"], "window_ms": window,
+            "overhead_ms": window - handler_s * 1000, "window_entry_ms": d["window_entry_ms"] or 0.0}
+
+
 async def _runs(repeat: int, transfer_ms: float, memory_mb: int, say: Echo) -> dict[str, Any]:
-    contenders: dict[str, float | None] = {"baseline": None, "hook_0ms": 0.0,
-                                           f"hook_{transfer_ms:g}ms": transfer_ms / 1000}
+    contenders = {"baseline": Contender(False), "pause_noop": Contender(True, http=False),
+                  "hook_0ms": Contender(True), f"hook_{transfer_ms:g}ms": Contender(True, transfer_ms / 1000)}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
     with QemuPair(memory_mb=memory_mb) as pair:
         async with StubManager() as mgr:
-            for handler_s in contenders.values():
-                await _migrate(pair, mgr, handler_s)  # warm-up: first connections, imports
+            for who in contenders.values():
+                await _migrate(pair, mgr, who)  # warm-up: first connections, imports
             for n in range(repeat):
-                for name, handler_s in contenders.items():
-                    report, handler = await _migrate(pair, mgr, handler_s)
-                    d = report.to_dict()
-                    runs[name].append({"downtime_ms": float(d["downtime_ms"]), "handler_ms": handler * 1000,
-                                       "guest_gap_ms": d["guest_gap_ms"], "window_ms": d["window_ms"] or 0.0,
-                                       "overhead_ms": (d["window_ms"] or 0.0) - handler * 1000})
+                for name, who in contenders.items():
+                    runs[name].append(_row(*await _migrate(pair, mgr, who)))
                 if say:
                     say(f"run {n + 1}/{repeat}: " + ", ".join(
                         f"{name} downtime {r[-1]['downtime_ms']:.0f} ms" for name, r in runs.items()))
@@ -100,6 +121,7 @@ def run(repeat: int, transfer_ms: float, out: Path, echo: Echo = print,
             "overhead_ms": overhead,
             "downtime_delta_ms": round(median([r["downtime_ms"] - r["handler_ms"] for r in rs]) - base, 3),
             "guest_gap_ms": _ms([r["guest_gap_ms"] for r in rs]),
+            "window_entry_ms": _ms([r["window_entry_ms"] for r in rs]),
             "target_overhead_ms": TARGET_OVERHEAD_MS,
             "within_target": overhead["median"] < TARGET_OVERHEAD_MS,
         }
