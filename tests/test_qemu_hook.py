@@ -231,3 +231,36 @@ def test_hook_killed_inside_the_window(pair: QemuPair, sig: signal.Signals) -> N
             assert (await window.capabilities(w.src))[window.PAUSE] is False
 
     asyncio.run(scenario())
+
+
+def test_observer_cannot_hold_a_window_someone_else_owns(pair: QemuPair) -> None:
+    """What happens on a libvirt host: libvirt arms pause-before-switchover on its own monitor
+    and sends migrate-continue as soon as QEMU gets there. The observer (second monitor) sends
+    the message when the guest stops, but a slow transfer ends after the destination resumed."""
+    from xfer.hypervisor import observe
+
+    async def libvirt_like(src: QmpClient, dst: QmpClient, uri: str) -> None:
+        await window.set_capabilities(dst, {window.EVENTS: True})
+        armed = await window.arm(src)
+        await dst.execute("migrate-incoming", {"uri": uri})
+        await src.execute("migrate", {"uri": uri})
+        await window.wait_for_window(src, armed.since, 20)
+        await window.continue_migration(src)
+
+    async def scenario() -> None:
+        async with QmpClient(pair.src.qmp) as src, QmpClient(pair.dst.witness) as dst, \
+                StubManager(delay_s=1.0) as mgr:
+            watcher = asyncio.create_task(observe.observe(pair.src.witness,
+                                                          options(mgr.url, deadline_s=5.0)))
+            await asyncio.sleep(0.2)  # the observer is connected and waiting
+            await libvirt_like(src, dst, pair.uri())
+            report = await watcher
+            resume = dst.last_event("RESUME") or await dst.wait_event(lambda e: e.name == "RESUME", 10)
+            [rec] = mgr.received
+            assert report.outcome == "observed" and report.status == "completed"
+            assert report.stop is not None and report.stop < rec.arrived
+            # The limit, shown: the destination ran before the manager had answered.
+            assert rec.answered is not None and resume.timestamp < rec.answered
+            assert report.to_dict()["unordered_ms"] > 0
+
+    asyncio.run(scenario())

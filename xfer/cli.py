@@ -486,6 +486,10 @@ def qemu_hook(
     mode: ModeOpt = None,
     wait_s: Annotated[float | None, typer.Option("--wait-s", help="Give up if no migration reaches "
                                                  "its pause window in this time.")] = None,
+    observe: Annotated[bool, typer.Option("--observe", help="Do not own the window (libvirt owns it): "
+                                          "send the message when the guest stops for migration. "
+                                          "Ordering NOT guaranteed; the report says by how much "
+                                          "the state was late.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Own the next migration's pause window on the source QEMU and move the VM's state in it.
@@ -495,15 +499,18 @@ def qemu_hook(
     In the window it sends the migration message and ends the window with migrate-continue when
     the manager answers, or per --on-fail on error or deadline.
 
-    Rerun it to end a window that a killed run left open.
+    Rerun it to end a window that a killed run left open. With --observe (libvirt hosts) it only
+    watches: see docs/hypervisor.md.
 
     Example: xfer qemu-hook --qmp /run/vm1.qmp --vm vm1 --manager http://mgr:8700/migrations --to hv2
     """
     from xfer.hypervisor import hook
+    from xfer.hypervisor import observe as observer
 
     opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode,
                          wait_s=wait_s)
-    _window_report(hook.run_sync(hook.run_hook(qmp, opts)), as_json)
+    run = observer.observe(qmp, opts) if observe else hook.run_hook(qmp, opts)
+    _window_report(hook.run_sync(run), as_json)
 
 
 @app.command("qemu-migrate")

@@ -16,6 +16,8 @@ OUTCOMES = {
     "moved": "state moved, migration continued",
     "cancelled": "state not moved: migration cancelled, the source guest runs again",
     "continued-without-state": "STATE NOT MOVED: the VM moved WITHOUT its network state",
+    "observed": "message sent when the guest stopped; the window was not ours, ordering NOT guaranteed",
+    "observed-failed": "message failed; the window was not ours: the VM moved WITHOUT its state",
     "unhooked": "migration without the hook: no state moved (baseline)",
     "stale-cancelled": "found a pause window left open by an earlier run: migration cancelled",
     "stale-continued": "found a pause window left open by an earlier run: migration continued "
@@ -43,11 +45,12 @@ class WindowReport:
     total_time_ms: float | None = None
     stop: float | None = None          # source STOP event
     resume: float | None = None        # destination RESUME event (qemu-migrate only)
+    switchover: float | None = None    # source MIGRATION completed (observer mode)
     manager: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "moved" and self.status == "completed"
+        return self.outcome in ("moved", "observed") and self.status == "completed"
 
     @property
     def window_s(self) -> float | None:
@@ -61,13 +64,20 @@ class WindowReport:
         return None if w is None or self.transfer_s is None else w - self.transfer_s
 
     @property
+    def unordered_s(self) -> float | None:
+        """Observer mode: how long after the source handed over the manager answered (0: in time)."""
+        if self.switchover is None or self.ended is None:
+            return None
+        return max(0.0, self.ended - self.switchover)
+
+    @property
     def guest_gap_s(self) -> float | None:
         """Source STOP to destination RESUME: how long the guest ran nowhere."""
         return None if self.stop is None or self.resume is None else self.resume - self.stop
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("opened", "ended", "end_acked", "stop", "resume", "transfer_s"):
+        for key in ("opened", "ended", "end_acked", "stop", "resume", "switchover", "transfer_s"):
             out.pop(key)
         out.update(ok=self.ok, meaning=OUTCOMES.get(self.outcome, self.outcome),
                    window_ms=_ms(self.window_s), transfer_ms=_ms(self.transfer_s),
@@ -77,6 +87,7 @@ class WindowReport:
                                        else self.opened - self.stop),
                    end_ack_ms=_ms(None if self.ended is None or self.end_acked is None
                                   else self.end_acked - self.ended),
+                   unordered_ms=_ms(self.unordered_s),
                    stop_ts=self.stop, resume_ts=self.resume, window_opened_ts=self.opened)
         return out
 
@@ -88,7 +99,8 @@ class WindowReport:
             out.append(f"  reason: {self.error}")
         for key, label in (("downtime_ms", "QEMU downtime"), ("guest_gap_ms", "guest gap (STOP→RESUME)"),
                            ("window_ms", "window held"), ("transfer_ms", "state transfer"),
-                           ("overhead_ms", "hook overhead")):
+                           ("overhead_ms", "hook overhead"),
+                           ("unordered_ms", "state arrived after the switchover by")):
             if d[key] is not None:
                 out.append(f"  {label}: {d[key]:.1f} ms")
         return out

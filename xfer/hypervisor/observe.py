@@ -1,0 +1,59 @@
+"""Observer mode: send the migration message when the guest stops, without owning the window.
+
+For hosts where someone else owns ``pause-before-switchover`` — libvirt enables it
+itself and sends ``migrate-continue`` as soon as QEMU reaches ``pre-switchover``
+— a third party on a second QMP monitor can only watch. The observer waits for
+a STOP event whose run state says "stopped for migration" (``finish-migrate``,
+or ``postmigrate`` if the migration already finished), sends the message, and
+reports whether the migration completed before the manager answered: then the
+destination may have run without the state for that long. Ordering is NOT
+guaranteed here; ``xfer.hypervisor.hook`` is the path that guarantees it.
+
+    report = asyncio.run(observe("/run/xfer/libvirt/vm1.qmp", opts))
+    report.to_dict()["unordered_ms"]   # > 0: the state arrived after the switchover
+"""
+
+from __future__ import annotations
+
+import time
+
+from xfer.errors import XferError
+from xfer.hypervisor import window
+from xfer.hypervisor.hook import HookOptions, Notify
+from xfer.hypervisor.notify import messages_for, send_migration_message
+from xfer.hypervisor.qmp import QmpClient, QmpEvent
+from xfer.hypervisor.report import WindowReport
+
+# Run states of a guest stopped by a migration, as opposed to a user's `stop` ("paused").
+MIGRATION_STOPPED = frozenset({"finish-migrate", "postmigrate"})
+
+
+async def observe(qmp_path: str, opts: HookOptions, notify: Notify = send_migration_message) -> WindowReport:
+    """Wait for the guest to stop for a migration, send the message(s), report the race."""
+    async with QmpClient(qmp_path) as qmp:
+        since = len(qmp.events)
+        stop = await _migration_stop(qmp, opts.wait_s)
+        report = WindowReport(opts.vm, outcome="observed", stop=stop.timestamp)
+        deadline = time.monotonic() + opts.deadline_s - max(0.0, time.time() - stop.timestamp)
+        started = time.perf_counter()
+        try:
+            for message in messages_for(opts.vm, opts.source, opts.destination, opts.kinds, opts.mode):
+                report.manager.append(await notify(opts.manager, message, deadline))
+            report.transfer_s = time.perf_counter() - started
+        except XferError as exc:
+            report.outcome, report.error = "observed-failed", str(exc)
+        report.ended = time.time()
+        report.status = await window.wait_finished(qmp, since, opts.finish_s)
+        done = next((e for e in qmp.events[since:] if e.name == "MIGRATION"
+                     and e.data.get("status") == "completed"), None)
+        report.switchover = done.timestamp if done else None
+        return report
+
+
+async def _migration_stop(qmp: QmpClient, timeout: float | None) -> QmpEvent:
+    since = len(qmp.events)
+    while True:
+        stop = await qmp.wait_event(lambda e: e.name == "STOP", timeout, since)
+        since = qmp.events.index(stop) + 1
+        if (await qmp.execute("query-status"))["status"] in MIGRATION_STOPPED:
+            return stop
