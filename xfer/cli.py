@@ -509,7 +509,11 @@ def qemu_hook(
 
     opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode,
                          wait_s=wait_s)
-    run = observer.observe(qmp, opts) if observe else hook.run_hook(qmp, opts)
+    def ready() -> None:
+        sys.stderr.write(f"xfer: watching {qmp} for {vm}'s migration stop (observer)\n")
+        sys.stderr.flush()
+
+    run = observer.observe(qmp, opts, on_ready=ready) if observe else hook.run_hook(qmp, opts)
     _window_report(hook.run_sync(run), as_json)
 
 

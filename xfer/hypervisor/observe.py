@@ -16,6 +16,7 @@ guaranteed here; ``xfer.hypervisor.hook`` is the path that guarantees it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from xfer.errors import XferError
 from xfer.hypervisor import window
@@ -28,10 +29,16 @@ from xfer.hypervisor.report import WindowReport
 MIGRATION_STOPPED = frozenset({"finish-migrate", "postmigrate"})
 
 
-async def observe(qmp_path: str, opts: HookOptions, notify: Notify = send_migration_message) -> WindowReport:
-    """Wait for the guest to stop for a migration, send the message(s), report the race."""
+async def observe(qmp_path: str, opts: HookOptions, notify: Notify = send_migration_message,
+                  on_ready: Callable[[], None] | None = None) -> WindowReport:
+    """Wait for the guest to stop for a migration, send the message(s), report the race.
+
+    ``on_ready`` is called once connected (the CLI says so in its log).
+    """
     async with QmpClient(qmp_path) as qmp:
         since = len(qmp.events)
+        if on_ready is not None:
+            on_ready()
         stop = await _migration_stop(qmp, opts.wait_s)
         report = WindowReport(opts.vm, outcome="observed", stop=stop.timestamp)
         deadline = time.monotonic() + opts.deadline_s - max(0.0, time.time() - stop.timestamp)
