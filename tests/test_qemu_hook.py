@@ -61,7 +61,7 @@ async def watching(pair: QemuPair, **manager: Any) -> AsyncIterator[Witness]:
                     "src_migration": await window.migration_status(src)}
 
         await window.set_capabilities(dst, {window.EVENTS: True})
-        async with StubManager(probe=probe, **manager) as mgr:
+        async with StubManager(work=probe, **manager) as mgr:
             yield Witness(src, dst, mgr)
 
 
@@ -88,9 +88,9 @@ def assert_inside_window(w: Witness, report: WindowReport, resume: float) -> Non
     stop = w.src.last_event("STOP")
     for rec in w.mgr.received:
         # While the manager worked: source stopped in the window, destination not running.
-        assert rec.probe["src"] == {**rec.probe["src"], "running": False, "status": "finish-migrate"}
-        assert rec.probe["src_migration"] == "pre-switchover"
-        assert rec.probe["dst"] == {**rec.probe["dst"], "running": False, "status": "inmigrate"}
+        assert rec.work["src"] == {**rec.work["src"], "running": False, "status": "finish-migrate"}
+        assert rec.work["src_migration"] == "pre-switchover"
+        assert rec.work["dst"] == {**rec.work["dst"], "running": False, "status": "inmigrate"}
         # By QEMU's clock: after the source stopped, answered before the destination ran.
         assert stop is not None and stop.timestamp < rec.arrived
         assert rec.answered is not None and rec.answered < resume

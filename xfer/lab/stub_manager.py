@@ -1,8 +1,9 @@
 """A real HTTP server on 127.0.0.1 that stands in for the manager (issue 6) in tests and bench.
 
 It speaks the migration-message contract: records every message with its arrival
-time, runs an optional ``probe`` (tests query QEMU from there, to prove the guest
-is stopped while the message is handled), takes ``delay_s`` (the "transfer"),
+time, runs an optional ``work`` inside the handler (tests query QEMU from there to
+prove the guest is stopped while the message is handled; the lab test moves the
+conntrack state there, as the real manager will), takes ``delay_s`` (the "transfer"),
 then answers 2xx with a JSON report, or ``fail_status`` with an error.
 
     async with StubManager(delay_s=0.3) as mgr:
@@ -23,7 +24,7 @@ from typing import Any
 
 from xfer.hypervisor import http1
 
-Probe = Callable[[dict[str, Any]], Awaitable[Any]]
+Work = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Received:
     headers: dict[str, str]
     arrived: float
     answered: float | None = None
-    probe: Any = None
+    work: Any = None                   # what ``work`` returned
     handler_s: float | None = None
 
 
@@ -44,7 +45,7 @@ class StubManager:
 
     delay_s: float = 0.0
     fail_status: int | None = None
-    probe: Probe | None = None
+    work: Work | None = None
     received: list[Received] = field(default_factory=list)
     url: str = ""
 
@@ -96,12 +97,12 @@ class StubManager:
         started = time.perf_counter()
         rec = Received(json.loads(body), headers, time.time())
         self.received.append(rec)
-        if self.probe is not None:
+        if self.work is not None:
             try:
-                rec.probe = await self.probe(rec.message)
-            except Exception as exc:  # answer anyway; the test sees the probe's failure
-                rec.probe = {"error": repr(exc)}
-        # After the probe: a test that acts on arrival must not race the probe.
+                rec.work = await self.work(rec.message)
+            except Exception as exc:  # answer anyway; the test sees the work's failure
+                rec.work = {"error": repr(exc)}
+        # After the work: a test that acts on arrival must not race the work.
         self.arrived.set()
         await asyncio.sleep(self.delay_s)
         rec.handler_s = time.perf_counter() - started
