@@ -11,7 +11,13 @@ import pytest
 
 from xfer.errors import MigrationMessageError, UsageError
 from xfer.hypervisor import http1
-from xfer.hypervisor.notify import MigrationMessage, check_url, messages_for, send_migration_message
+from xfer.hypervisor.notify import (
+    ManagerLink,
+    MigrationMessage,
+    check_url,
+    messages_for,
+    send_migration_message,
+)
 from xfer.lab.qemu import free_port
 from xfer.lab.stub_manager import StubManager
 
@@ -107,3 +113,38 @@ def test_cli_errors_are_one_line(args: list[str], code: int, words: str) -> None
     r = _xfer("qemu-hook", *[x for kv in base.items() for x in kv])
     assert r.returncode == code, r.stderr
     assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_connections_opened_before_the_window_are_used_in_it() -> None:
+    async def scenario() -> None:
+        async with StubManager() as mgr, ManagerLink(mgr.url) as link:
+            await link.open(2)
+            assert mgr.accepted == 2 and link.open_error is None
+            for _ in range(2):
+                assert (await link.send(MSG, time.monotonic() + 2))["ok"]
+            assert mgr.accepted == 2 and len(mgr.received) == 2
+            await link.send(MSG, time.monotonic() + 2)  # none left: a fresh one
+            assert mgr.accepted == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_the_manager_closed_while_idle_is_replaced() -> None:
+    async def scenario() -> None:
+        async with StubManager() as mgr, ManagerLink(mgr.url) as link:
+            await link.open(1)
+            assert mgr.close_idle() == 1
+            await asyncio.sleep(0.05)  # the FIN reaches the client
+            assert (await link.send(MSG, time.monotonic() + 2))["ok"]
+            assert mgr.accepted == 2 and len(mgr.received) == 1
+
+    asyncio.run(scenario())
+
+
+def test_an_unreachable_manager_before_the_window_is_noted_not_fatal() -> None:
+    async def scenario() -> None:
+        async with ManagerLink(f"http://127.0.0.1:{free_port()}/m") as link:
+            await link.open(1)
+            assert link.open_error and "not reachable before the window" in link.open_error
+
+    asyncio.run(scenario())

@@ -34,7 +34,7 @@ from typing import Any
 from xfer.bench.common import Echo, median, write_results
 from xfer.hypervisor import migrate
 from xfer.hypervisor.hook import HookOptions
-from xfer.hypervisor.notify import MigrationMessage, send_migration_message
+from xfer.hypervisor.notify import MigrationMessage
 from xfer.hypervisor.report import WindowReport
 from xfer.lab.qemu import QemuPair
 from xfer.lab.stub_manager import StubManager
@@ -49,7 +49,7 @@ class Contender:
     http: bool = True     # False: the hook with a no-op message (no HTTP, no manager)
 
 
-async def _no_message(url: str, message: MigrationMessage, deadline: float) -> dict[str, Any]:
+async def _no_message(message: MigrationMessage, deadline: float) -> dict[str, Any]:
     return {}
 
 
@@ -60,7 +60,7 @@ async def _migrate(pair: QemuPair, mgr: StubManager, who: Contender) -> tuple[Wi
     opts = HookOptions(vm="bench-vm", manager=mgr.url, source="hv-a", destination="hv-b",
                        deadline_s=5.0, wait_s=30, finish_s=30)
     report = await migrate.run_migration(pair.src.qmp, pair.dst.qmp, pair.uri(), opts,
-                                         notify=send_migration_message if who.http else _no_message,
+                                         notify=None if who.http else _no_message,
                                          use_hook=who.hooked)
     if report.status != "completed" or (who.hooked and not report.ok):
         raise RuntimeError(f"migration failed: {report.to_dict()}")

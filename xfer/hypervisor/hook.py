@@ -19,20 +19,23 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from xfer.errors import HypervisorError, UsageError, XferError
 from xfer.hypervisor import window
-from xfer.hypervisor.notify import MigrationMessage, check_url, messages_for, send_migration_message
+from xfer.hypervisor.notify import ManagerLink, MigrationMessage, check_url, messages_for
 from xfer.hypervisor.qmp import QmpClient
 from xfer.hypervisor.report import WindowReport
 
 log = logging.getLogger("xfer.hypervisor")
 
-Notify = Callable[[str, MigrationMessage, float], Awaitable[dict[str, Any]]]
+# Sends one message under a deadline (``time.monotonic()``), returns the manager's report.
+# Default: ManagerLink.send over connections opened before the window.
+Notify = Callable[[MigrationMessage, float], Awaitable[dict[str, Any]]]
 ON_FAIL = ("cancel", "continue")
 
 
@@ -50,6 +53,10 @@ class HookOptions:
     mode: str | None = None
     wait_s: float | None = None      # for the window to open; None: as long as it takes
     finish_s: float = 30.0           # for the migration to finish once the window ended
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)  # https manager
+
+    def messages(self) -> list[MigrationMessage]:
+        return messages_for(self.vm, self.source, self.destination, self.kinds, self.mode)
 
     def __post_init__(self) -> None:
         if self.on_fail not in ON_FAIL:
@@ -57,11 +64,10 @@ class HookOptions:
         if self.deadline_s <= 0:
             raise UsageError("the deadline must be positive")
         check_url(self.manager)
-        messages_for(self.vm, self.source, self.destination, self.kinds, self.mode)
+        self.messages()
 
 
-async def run_hook(qmp_path: str, opts: HookOptions,
-                   notify: Notify = send_migration_message) -> WindowReport:
+async def run_hook(qmp_path: str, opts: HookOptions, notify: Notify | None = None) -> WindowReport:
     """Arm the source QEMU, own the next migration's window, report. Ends a stale window first.
 
     A window already open when we connect belongs to an earlier run that died in
@@ -89,20 +95,31 @@ async def end_stale_window(qmp: QmpClient, opts: HookOptions) -> WindowReport:
 
 
 async def own_window(qmp: QmpClient, opts: HookOptions, armed: window.Armed,
-                     notify: Notify = send_migration_message) -> WindowReport:
+                     notify: Notify | None = None) -> WindowReport:
     """From an armed source to a finished migration: wait, hold, end, measure, disarm.
 
     Whatever happens (error, cancellation), the migration is not left running with
     the capability set and nobody to end its window.
     """
     report = WindowReport(opts.vm)
-    try:
-        report.opened = await window.wait_for_window(qmp, armed.since, opts.wait_s)
-        await hold_window(qmp, opts, report, notify)
-        await record_finish(qmp, report, armed.since, opts.finish_s)
-    finally:
-        await _abandon(qmp, opts, armed)
+    async with ManagerLink(opts.manager, opts.ssl_context) as link:
+        try:
+            if notify is None:
+                await preconnect(link, len(opts.messages()))
+                notify = link.send
+            report.opened = await window.wait_for_window(qmp, armed.since, opts.wait_s)
+            await hold_window(qmp, opts, report, notify)
+            await record_finish(qmp, report, armed.since, opts.finish_s)
+        finally:
+            await _abandon(qmp, opts, armed)
     return report
+
+
+async def preconnect(link: ManagerLink, count: int) -> None:
+    """Handshakes before the window: inside it they would be downtime."""
+    await link.open(count)
+    if link.open_error:
+        log.warning("%s (will try again in the window)", link.open_error)
 
 
 async def record_finish(qmp: QmpClient, report: WindowReport, since: int, timeout: float) -> None:
@@ -115,8 +132,7 @@ async def record_finish(qmp: QmpClient, report: WindowReport, since: int, timeou
     report.stop = stop.timestamp if stop else None
 
 
-async def hold_window(qmp: QmpClient, opts: HookOptions, report: WindowReport,
-                      notify: Notify = send_migration_message) -> None:
+async def hold_window(qmp: QmpClient, opts: HookOptions, report: WindowReport, notify: Notify) -> None:
     """Inside the window: check the guest is stopped, send the messages, end the window."""
     assert report.opened is not None
     moved = False
@@ -126,8 +142,8 @@ async def hold_window(qmp: QmpClient, opts: HookOptions, report: WindowReport,
         # The deadline counts from QEMU entering the window, not from our noticing it.
         deadline = time.monotonic() + opts.deadline_s - max(0.0, time.time() - report.opened)
         started = time.perf_counter()
-        for message in messages_for(opts.vm, opts.source, opts.destination, opts.kinds, opts.mode):
-            report.manager.append(await notify(opts.manager, message, deadline))
+        for message in opts.messages():
+            report.manager.append(await notify(message, deadline))
         report.transfer_s = time.perf_counter() - started
         moved = True
     except XferError as exc:

@@ -23,7 +23,7 @@ from xfer.hypervisor.report import WindowReport
 
 
 async def run_migration(src_path: str, dst_path: str, uri: str, opts: hook.HookOptions,
-                        notify: hook.Notify = hook.send_migration_message,
+                        notify: hook.Notify | None = None,
                         use_hook: bool = True) -> WindowReport:
     """Migrate from the QEMU at ``src_path`` to the one at ``dst_path`` over ``uri``.
 

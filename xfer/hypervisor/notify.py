@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import time
 from dataclasses import asdict, dataclass
@@ -86,6 +87,111 @@ def check_url(url: str) -> SplitResult:
     return parts
 
 
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class _Stale(Exception):
+    """A connection opened before the window was closed by the manager while idle."""
+
+
+class ManagerLink:
+    """Connections to the manager opened before the window and used inside it.
+
+    A TCP (and TLS) handshake inside the window is downtime; ``open()`` pays it
+    while the hook waits. One request per connection (``Connection: close``). A
+    connection the manager closed while idle (EOF seen before we write) is replaced
+    by a fresh one; once the request is written nothing is retried, since the
+    manager may have acted on it.
+
+        async with ManagerLink(url) as link:
+            await link.open(1)                    # before the window
+            report = await link.send(msg, deadline)
+    """
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.url = url
+        self.parts = check_url(url)
+        self.tls = ssl_context if self.parts.scheme == "https" else None
+        if self.parts.scheme == "https" and self.tls is None:
+            self.tls = ssl.create_default_context()
+        self.port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
+        self._idle: list[Stream] = []
+        self.open_error: str | None = None
+
+    async def __aenter__(self) -> ManagerLink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self, count: int, timeout: float = 5.0) -> None:
+        """Open ``count`` connections now. A failure is kept in ``open_error``, not
+        raised: the manager may be up by the time the window opens."""
+        try:
+            async with asyncio.timeout(timeout):
+                for _ in range(count - len(self._idle)):
+                    self._idle.append(await self._connect())
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            self.open_error = f"manager {self.url} not reachable before the window: {exc or 'timeout'}"
+
+    async def close(self) -> None:
+        while self._idle:
+            await _close(self._idle.pop()[1])
+
+    async def send(self, message: MigrationMessage | dict[str, Any], deadline: float) -> dict[str, Any]:
+        """POST ``message``; return the manager's JSON report (see ``send_migration_message``)."""
+        body = json.dumps(message.to_json() if isinstance(message, MigrationMessage) else message).encode()
+        loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
+        try:
+            async with asyncio.timeout_at(loop_deadline):
+                stream = self._idle.pop(0) if self._idle else None
+                if stream is not None:
+                    try:
+                        status, payload = await self._exchange(stream, body, deadline)
+                    except _Stale:
+                        stream = None
+                if stream is None:
+                    status, payload = await self._exchange(await self._connect(), body, deadline)
+        except TimeoutError as exc:
+            raise MigrationMessageError(f"manager {self.url} did not answer within the deadline") from exc
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+            raise MigrationMessageError(f"manager {self.url}: {exc or 'connection closed'}") from exc
+        return _parse_answer(self.url, status, payload)
+
+    async def _connect(self) -> Stream:
+        assert self.parts.hostname is not None
+        reader, writer = await asyncio.open_connection(self.parts.hostname, self.port, ssl=self.tls)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # The request goes out in one write; do not let Nagle hold the answer's ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+    async def _exchange(self, stream: Stream, body: bytes, deadline: float) -> tuple[int, bytes]:
+        reader, writer = stream
+        try:
+            if reader.at_eof():
+                raise _Stale("closed by the manager while idle")
+            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            p = self.parts
+            head = (f"POST {p.path or '/'}{'?' + p.query if p.query else ''} HTTP/1.1\r\n"
+                    f"Host: {p.netloc}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                    # Lets the manager budget its phases; the contract does not need it.
+                    f"X-Xfer-Deadline-Ms: {remaining_ms}\r\n\r\n").encode()
+            writer.write(head + body)
+            await writer.drain()
+            return await _read_response(reader)
+        finally:
+            await _close(writer)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+
+
 async def send_migration_message(url: str, message: MigrationMessage | dict[str, Any],
                                  deadline: float, ssl_context: ssl.SSLContext | None = None,
                                  ) -> dict[str, Any]:
@@ -97,40 +203,15 @@ async def send_migration_message(url: str, message: MigrationMessage | dict[str,
         report = await send_migration_message("http://127.0.0.1:8700/migrations",
                                               msg, time.monotonic() + 0.5)
     """
-    body = json.dumps(message.to_json() if isinstance(message, MigrationMessage) else message).encode()
-    parts = check_url(url)
-    if parts.scheme == "https" and ssl_context is None:
-        ssl_context = ssl.create_default_context()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-    head = (f"POST {parts.path or '/'}{'?' + parts.query if parts.query else ''} HTTP/1.1\r\n"
-            f"Host: {parts.netloc}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-            # Lets the manager budget its phases; the contract does not need it.
-            f"X-Xfer-Deadline-Ms: {remaining_ms}\r\n\r\n").encode()
-    loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout_at(loop_deadline):
-            reader, writer = await asyncio.open_connection(
-                parts.hostname, port, ssl=ssl_context if parts.scheme == "https" else None)
-            writer.write(head + body)
-            await writer.drain()
-            status, payload = await _read_response(reader)
-    except TimeoutError as exc:
-        raise MigrationMessageError(f"manager {url} did not answer within the deadline") from exc
-    except (OSError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
-        raise MigrationMessageError(f"manager {url}: {exc or 'connection closed'}") from exc
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
-    return _parse_answer(url, status, payload)
+    async with ManagerLink(url, ssl_context) as link:
+        return await link.send(message, deadline)
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     start, headers = await http1.read_head(reader)
+    if not start:
+        # Not retried: the manager may have read the request (and acted on it) before closing.
+        raise MigrationMessageError("the manager closed the connection without an answer")
     if len(start) < 2 or not start[1].isdigit():
         raise MigrationMessageError(f"malformed HTTP status line {' '.join(start)!r}")
     try:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from xfer.errors import XferError
 from xfer.hypervisor import window
-from xfer.hypervisor.hook import HookOptions, Notify
-from xfer.hypervisor.notify import messages_for, send_migration_message
+from xfer.hypervisor.hook import HookOptions, Notify, preconnect
+from xfer.hypervisor.notify import ManagerLink
 from xfer.hypervisor.qmp import QmpClient, QmpEvent
 from xfer.hypervisor.report import WindowReport
 
@@ -29,13 +29,16 @@ from xfer.hypervisor.report import WindowReport
 MIGRATION_STOPPED = frozenset({"finish-migrate", "postmigrate"})
 
 
-async def observe(qmp_path: str, opts: HookOptions, notify: Notify = send_migration_message,
+async def observe(qmp_path: str, opts: HookOptions, notify: Notify | None = None,
                   on_ready: Callable[[], None] | None = None) -> WindowReport:
     """Wait for the guest to stop for a migration, send the message(s), report the race.
 
     ``on_ready`` is called once connected (the CLI says so in its log).
     """
-    async with QmpClient(qmp_path) as qmp:
+    async with QmpClient(qmp_path) as qmp, ManagerLink(opts.manager, opts.ssl_context) as link:
+        if notify is None:
+            await preconnect(link, len(opts.messages()))
+            notify = link.send
         since = len(qmp.events)
         if on_ready is not None:
             on_ready()
@@ -44,8 +47,8 @@ async def observe(qmp_path: str, opts: HookOptions, notify: Notify = send_migrat
         deadline = time.monotonic() + opts.deadline_s - max(0.0, time.time() - stop.timestamp)
         started = time.perf_counter()
         try:
-            for message in messages_for(opts.vm, opts.source, opts.destination, opts.kinds, opts.mode):
-                report.manager.append(await notify(opts.manager, message, deadline))
+            for message in opts.messages():
+                report.manager.append(await notify(message, deadline))
             report.transfer_s = time.perf_counter() - started
         except XferError as exc:
             report.outcome, report.error = "observed-failed", str(exc)

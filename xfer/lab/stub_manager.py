@@ -52,6 +52,8 @@ class StubManager:
     def __post_init__(self) -> None:
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._idle: set[asyncio.StreamWriter] = set()
+        self.accepted = 0
         self.arrived = asyncio.Event()
 
     async def __aenter__(self) -> StubManager:
@@ -79,20 +81,31 @@ class StubManager:
             await self._server.wait_closed()
             self._server = None
 
+    def close_idle(self) -> int:
+        """Close connections that sent no request yet, as a server's idle timeout does."""
+        for writer in self._idle:
+            writer.close()
+        closed, self._idle = len(self._idle), set()
+        return closed
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self.accepted += 1
+        self._idle.add(writer)
         try:
             await self._handle(reader, writer)
         except (OSError, ValueError, asyncio.IncompleteReadError):
             pass  # a client that went away mid-request (the killed-hook test does that)
         finally:
             self._handlers.discard(task)
+            self._idle.discard(writer)
             writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, headers = await http1.read_head(reader)
+        self._idle.discard(writer)
         body = await http1.read_body(reader, headers, request=True)
         started = time.perf_counter()
         rec = Received(json.loads(body), headers, time.time())
