@@ -264,3 +264,70 @@ def test_observer_cannot_hold_a_window_someone_else_owns(pair: QemuPair) -> None
             assert report.to_dict()["unordered_ms"] > 0
 
     asyncio.run(scenario())
+
+
+def test_hook_leaving_before_the_window_cancels_the_migration_it_armed(pair: QemuPair) -> None:
+    """Otherwise QEMU would stop the guest in a window nobody ends."""
+    async def scenario() -> None:
+        async with watching(pair) as w:
+            # Slow the migration down (1 MB/s of 64 MB) so it is still precopying when we leave.
+            await w.src.execute("migrate-set-parameters", {"max-bandwidth": 1 << 20})
+            proc = await _hook_process(pair, w.mgr.url)
+            try:
+                await start_migration(w, pair.uri())
+                await w.src.wait_event(lambda e: e.name == "MIGRATION"
+                                       and e.data.get("status") == "active", 10)
+                proc.send_signal(signal.SIGTERM)
+                _, err = await asyncio.wait_for(proc.communicate(), 20)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            assert proc.returncode == 1 and b"cancelling the migration" in err
+            assert await window.migration_status(w.src) == "cancelled"
+            assert (await status(w.src))["running"] is True
+            assert (await window.capabilities(w.src))[window.PAUSE] is False
+            assert not w.mgr.received
+
+    asyncio.run(scenario())
+
+
+def test_hook_started_too_late_says_so(pair: QemuPair) -> None:
+    async def scenario() -> None:
+        async with watching(pair) as w:
+            await w.src.execute("migrate-set-parameters", {"max-bandwidth": 1 << 20})
+            uri = pair.uri()
+            await w.dst.execute("migrate-incoming", {"uri": uri})
+            await w.src.execute("migrate", {"uri": uri})  # nobody armed the window
+            proc = await _hook_process(pair, w.mgr.url)
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+            assert proc.returncode == 1
+            assert b"already under way" in err and len(err.strip().splitlines()) == 1
+            await w.src.execute("migrate_cancel")
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["moved", "manager-fails"])
+def test_qemu_migrate_command(pair: QemuPair, fail: bool) -> None:
+    async def scenario() -> None:
+        async with watching(pair, fail_status=500 if fail else None) as w:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "xfer.cli", "qemu-migrate", "--src-qmp", pair.src.qmp,
+                "--dst-qmp", pair.dst.qmp, "--uri", pair.uri(), "--vm", "vm1",
+                "--manager", w.mgr.url, "--from", "hv1", "--to", "hv2", "--json",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 25)
+            report = json.loads(out)
+            if fail:
+                assert proc.returncode == 1 and b"cancelled" in err
+                assert report["outcome"] == "cancelled" and report["status"] == "cancelled"
+                assert (await status(w.src))["running"] is True
+            else:
+                assert proc.returncode == 0, err
+                assert report["outcome"] == "moved" and report["ok"] is True
+                for key in ("downtime_ms", "guest_gap_ms", "window_ms", "transfer_ms", "overhead_ms"):
+                    assert isinstance(report[key], int | float), key
+                assert (await status(w.dst))["running"] is True
+
+    asyncio.run(scenario())
