@@ -36,6 +36,9 @@ app.add_typer(bench_app, name="bench")
 counters_app = typer.Typer(help="Per-VM packet, byte and TCP connection counters (eBPF on the "
                                 "device's VM-facing interface).", no_args_is_help=True)
 app.add_typer(counters_app, name="counters")
+dhcp_app = typer.Typer(help="DHCP snooping, IP source guard and ARP inspection (eBPF).",
+                       no_args_is_help=True)
+app.add_typer(dhcp_app, name="dhcp")
 
 NetnsOpt = Annotated[str | None, typer.Option("--netns", help="Network namespace of the device "
                                               "(default: the current one).", metavar="NS")]
@@ -432,6 +435,26 @@ def bench_qemu(
         _print_json(result)
 
 
+@bench_app.command("dhcp")
+def bench_dhcp(
+    repeat: Annotated[int, typer.Option(help="Runs of each measurement (median reported).")] = 20,
+    seconds: Annotated[float, typer.Option(help="Seconds per iperf3 run.")] = 3.0,
+    rounds: Annotated[int, typer.Option(help="iperf3 on/off rounds per traffic kind.")] = 4,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/dhcp.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """ACK-to-enforceable latency, export+import of one binding, iperf3 with guard on vs off.
+
+    Example: xfer bench dhcp --json
+    """
+    from xfer.bench import dhcp as bench
+
+    result = bench.run(repeat, seconds, out, echo=None if as_json else typer.echo,
+                       rounds=rounds)
+    if as_json:
+        _print_json(result)
+
+
 QmpSockOpt = Annotated[str, typer.Option("--qmp", help="The source QEMU's QMP unix socket.",
                                           metavar="SOCKET")]
 VmIdOpt = Annotated[str, typer.Option("--vm", help="VM id, as the manager knows it.", metavar="VM")]
@@ -542,6 +565,185 @@ def qemu_migrate(
 
     opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode)
     _window_report(hook.run_sync(migrate.run_migration(src_qmp, dst_qmp, uri, opts)), as_json)
+
+
+# --- dhcp ------------------------------------------------------------------------------
+
+DbOpt = Annotated[Path | None, typer.Option(
+    "--db", help="Snooping database file (default: $XFER_DHCP_STATE_DIR or "
+    "/var/lib/xfer/dhcpsnoop, then <netns>.json).")]
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for text in values or [] for v in text.split(",") if v.strip()]
+
+
+@dhcp_app.command("attach")
+def dhcp_attach(
+    untrusted: Annotated[list[str], typer.Option(
+        "--untrusted", help="Ports towards VMs (comma-separated or repeated).")],
+    trusted: Annotated[list[str] | None, typer.Option(
+        "--trusted", help="Ports towards the DHCP server.")] = None,
+    netns: NetnsOpt = None,
+    mode: Annotated[str, typer.Option(help="enforce (drop) or observe (count only).")] = "enforce",
+    db: DbOpt = None,
+    ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the program.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Attach the snooper to a device's ports; again re-attaches and keeps every binding.
+
+    Example: xfer dhcp attach --trusted uplink --untrusted vm0,vm1 --netns sw1
+    """
+    from xfer.dhcpsnoop import datapath, device
+
+    if ebpf:
+        typer.echo(datapath.source_text())
+        return
+    report = device.attach(netns, _split(trusted), _split(untrusted), mode, db)
+    if as_json:
+        _print_json({"ports": report.ports, "restored": report.restored, "kept": report.kept,
+                     "warnings": report.warnings})
+        return
+    typer.echo(f"attached to {', '.join(report.ports)} ({mode}); "
+               f"{report.kept} bindings kept, {report.restored} restored from the database")
+    for w in report.warnings:
+        typer.echo(f"  warning: {w}", err=True)
+
+
+@dhcp_app.command("detach")
+def dhcp_detach(
+    netns: NetnsOpt = None,
+    purge: Annotated[bool, typer.Option("--purge", help="Also unpin the maps (bindings stay "
+                                        "in the database file).")] = False,
+) -> None:
+    """Remove the snooper's filters from every port.
+
+    Example: xfer dhcp detach --netns sw1 --purge
+    """
+    from xfer.dhcpsnoop import device
+
+    n = device.detach(netns, purge)
+    typer.echo(f"detached from {n} ports" + (", maps unpinned" if purge else ""))
+
+
+@dhcp_app.command("bindings")
+def dhcp_bindings(
+    netns: NetnsOpt = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Include expired bindings.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the binding table: MAC, IP, lease remaining, port, VLAN.
+
+    Example: xfer dhcp bindings --netns sw1 --json
+    """
+    from xfer.dhcpsnoop.store import BindingTable
+
+    with BindingTable(netns) as table:
+        rows = table.bindings(include_expired=show_all)
+    if as_json:
+        _print_json([b.to_json() for b in rows])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table("mac", "ip", "lease left (s)", "port", "vlan", "source", box=None)
+    for b in rows:
+        left = "infinite" if b.lease_remaining is None else f"{b.lease_remaining:.0f}"
+        out.add_row(b.mac, b.ip, left, b.port or "any", str(b.vlan or "-"), b.source)
+    Console().print(out)
+    typer.echo(f"{len(rows)} bindings", err=True)
+
+
+@dhcp_app.command("add")
+def dhcp_add(
+    mac: Annotated[str, typer.Option("--mac", help="Client MAC.")],
+    ip: Annotated[str, typer.Option("--ip", help="Client IPv4 address.")],
+    port: Annotated[str | None, typer.Option("--port", help="Untrusted port (default: any, "
+                                             "pinned by the first packet).")] = None,
+    vlan: Annotated[int, typer.Option(help="VLAN id (0: untagged).")] = 0,
+    lease: Annotated[int | None, typer.Option(help="Lease in seconds (default: never "
+                                              "expires).")] = None,
+    netns: NetnsOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Add (or replace) a static binding.
+
+    Example: xfer dhcp add --mac 02:00:00:00:00:09 --ip 10.0.0.9 --port vm0 --netns sw1
+    """
+    from xfer.dhcpsnoop import device
+    from xfer.dhcpsnoop.model import Binding
+
+    b = Binding(mac, ip, None if lease is None else float(lease), port, vlan, "static",
+                lease or 0)
+    created, warnings = device.add_static(netns, b, db)
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(("added" if created else "replaced") + f" {b.mac} {b.ip}")
+
+
+@dhcp_app.command("del")
+def dhcp_del(
+    mac: Annotated[str, typer.Option("--mac", help="Client MAC.")],
+    ip: Annotated[str, typer.Option("--ip", help="Client IPv4 address.")],
+    netns: NetnsOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Delete a binding (static or learned).
+
+    Example: xfer dhcp del --mac 02:00:00:00:00:09 --ip 10.0.0.9 --netns sw1
+    """
+    from xfer.dhcpsnoop import device
+
+    if not device.delete(netns, mac, ip, db):
+        _fail(f"no binding {mac} {ip}")
+    typer.echo(f"deleted {mac} {ip}")
+
+
+@dhcp_app.command("counters")
+def dhcp_counters(netns: NetnsOpt = None, as_json: JsonOpt = False) -> None:
+    """Per-port counters: passed, drops by reason, observed, bindings added/removed.
+
+    Example: xfer dhcp counters --netns sw1 --json
+    """
+    from xfer.dhcpsnoop.store import BindingTable
+
+    with BindingTable(netns) as table:
+        counters = table.counters()
+    if as_json:
+        _print_json(counters)
+        return
+    for port, values in sorted(counters.items()):
+        typer.echo(port + ": " + ", ".join(f"{k} {v}" for k, v in sorted(values.items())))
+
+
+@dhcp_app.command("serve")
+def dhcp_serve(
+    netns: NetnsOpt = None,
+    untrusted: Annotated[list[str] | None, typer.Option(
+        "--untrusted", help="Attach first to these ports towards VMs.")] = None,
+    trusted: Annotated[list[str] | None, typer.Option(
+        "--trusted", help="... and these towards the DHCP server.")] = None,
+    mode: Annotated[str, typer.Option(help="enforce or observe (with --untrusted).")] = "enforce",
+    interval: Annotated[float, typer.Option(help="Seconds between sweeps/saves.")] = 0.2,
+    db: DbOpt = None,
+) -> None:
+    """Run in the foreground: persist the binding table after each change, sweep expired ones.
+
+    Enforcement needs no process (DHCP is parsed in the kernel); this keeps the
+    snooping database file current. Run it under systemd or a supervisor; SIGTERM
+    stops it cleanly.
+
+    Example: xfer dhcp serve --netns sw1 --trusted uplink --untrusted vm0,vm1
+    """
+    import asyncio
+
+    from xfer.dhcpsnoop import device
+    from xfer.dhcpsnoop.serve import Snooper
+
+    if untrusted or trusted:
+        device.attach(netns, _split(trusted), _split(untrusted), mode, db)
+    logging.getLogger("xfer").setLevel(logging.INFO)
+    asyncio.run(Snooper(netns, interval, db).run())
 
 
 def main() -> None:
