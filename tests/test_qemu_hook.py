@@ -331,3 +331,21 @@ def test_qemu_migrate_command(pair: QemuPair, fail: bool) -> None:
                 assert (await status(w.dst))["running"] is True
 
     asyncio.run(scenario())
+
+
+def test_window_found_by_polling_when_events_are_off(pair: QemuPair) -> None:
+    """The fallback: with the `events` capability off no MIGRATION event comes."""
+    async def scenario() -> None:
+        async with watching(pair) as w:
+            await window.set_capabilities(w.src, {window.EVENTS: False, window.PAUSE: True})
+            since = len(w.src.events)
+            uri = pair.uri()
+            await w.dst.execute("migrate-incoming", {"uri": uri})
+            await w.src.execute("migrate", {"uri": uri})
+            await window.wait_for_window(w.src, since, 20, poll_s=0.05)
+            assert not any(e.name == "MIGRATION" for e in w.src.events[since:])
+            assert await window.migration_status(w.src) == "pre-switchover"
+            await window.continue_migration(w.src)
+            assert await window.wait_finished(w.src, since, 20, poll_s=0.05) == "completed"
+
+    asyncio.run(scenario())
