@@ -198,12 +198,15 @@ async def _hook_process(pair: QemuPair, url: str, *extra: str) -> asyncio.subpro
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_hook_killed_inside_the_window(pair: QemuPair, sig: signal.Signals) -> None:
-    """SIGKILL leaves the window open and a rerun ends it; SIGTERM ends it on the way out."""
+@pytest.mark.parametrize(("sig", "on_fail"), [(signal.SIGKILL, "cancel"), (signal.SIGTERM, "cancel"),
+                                              (signal.SIGTERM, "continue")],
+                         ids=["sigkill", "sigterm", "sigterm-on-fail-continue"])
+def test_hook_killed_inside_the_window(pair: QemuPair, sig: signal.Signals, on_fail: str) -> None:
+    """SIGKILL leaves the window open and a rerun ends it; SIGTERM ends it on the way out,
+    by the --on-fail policy (continue: the VM moves on, nothing cancels it afterwards)."""
     async def scenario() -> None:
         async with watching(pair, delay_s=60) as w:
-            proc = await _hook_process(pair, w.mgr.url, "--deadline-ms", "60000")
+            proc = await _hook_process(pair, w.mgr.url, "--deadline-ms", "60000", "--on-fail", on_fail)
             try:
                 await start_migration(w, pair.uri())
                 async with asyncio.timeout(20):
@@ -224,10 +227,14 @@ def test_hook_killed_inside_the_window(pair: QemuPair, sig: signal.Signals) -> N
                 assert b"left open by an earlier run" in err
             else:
                 assert proc.returncode == 1
-            async with asyncio.timeout(10):
-                while not (await status(w.src))["running"]:
-                    await asyncio.sleep(0.02)
-            assert await window.migration_status(w.src) == "cancelled"
+            if on_fail == "continue":
+                await w.dst.wait_event(lambda e: e.name == "RESUME", 10)
+                assert await window.migration_status(w.src) == "completed"
+            else:
+                async with asyncio.timeout(10):
+                    while not (await status(w.src))["running"]:
+                        await asyncio.sleep(0.02)
+                assert await window.migration_status(w.src) == "cancelled"
             assert (await window.capabilities(w.src))[window.PAUSE] is False
 
     asyncio.run(scenario())

@@ -111,7 +111,7 @@ async def own_window(qmp: QmpClient, opts: HookOptions, armed: window.Armed,
             await hold_window(qmp, opts, report, notify)
             await record_finish(qmp, report, armed.since, opts.finish_s)
         finally:
-            await _abandon(qmp, opts, armed)
+            await _abandon(qmp, opts, armed, report)
     return report
 
 
@@ -171,14 +171,15 @@ async def _end(qmp: QmpClient, report: WindowReport, moved: bool, on_fail: str) 
     report.end_acked = time.time()
 
 
-async def _abandon(qmp: QmpClient, opts: HookOptions, armed: window.Armed) -> None:
+async def _abandon(qmp: QmpClient, opts: HookOptions, armed: window.Armed, report: WindowReport) -> None:
     """On the way out: a migration still running with the capability set would stop in a
-    window nobody ends, so cancel it (or end its window); then restore the capabilities."""
+    window nobody ends, so cancel it (or end its window); then restore the capabilities.
+    A migration whose window we already ended forwards is left to finish."""
     try:
         status = await window.migration_status(qmp)
-        if status == window.PRE_SWITCHOVER:
+        if status == window.PRE_SWITCHOVER and report.ended is None:
             await _end(qmp, WindowReport(opts.vm, error="hook exiting"), False, opts.on_fail)
-        elif status in window.RUNNING:
+        elif status in window.RUNNING and report.opened is None:
             log.warning("vm %s: hook exiting before the window: cancelling the migration", opts.vm)
             await qmp.execute("migrate_cancel")
         if status in window.RUNNING:
