@@ -356,3 +356,16 @@ def test_window_found_by_polling_when_events_are_off(pair: QemuPair) -> None:
             assert await window.wait_finished(w.src, since, 20, poll_s=0.05) == "completed"
 
     asyncio.run(scenario())
+
+
+def test_no_migration_within_wait_s_is_a_one_line_error_and_disarms(pair: QemuPair) -> None:
+    async def scenario() -> None:
+        async with watching(pair) as w:
+            proc = await _hook_process(pair, w.mgr.url, "--wait-s", "0.3")
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+            assert proc.returncode == 1
+            assert b"no migration reached its pause window within 0.3 s" in err
+            assert len(err.strip().splitlines()) == 1
+            assert (await window.capabilities(w.src))[window.PAUSE] is False
+
+    asyncio.run(scenario())

@@ -164,7 +164,8 @@ async def _end(qmp: QmpClient, report: WindowReport, moved: bool, on_fail: str) 
             log.error("vm %s: MIGRATION CONTINUED WITHOUT NETWORK STATE (%s): its connections, "
                       "DHCP binding and counters did not follow it", report.vm, report.error)
     else:
-        await window.cancel_migration(qmp)
+        if not await window.cancel_migration(qmp):
+            report.error = f"{report.error}; the source guest did not run again (paused before?)"
         report.outcome = "cancelled"
         log.warning("vm %s: migration cancelled, the guest runs on the source (%s)",
                     report.vm, report.error)
@@ -185,7 +186,7 @@ async def _abandon(qmp: QmpClient, opts: HookOptions, armed: window.Armed, repor
         if status in window.RUNNING:
             await window.wait_finished(qmp, armed.since, opts.finish_s)
         await window.disarm(qmp, armed)
-    except (XferError, TimeoutError) as exc:
+    except XferError as exc:
         log.error("vm %s: could not restore QEMU's migration capabilities: %s", opts.vm, exc)
 
 

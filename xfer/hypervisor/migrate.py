@@ -66,5 +66,6 @@ async def _destination_resumed(dst: QmpClient, since: int, timeout: float) -> fl
     await window.wait_finished(dst, since, timeout)
     if not await window.guest_running(dst) and dst.last_event("RESUME") is None:
         await dst.execute("cont")
-    event = await dst.wait_event(lambda e: e.name == "RESUME", timeout, since)
+    async with window.within(timeout, "the destination guest did not resume"):
+        event = await dst.wait_event(lambda e: e.name == "RESUME", None, since)
     return event.timestamp

@@ -62,8 +62,9 @@ async def observe(qmp_path: str, opts: HookOptions, notify: Notify | None = None
 
 async def _migration_stop(qmp: QmpClient, timeout: float | None) -> QmpEvent:
     since = len(qmp.events)
-    while True:
-        stop = await qmp.wait_event(lambda e: e.name == "STOP", timeout, since)
-        since = qmp.events.index(stop) + 1
-        if (await qmp.execute("query-status"))["status"] in MIGRATION_STOPPED:
-            return stop
+    async with window.within(timeout, "the guest did not stop for a migration"):
+        while True:
+            stop = await qmp.wait_event(lambda e: e.name == "STOP", None, since)
+            since = qmp.events.index(stop) + 1
+            if (await qmp.execute("query-status"))["status"] in MIGRATION_STOPPED:
+                return stop

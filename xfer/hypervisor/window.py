@@ -17,7 +17,9 @@ policy here (what to send, when to cancel): see ``xfer.hypervisor.hook``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,16 @@ class Armed:
 
     previous: dict[str, bool]
     since: int
+
+
+@contextlib.asynccontextmanager
+async def within(timeout: float | None, what: str) -> AsyncIterator[None]:
+    """``asyncio.timeout`` whose expiry is a ``HypervisorError`` saying ``what`` did not happen."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError as exc:
+        raise HypervisorError(f"{what} within {timeout} s") from exc
 
 
 async def capabilities(qmp: QmpClient) -> dict[str, bool]:
@@ -100,7 +112,7 @@ async def wait_for_window(qmp: QmpClient, since: int, timeout: float | None,
     def relevant(e: QmpEvent) -> bool:
         return e.name == "MIGRATION" and e.data.get("status") in {PRE_SWITCHOVER, *TERMINAL}
 
-    async with asyncio.timeout(timeout):
+    async with within(timeout, "no migration reached its pause window"):
         while True:
             try:
                 event = await qmp.wait_event(relevant, poll_s, since)
@@ -124,12 +136,22 @@ async def continue_migration(qmp: QmpClient) -> None:
     await qmp.execute("migrate-continue", {"state": PRE_SWITCHOVER})
 
 
-async def cancel_migration(qmp: QmpClient, timeout: float = 10.0) -> None:
-    """End the window backwards: ``migrate_cancel``, then wait until the source guest runs."""
+async def cancel_migration(qmp: QmpClient, timeout: float = 10.0, resume_s: float = 2.0) -> bool:
+    """End the window backwards: ``migrate_cancel``; True once the source guest runs again.
+
+    False when it stays stopped (a guest paused before the migration stays paused).
+    """
     await qmp.execute("migrate_cancel")
-    async with asyncio.timeout(timeout):
-        while not await guest_running(qmp):
+    async with within(timeout, "the migration was not cancelled"):
+        while await migration_status(qmp) not in TERMINAL:
             await asyncio.sleep(0.01)
+    try:
+        async with asyncio.timeout(resume_s):
+            while not await guest_running(qmp):
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def completed_info(qmp: QmpClient, timeout: float = 5.0) -> dict[str, Any]:
@@ -139,7 +161,7 @@ async def completed_info(qmp: QmpClient, timeout: float = 5.0) -> dict[str, Any]
     thread before it computes ``downtime``/``total-time`` under the BQL, at the same
     time as it moves the guest to ``postmigrate``; read before that, downtime is 0.
     """
-    async with asyncio.timeout(timeout):
+    async with within(timeout, "the source did not reach postmigrate"):
         while (await qmp.execute("query-status"))["status"] != "postmigrate":
             await asyncio.sleep(0.002)
     return dict(await qmp.execute("query-migrate"))
@@ -151,7 +173,7 @@ async def wait_finished(qmp: QmpClient, since: int, timeout: float, poll_s: floa
     def done(e: QmpEvent) -> bool:
         return e.name == "MIGRATION" and e.data.get("status") in TERMINAL
 
-    async with asyncio.timeout(timeout):
+    async with within(timeout, "the migration did not finish"):
         while True:
             try:
                 return str((await qmp.wait_event(done, poll_s, since)).data["status"])
