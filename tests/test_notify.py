@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +22,7 @@ from xfer.hypervisor.notify import (
     send_migration_message,
 )
 from xfer.lab.qemu import free_port
-from xfer.lab.stub_manager import StubManager
+from xfer.lab.stub_manager import StubManager, self_signed_tls
 
 MSG = MigrationMessage("vm1", "not-running", "out", "hv1", "hv2", ("conntrack",), "relay")
 
@@ -148,3 +151,41 @@ def test_an_unreachable_manager_before_the_window_is_noted_not_fatal() -> None:
             assert link.open_error and "not reachable before the window" in link.open_error
 
     asyncio.run(scenario())
+
+
+Contexts = tuple[ssl.SSLContext, ssl.SSLContext]
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Contexts:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl(1) not installed")
+    return self_signed_tls(tmp_path)
+
+
+def test_https_manager_with_the_handshake_before_the_window(tls: Contexts) -> None:
+    server, client = tls
+
+    async def scenario() -> None:
+        async with StubManager(ssl_context=server) as mgr, ManagerLink(mgr.url, client) as link:
+            assert mgr.url.startswith("https://")
+            await link.open(1)
+            assert link.open_error is None
+            async with asyncio.timeout(5):  # the server side finishes its handshake a tick later
+                while mgr.accepted < 1:
+                    await asyncio.sleep(0.005)
+            assert (await link.send(MSG, time.monotonic() + 2))["ok"]
+            assert mgr.accepted == 1  # the handshake happened in open(), not in send()
+
+    asyncio.run(scenario())
+
+
+def test_https_manager_with_an_unknown_certificate_is_refused(tls: Contexts) -> None:
+    server, _ = tls
+
+    async def scenario() -> None:
+        async with StubManager(ssl_context=server) as mgr:
+            await send_migration_message(mgr.url, MSG, time.monotonic() + 2)  # system CAs only
+
+    with pytest.raises(MigrationMessageError, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(scenario())

@@ -10,7 +10,11 @@ alternate in the same loop so drift hits every contender alike:
   pause-before-switchover itself costs (entering the window takes QEMU ~1 ms
   more than going straight to the device state) plus the hook's QMP round trips;
 * ``hook_0ms``: the hook with an instant manager: what owning the window costs;
-* ``hook_<N>ms``: the hook with a manager that takes N ms.
+* ``hook_<N>ms``: the hook with a manager that takes N ms;
+* ``hook_tls_0ms``: an https manager (self-signed, openssl(1)), connection and
+  TLS handshake made before the window, as the hook does;
+* ``hook_tls_cold_0ms``: the same, but connecting inside the window: what
+  opening the connection early saves.
 
 Per hooked scenario: ``overhead_ms`` = window held (QEMU entering pre-switchover
 → migrate-continue sent) minus the handler's time — the extra downtime caused by
@@ -26,6 +30,7 @@ baseline / xfer as in every xfer benchmark (below 1: the hook adds time).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +38,11 @@ from typing import Any
 
 from xfer.bench.common import Echo, median, write_results
 from xfer.hypervisor import migrate
-from xfer.hypervisor.hook import HookOptions
-from xfer.hypervisor.notify import MigrationMessage
+from xfer.hypervisor.hook import HookOptions, Notify
+from xfer.hypervisor.notify import MigrationMessage, send_migration_message
 from xfer.hypervisor.report import WindowReport
 from xfer.lab.qemu import QemuPair
-from xfer.lab.stub_manager import StubManager
+from xfer.lab.stub_manager import StubManager, self_signed_tls
 
 TARGET_OVERHEAD_MS = 5.0
 
@@ -47,21 +52,30 @@ class Contender:
     hooked: bool
     handler_s: float = 0.0
     http: bool = True     # False: the hook with a no-op message (no HTTP, no manager)
+    tls: bool = False     # https manager
+    cold: bool = False    # connect (and handshake) inside the window instead of before it
 
 
 async def _no_message(message: MigrationMessage, deadline: float) -> dict[str, Any]:
     return {}
 
 
-async def _migrate(pair: QemuPair, mgr: StubManager, who: Contender) -> tuple[WindowReport, float]:
+async def _migrate(pair: QemuPair, managers: dict[bool, StubManager], client_tls: ssl.SSLContext,
+                   who: Contender) -> tuple[WindowReport, float]:
     """One migration; returns its report and the stand-in manager's handler time."""
+    mgr = managers[who.tls]
     mgr.delay_s = who.handler_s
     seen = len(mgr.received)
     opts = HookOptions(vm="bench-vm", manager=mgr.url, source="hv-a", destination="hv-b",
-                       deadline_s=5.0, wait_s=30, finish_s=30)
+                       deadline_s=5.0, wait_s=30, finish_s=30, ssl_context=client_tls if who.tls else None)
+    notify: Notify | None = None
+    if not who.http:
+        notify = _no_message
+    elif who.cold:
+        async def notify(message: MigrationMessage, deadline: float) -> dict[str, Any]:
+            return await send_migration_message(opts.manager, message, deadline, opts.ssl_context)
     report = await migrate.run_migration(pair.src.qmp, pair.dst.qmp, pair.uri(), opts,
-                                         notify=None if who.http else _no_message,
-                                         use_hook=who.hooked)
+                                         notify=notify, use_hook=who.hooked)
     if report.status != "completed" or (who.hooked and not report.ok):
         raise RuntimeError(f"migration failed: {report.to_dict()}")
     handler = sum(r.handler_s or 0.0 for r in mgr.received[seen:])
@@ -86,15 +100,19 @@ def _row(report: WindowReport, handler_s: float) -> dict[str, float]:
 
 async def _runs(repeat: int, transfer_ms: float, memory_mb: int, say: Echo) -> dict[str, Any]:
     contenders = {"baseline": Contender(False), "pause_noop": Contender(True, http=False),
-                  "hook_0ms": Contender(True), f"hook_{transfer_ms:g}ms": Contender(True, transfer_ms / 1000)}
+                  "hook_0ms": Contender(True), f"hook_{transfer_ms:g}ms": Contender(True, transfer_ms / 1000),
+                  "hook_tls_0ms": Contender(True, tls=True),
+                  "hook_tls_cold_0ms": Contender(True, tls=True, cold=True)}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
     with QemuPair(memory_mb=memory_mb) as pair:
-        async with StubManager() as mgr:
+        server_tls, client_tls = self_signed_tls(pair.dir)
+        async with StubManager() as plain, StubManager(ssl_context=server_tls) as tls:
+            managers = {False: plain, True: tls}
             for who in contenders.values():
-                await _migrate(pair, mgr, who)  # warm-up: first connections, imports
+                await _migrate(pair, managers, client_tls, who)  # warm-up: first connections, imports
             for n in range(repeat):
                 for name, who in contenders.items():
-                    runs[name].append(_row(*await _migrate(pair, mgr, who)))
+                    runs[name].append(_row(*await _migrate(pair, managers, client_tls, who)))
                 if say:
                     say(f"run {n + 1}/{repeat}: " + ", ".join(
                         f"{name} downtime {r[-1]['downtime_ms']:.0f} ms" for name, r in runs.items()))

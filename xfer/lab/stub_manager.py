@@ -16,15 +16,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from xfer.errors import XferError
 from xfer.hypervisor import http1
 
 Work = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def self_signed_tls(workdir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for an https stand-in on 127.0.0.1, made with openssl(1).
+
+    Lab only: a throw-away self-signed certificate, not the agents' PKI.
+    """
+    cert, key = workdir / "manager.pem", workdir / "manager.key"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-days", "1", "-subj", "/CN=manager",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise XferError(f"cannot make a test certificate with openssl(1): {exc}") from exc
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
 
 
 @dataclass
@@ -46,6 +68,7 @@ class StubManager:
     delay_s: float = 0.0
     fail_status: int | None = None
     work: Work | None = None
+    ssl_context: ssl.SSLContext | None = None    # serve https (a server context)
     received: list[Received] = field(default_factory=list)
     url: str = ""
 
@@ -65,9 +88,9 @@ class StubManager:
         await self.stop()
 
     async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
         port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/migrations"
+        self.url = f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{port}/migrations"
         return self.url
 
     async def stop(self) -> None:
