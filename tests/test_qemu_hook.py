@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from xfer.errors import QmpError
 from xfer.hypervisor import hook, migrate, window
 from xfer.hypervisor.qmp import QmpClient
 from xfer.hypervisor.report import WindowReport
@@ -367,5 +368,17 @@ def test_no_migration_within_wait_s_is_a_one_line_error_and_disarms(pair: QemuPa
             assert b"no migration reached its pause window within 0.3 s" in err
             assert len(err.strip().splitlines()) == 1
             assert (await window.capabilities(w.src))[window.PAUSE] is False
+
+    asyncio.run(scenario())
+
+
+def test_qemu_migrate_that_cannot_start_leaves_the_source_as_it_was(pair: QemuPair) -> None:
+    async def scenario() -> None:
+        async with watching(pair) as w:
+            with pytest.raises(QmpError):
+                await migrate.run_migration(pair.src.qmp, pair.dst.qmp, "bogus:nowhere",
+                                            options(w.mgr.url))
+            assert (await window.capabilities(w.src))[window.PAUSE] is False
+            assert (await status(w.src))["running"] is True
 
     asyncio.run(scenario())

@@ -38,15 +38,20 @@ async def run_migration(src_path: str, dst_path: str, uri: str, opts: hook.HookO
                                   "(start it with -incoming defer)")
         dst_armed = await window.arm(dst, pause=False)
         armed = await window.arm(src, pause=use_hook)
+        owned = False
         try:
             await dst.execute("migrate-incoming", {"uri": uri})
             await src.execute("migrate", {"uri": uri})
+            owned = True  # from here own_window/_unhooked restore the source's capabilities
             report = await (hook.own_window(src, opts, armed, notify) if use_hook
                             else _unhooked(src, opts, armed))
             if report.status == "completed":
                 report.resume = await _destination_resumed(dst, dst_armed.since, opts.finish_s)
             return report
         finally:
+            if not owned:
+                with contextlib.suppress(XferError):
+                    await window.disarm(src, armed)
             # The destination QEMU exits after a cancelled migration; nothing to restore then.
             with contextlib.suppress(XferError):
                 await window.disarm(dst, dst_armed)
