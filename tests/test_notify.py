@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from xfer.errors import MigrationMessageError, UsageError
+from xfer.errors import AuthError, MigrationMessageError, UsageError
 from xfer.hypervisor import http1
 from xfer.hypervisor.notify import (
     ManagerLink,
     MigrationMessage,
     check_url,
+    client_tls,
     messages_for,
     send_migration_message,
 )
@@ -189,3 +190,26 @@ def test_https_manager_with_an_unknown_certificate_is_refused(tls: Contexts) -> 
 
     with pytest.raises(MigrationMessageError, match="CERTIFICATE_VERIFY_FAILED"):
         asyncio.run(scenario())
+
+
+def test_mutual_tls_manager_wants_the_client_certificate(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl(1) not installed")
+    server, _ = self_signed_tls(tmp_path, mutual=True)
+    pem, key = tmp_path / "manager.pem", tmp_path / "manager.key"
+
+    async def send(ctx: ssl.SSLContext | None) -> dict:
+        async with StubManager(ssl_context=server) as mgr:
+            return await send_migration_message(mgr.url, MSG, time.monotonic() + 2, ctx)
+
+    assert asyncio.run(send(client_tls(pem, pem, key)))["ok"]
+    with pytest.raises(MigrationMessageError):
+        asyncio.run(send(client_tls(pem)))  # no client certificate: the handshake is refused
+
+
+def test_missing_tls_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(AuthError, match="TLS file not found"):
+        client_tls(tmp_path / "nope.pem")
+    r = _xfer("qemu-hook", "--qmp", "/nonexistent", "--vm", "vm1", "--manager", "https://127.0.0.1:1/m",
+              "--cacert", str(tmp_path / "nope.pem"))
+    assert r.returncode == 1 and "TLS file not found" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +26,7 @@ from xfer.hypervisor import hook, migrate, window
 from xfer.hypervisor.qmp import QmpClient
 from xfer.hypervisor.report import WindowReport
 from xfer.lab.qemu import QemuPair, qemu_binary
-from xfer.lab.stub_manager import StubManager
+from xfer.lab.stub_manager import StubManager, self_signed_tls
 
 pytestmark = pytest.mark.skipif(qemu_binary() is None,
                                 reason="qemu-system-x86_64 not installed (Debian qemu-system-x86)")
@@ -380,5 +381,25 @@ def test_qemu_migrate_that_cannot_start_leaves_the_source_as_it_was(pair: QemuPa
                                             options(w.mgr.url))
             assert (await window.capabilities(w.src))[window.PAUSE] is False
             assert (await status(w.src))["running"] is True
+
+    asyncio.run(scenario())
+
+
+def test_qemu_migrate_to_a_mutual_tls_manager(pair: QemuPair, tmp_path: Any) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl(1) not installed")
+    server, _ = self_signed_tls(tmp_path, mutual=True)
+    pem, key = str(tmp_path / "manager.pem"), str(tmp_path / "manager.key")
+
+    async def scenario() -> None:
+        async with StubManager(ssl_context=server) as mgr:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "xfer.cli", "qemu-migrate", "--src-qmp", pair.src.qmp,
+                "--dst-qmp", pair.dst.qmp, "--uri", pair.uri(), "--vm", "vm1", "--manager", mgr.url,
+                "--to", "hv2", "--cacert", pem, "--cert", pem, "--key", key, "--json",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 25)
+            assert proc.returncode == 0, err
+            assert json.loads(out)["outcome"] == "moved" and len(mgr.received) == 1
 
     asyncio.run(scenario())

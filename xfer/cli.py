@@ -472,17 +472,25 @@ MsgKindsOpt = Annotated[str | None, typer.Option("--kinds", help="Kinds to move 
                                                  "manager's choice).")]
 ModeOpt = Annotated[str | None, typer.Option("--mode", help="relay|pull|push|store (default: the "
                                              "manager's).")]
+CaOpt = Annotated[Path | None, typer.Option("--cacert", help="CA that signs an https manager's "
+                                            "certificate (default: the system's).", metavar="FILE")]
+CertOpt = Annotated[Path | None, typer.Option("--cert", help="Client certificate for a manager that "
+                                              "wants mutual TLS.", metavar="FILE")]
+CertKeyOpt = Annotated[Path | None, typer.Option("--key", help="Key of --cert (default: in --cert).",
+                                                 metavar="FILE")]
 
 
 def _hook_options(vm: str, manager: str, source: str | None, destination: str, deadline_ms: int,
-                  on_fail: str, kinds: str | None, mode: str | None, **kw: Any) -> Any:
+                  on_fail: str, kinds: str | None, mode: str | None, tls: tuple[Path | None, ...],
+                  **kw: Any) -> Any:
     from xfer.hypervisor.hook import HookOptions
+    from xfer.hypervisor.notify import client_tls
     from xfer.model import parse_kinds
 
     extra: dict[str, Any] = {"source": source} if source else {}
     return HookOptions(vm=vm, manager=manager, destination=destination, deadline_s=deadline_ms / 1000,
                        on_fail=on_fail, kinds=tuple(k.value for k in parse_kinds(kinds)) if kinds else None,
-                       mode=mode, **extra, **kw)
+                       mode=mode, ssl_context=client_tls(*tls), **extra, **kw)
 
 
 def _window_report(report: Any, as_json: bool) -> None:
@@ -513,6 +521,9 @@ def qemu_hook(
                                           "send the message when the guest stops for migration. "
                                           "Ordering NOT guaranteed; the report says by how much "
                                           "the state was late.")] = False,
+    cacert: CaOpt = None,
+    cert: CertOpt = None,
+    key: CertKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Own the next migration's pause window on the source QEMU and move the VM's state in it.
@@ -531,7 +542,7 @@ def qemu_hook(
     from xfer.hypervisor import observe as observer
 
     opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode,
-                         wait_s=wait_s)
+                         (cacert, cert, key), wait_s=wait_s)
     def ready() -> None:
         sys.stderr.write(f"xfer: watching {qmp} for {vm}'s migration stop (observer)\n")
         sys.stderr.flush()
@@ -554,6 +565,9 @@ def qemu_migrate(
     on_fail: OnFailOpt = "cancel",
     kinds: MsgKindsOpt = None,
     mode: ModeOpt = None,
+    cacert: CaOpt = None,
+    cert: CertOpt = None,
+    key: CertKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Migrate a QEMU guest with the hook in its pause window; report downtime and guest gap.
@@ -563,7 +577,8 @@ def qemu_migrate(
     """
     from xfer.hypervisor import hook, migrate
 
-    opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode)
+    opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode,
+                         (cacert, cert, key))
     _window_report(hook.run_sync(migrate.run_migration(src_qmp, dst_qmp, uri, opts)), as_json)
 
 

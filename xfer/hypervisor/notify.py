@@ -18,10 +18,11 @@ import socket
 import ssl
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from xfer.errors import MigrationMessageError, UsageError
+from xfer.errors import AuthError, MigrationMessageError, UsageError
 from xfer.hypervisor import http1
 
 
@@ -69,6 +70,26 @@ def messages_for(vm: str, source: str, destination: str, kinds: tuple[str, ...] 
     if mode == "store":
         out.append(MigrationMessage(vm, "starting", "in", source, destination, kinds, mode))
     return out
+
+
+def client_tls(ca: Path | None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext | None:
+    """The client context for an https manager: trust ``ca`` (default: the system's),
+    present ``cert``/``key`` for mutual TLS. None when nothing is given.
+
+    >>> client_tls(None) is None
+    True
+    """
+    if ca is None and cert is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if cert is not None:
+            ctx.load_cert_chain(str(cert), str(key or cert))
+    except FileNotFoundError as exc:
+        raise AuthError(f"TLS file not found: {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise AuthError(f"cannot load TLS material ({ca}, {cert}, {key}): {exc}") from None
+    return ctx
 
 
 def check_url(url: str) -> SplitResult:

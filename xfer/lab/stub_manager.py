@@ -31,10 +31,12 @@ from xfer.hypervisor import http1
 Work = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-def self_signed_tls(workdir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+def self_signed_tls(workdir: Path, mutual: bool = False) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server, client) contexts for an https stand-in on 127.0.0.1, made with openssl(1).
 
-    Lab only: a throw-away self-signed certificate, not the agents' PKI.
+    Lab only: one throw-away self-signed certificate, ``workdir/manager.pem`` and
+    ``manager.key``, not the agents' PKI. ``mutual``: the server requires a client
+    certificate, the same one (the client context presents it).
     """
     cert, key = workdir / "manager.pem", workdir / "manager.key"
     try:
@@ -46,7 +48,12 @@ def self_signed_tls(workdir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
         raise XferError(f"cannot make a test certificate with openssl(1): {exc}") from exc
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
-    return server, ssl.create_default_context(cafile=str(cert))
+    client = ssl.create_default_context(cafile=str(cert))
+    if mutual:
+        server.verify_mode = ssl.CERT_REQUIRED
+        server.load_verify_locations(cafile=str(cert))
+        client.load_cert_chain(cert, key)
+    return server, client
 
 
 @dataclass
