@@ -74,3 +74,20 @@ class AgentError(XferError):
         self.status = status
         self.remote_type = remote_type
         super().__init__(message)
+
+
+class HypervisorError(XferError):
+    """The hypervisor (QEMU over QMP) refused, failed or went away during a migration."""
+
+
+class QmpError(HypervisorError):
+    """A QMP command failed; ``error_class`` is QEMU's class (e.g. ``GenericError``)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        super().__init__(f"QMP {command}: {desc} ({error_class})")
+
+
+class MigrationMessageError(HypervisorError):
+    """The manager refused the migration message, failed, or missed the deadline."""

@@ -1,0 +1,1 @@
+"""Hypervisor side: QEMU QMP pause-before-switchover hook, migration messages."""

@@ -1,0 +1,70 @@
+"""Observer mode: send the migration message when the guest stops, without owning the window.
+
+For hosts where someone else owns ``pause-before-switchover`` — libvirt enables it
+itself and sends ``migrate-continue`` as soon as QEMU reaches ``pre-switchover``
+— a third party on a second QMP monitor can only watch. The observer waits for
+a STOP event whose run state says "stopped for migration" (``finish-migrate``,
+or ``postmigrate`` if the migration already finished), sends the message, and
+reports whether the migration completed before the manager answered: then the
+destination may have run without the state for that long. Ordering is NOT
+guaranteed here; ``xfer.hypervisor.hook`` is the path that guarantees it.
+
+    report = asyncio.run(observe("/run/xfer/libvirt/vm1.qmp", opts))
+    report.to_dict()["unordered_ms"]   # > 0: the state arrived after the switchover
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from xfer.errors import XferError
+from xfer.hypervisor import window
+from xfer.hypervisor.hook import HookOptions, Notify, preconnect
+from xfer.hypervisor.notify import ManagerLink
+from xfer.hypervisor.qmp import QmpClient, QmpEvent
+from xfer.hypervisor.report import WindowReport
+
+# Run states of a guest stopped by a migration, as opposed to a user's `stop` ("paused").
+MIGRATION_STOPPED = frozenset({"finish-migrate", "postmigrate"})
+
+
+async def observe(qmp_path: str, opts: HookOptions, notify: Notify | None = None,
+                  on_ready: Callable[[], None] | None = None) -> WindowReport:
+    """Wait for the guest to stop for a migration, send the message(s), report the race.
+
+    ``on_ready`` is called once connected (the CLI says so in its log).
+    """
+    async with QmpClient(qmp_path) as qmp, ManagerLink(opts.manager, opts.ssl_context) as link:
+        if notify is None:
+            await preconnect(link, len(opts.messages()))
+            notify = link.send
+        since = len(qmp.events)
+        if on_ready is not None:
+            on_ready()
+        stop = await _migration_stop(qmp, opts.wait_s)
+        report = WindowReport(opts.vm, outcome="observed", stop=stop.timestamp)
+        deadline = time.monotonic() + opts.deadline_s - max(0.0, time.time() - stop.timestamp)
+        started = time.perf_counter()
+        try:
+            for message in opts.messages():
+                report.manager.append(await notify(message, deadline))
+            report.transfer_s = time.perf_counter() - started
+        except XferError as exc:
+            report.outcome, report.error = "observed-failed", str(exc)
+        report.ended = time.time()
+        report.status = await window.wait_finished(qmp, since, opts.finish_s)
+        done = next((e for e in qmp.events[since:] if e.name == "MIGRATION"
+                     and e.data.get("status") == "completed"), None)
+        report.switchover = done.timestamp if done else None
+        return report
+
+
+async def _migration_stop(qmp: QmpClient, timeout: float | None) -> QmpEvent:
+    since = len(qmp.events)
+    async with window.within(timeout, "the guest did not stop for a migration"):
+        while True:
+            stop = await qmp.wait_event(lambda e: e.name == "STOP", None, since)
+            since = qmp.events.index(stop) + 1
+            if (await qmp.execute("query-status"))["status"] in MIGRATION_STOPPED:
+                return stop
