@@ -1014,6 +1014,15 @@ def dhcp_serve(
     asyncio.run(Snooper(netns, interval, db).run())
 
 
+def _register_manager() -> None:
+    from xfer.manager.cli import register
+
+    register(app)
+
+
+_register_manager()
+
+
 def main() -> None:
     """Console entry point: map errors to exit codes and one-line messages."""
     logging.basicConfig(level=logging.WARNING, format="xfer: %(message)s")

@@ -1,0 +1,1 @@
+"""The migration manager: topology, migration messages, the four modes, journal (issue 6)."""

@@ -1,0 +1,250 @@
+"""The manager's commands, registered on the ``xfer`` app by ``register`` (thin: parse, call, print).
+
+    xfer topology check|show FILE
+    xfer manager serve --config FILE
+    xfer notify --vm VM --indication not-running --direction out --from S --to D [--udp H:P]
+    xfer migrate VM --from S --to D [--mode relay|pull|push|store];  xfer migrate --abort VM
+    xfer migrations [--journal FILE] [--json]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from xfer.errors import UsageError
+
+topology_app = typer.Typer(help="The topology file: servers, devices, links, gateways.",
+                           no_args_is_help=True)
+manager_app = typer.Typer(help="The migration manager daemon.", no_args_is_help=True)
+
+ManagerUrlOpt = Annotated[str, typer.Option("--manager", help="The manager's message URL.",
+                                            envvar="XFER_MANAGER", metavar="URL")]
+MgrCaOpt = Annotated[Path | None, typer.Option("--ca", help="CA that signs the manager's certificate.",
+                                               envvar="XFER_MANAGER_CA", metavar="FILE")]
+MgrCertOpt = Annotated[Path | None, typer.Option("--cert", help="Client certificate (the manager "
+                                                 "refuses clients without one).",
+                                                 envvar="XFER_MANAGER_CERT", metavar="FILE")]
+MgrKeyOpt = Annotated[Path | None, typer.Option("--key", help="Key of --cert.", envvar="XFER_MANAGER_KEY",
+                                                metavar="FILE")]
+UdpOpt = Annotated[str | None, typer.Option("--udp", help="Send as one datagram to HOST:PORT "
+                                            "(unicast or a multicast group) instead of HTTPS.")]
+IfaceOpt = Annotated[str | None, typer.Option("--interface", help="Local address datagrams leave from "
+                                              "(multicast: the interface to send on).")]
+JournalOpt = Annotated[Path, typer.Option("--journal", help="The manager's journal (SQLite).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _out(data: Any) -> None:
+    from xfer.cli import _print_json
+
+    _print_json(data)
+
+
+def _context(ca: Path | None, cert: Path | None, key: Path | None) -> Any:
+    from xfer.agent import tls
+
+    if ca is None:
+        raise UsageError("--ca is required (the manager speaks mutual TLS only)")
+    return tls.client_context(ca, cert, key)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--udp {text!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _send(body: dict[str, Any], manager: str, udp: str | None, interface: str | None, ca: Path | None,
+          cert: Path | None, key: Path | None, timeout: float) -> dict[str, Any]:
+    from xfer.manager import client
+
+    if udp:
+        answer = client.send_udp(_hostport(udp), body, timeout, interface)
+        assert answer is not None
+        return answer
+    return client.send_http(manager, body, _context(ca, cert, key), timeout)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    state = report.get("state", "aborted" if report.get("aborted") else "?")
+    head = f"{report.get('vm')}: migration {report.get('migration', '-')} {state}"
+    if report.get("ms") is not None:
+        head += (f" in {report['ms']:.1f} ms (budget {report.get('budget_ms', 0):.0f} ms"
+                 + (", OVER BUDGET)" if report.get("over_budget") else ")"))
+    typer.echo(head)
+    for p in report.get("phases", []):
+        ms = f"{p['ms']:.1f} ms" if p.get("ms") is not None else "unfinished"
+        kinds = ",".join(p["kinds"])
+        typer.echo(f"  {p['name']:<8} {p['device']:<12} {kinds:<24} {p['outcome'] or '-':<8} {ms}")
+    for kind, why in report.get("missing", {}).items():
+        typer.echo(f"  not moved: {kind}: {why}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the manager's commands to the ``xfer`` app."""
+    app.add_typer(topology_app, name="topology")
+    app.add_typer(manager_app, name="manager")
+    app.command("notify")(notify)
+    app.command("migrate")(migrate)
+    app.command("migrations")(migrations)
+
+
+@topology_app.command("check")
+def topology_check(file: Annotated[Path, typer.Argument(help="Topology file (YAML).")]) -> None:
+    """Validate a topology file: exit 0 when good, else one line naming the defect.
+
+    Example: xfer topology check /etc/xfer/topology.yaml
+    """
+    from xfer.manager import topology
+
+    topo = topology.load(file)
+    typer.echo(f"{file}: {len(topo.servers)} servers, {len(topo.devices)} devices, "
+               f"{len(topo.links)} links: ok")
+
+
+@topology_app.command("show")
+def topology_show(file: Annotated[Path, typer.Argument(help="Topology file (YAML).")],
+                  source: Annotated[str | None, typer.Option("--from", help="With --to: the plan.")] = None,
+                  destination: Annotated[str | None, typer.Option("--to")] = None,
+                  as_json: JsonOpt = False) -> None:
+    """Print each server's uplink path (device[kinds]); with --from/--to, which device gives and
+    takes each kind.
+
+    Example: xfer topology show topology.yaml --from hv1 --to hv2
+    """
+    from xfer.manager import plan, topology
+
+    topo = topology.load(file)
+    if source and destination:
+        p = plan.select(topo, source, destination)
+        if as_json:
+            _out(p.to_dict())
+            return
+        for r in p.routes:
+            typer.echo(f"{r.kind}: {r.source.id} -> {', '.join(d.id for d in r.destinations)}")
+        for kind, why in p.missing.items():
+            typer.echo(f"{kind}: NOT MOVED: {why}")
+        return
+    if as_json:
+        _out({s: topology.uplink_path(topo, s) for s in topo.servers})
+        return
+    for line in topology.describe(topo):
+        typer.echo(line)
+
+
+@manager_app.command("serve")
+def manager_serve(config: Annotated[Path, typer.Option("--config", "-c", help="Manager configuration "
+                                                       "(TOML).")]) -> None:
+    """Run the manager until SIGTERM (one JSON log line per message on stderr).
+
+    Example: xfer manager serve --config /etc/xfer/manager.toml
+    """
+    import asyncio
+
+    from xfer.manager import config as config_mod
+    from xfer.manager import server
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    mlog = logging.getLogger("xfer.manager")
+    mlog.addHandler(handler)
+    mlog.setLevel(logging.INFO)
+    mlog.propagate = False
+    asyncio.run(server.serve(config_mod.load(config)))
+
+
+def notify(
+    vm: Annotated[str, typer.Option("--vm", help="VM id (inventory name) or addresses.")],
+    indication: Annotated[str, typer.Option("--indication", help="not-running | starting | abort")],
+    direction: Annotated[str, typer.Option("--direction", help="out | in")] = "out",
+    source: Annotated[str, typer.Option("--from", help="Source server.")] = "",
+    destination: Annotated[str, typer.Option("--to", help="Destination server.")] = "",
+    kinds: Annotated[str | None, typer.Option("--kinds", help="Kinds (default: all the plan finds).")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="relay|pull|push|store")] = None,
+    manager: ManagerUrlOpt = "https://127.0.0.1:8700/v1/migrations",
+    udp: UdpOpt = None, interface: IfaceOpt = None,
+    ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 30,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send one migration message (HTTPS, or a UDP datagram with --udp) and print the answer.
+
+    Example: xfer notify --vm vm1 --indication not-running --direction out --from hv1 --to hv2
+    --udp 239.7.7.7:8702 --interface 10.0.4.20
+    """
+    body: dict[str, Any] = {"vm": vm, "indication": indication, "direction": direction,
+                            "source": source, "destination": destination}
+    if kinds:
+        body["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
+    if mode:
+        body["mode"] = mode
+    report = _send(body, manager, udp, interface, ca, cert, key, timeout)
+    _out(report) if as_json else _print_report(report)
+
+
+def migrate(
+    vm: Annotated[str | None, typer.Argument(help="VM id (inventory name) or addresses.")] = None,
+    source: Annotated[str | None, typer.Option("--from", help="Source server.")] = None,
+    destination: Annotated[str | None, typer.Option("--to", help="Destination server.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="relay|pull|push|store (default: the "
+                                             "manager's).")] = None,
+    kinds: Annotated[str | None, typer.Option("--kinds", help="Kinds (default: all the plan finds).")] = None,
+    abort: Annotated[str | None, typer.Option("--abort", help="Abort VM's migration: roll back its "
+                                              "destinations, leave its source as it was.",
+                                              metavar="VM")] = None,
+    manager: ManagerUrlOpt = "https://127.0.0.1:8700/v1/migrations",
+    ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 60,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a VM's network state from one server's uplink devices to another's, now.
+
+    In store mode this sends "out" then "in". Exit 1 when the migration failed (its
+    destinations were rolled back).
+
+    Example: xfer migrate vm1 --from hv1 --to hv2 --mode pull --ca ca.pem --cert op.pem --key op.key
+    """
+    if abort:
+        report = _send({"vm": abort, "indication": "abort"}, manager, None, None, ca, cert, key, timeout)
+        _out(report) if as_json else typer.echo(f"{abort}: aborted ({report.get('was')})")
+        return
+    if not vm or not source or not destination:
+        raise UsageError("migrate needs VM, --from and --to (or --abort VM)")
+    from xfer.hypervisor.notify import messages_for
+
+    kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip()) if kinds else None
+    reports = [_send(m.to_json(), manager, None, None, ca, cert, key, timeout)
+               for m in messages_for(vm, source, destination, kind_list, mode)]
+    if as_json:
+        _out(reports[-1] if len(reports) == 1 else {"messages": reports, **reports[-1]})
+        return
+    for r in reports:
+        _print_report(r)
+
+
+def migrations(
+    journal: JournalOpt = Path("/var/lib/xfer/manager.db"),
+    limit: Annotated[int, typer.Option("--limit", help="Newest N.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List migrations from the manager's journal with per-phase timings.
+
+    Example: xfer migrations --journal /var/lib/xfer/manager.db --json
+    """
+    from xfer.manager.journal import Journal
+
+    if not journal.exists():
+        raise UsageError(f"journal {journal} not found")
+    with Journal(journal) as j:
+        items = [m.to_dict() for m in j.recent(limit)]
+    if as_json:
+        _out(items)
+        return
+    for m in items:
+        _print_report({**m, "migration": m["id"], "state": m["state"]})

@@ -1,0 +1,122 @@
+"""The manager's configuration file (TOML), in the agent's shape.
+
+    [manager]
+    topology = "topology.yaml"        # relative paths are relative to this file
+    journal = "/var/lib/xfer/manager.db"
+    mode = "relay"                    # default mode: relay | pull | push | store
+    cleanup = "delete"                # delete | age-out
+    budget_ms = 300
+    store_ttl_s = 60
+    netns = ""                        # optional: reach the agents from this namespace
+
+    [listen]
+    address = "10.0.4.9"              # the message endpoint (mutual TLS only)
+    port = 8700
+    metrics = "127.0.0.1:9465"        # optional plain-HTTP Prometheus endpoint
+    udp = "10.0.4.9:8701"             # optional: messages as datagrams
+    multicast = "239.7.7.7:8702"      # optional: the group agents and manager listen on
+    multicast_interface = "10.0.4.9"  # address of the interface to join it on
+
+    [tls]
+    cert = "manager.pem"
+    key = "manager.key"
+    ca = "ca.pem"
+    allowed_peers = []                # optional: certificate names allowed to send messages
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xfer.agent.config import TlsFiles, _check_ip, _hostport, _port
+from xfer.errors import UsageError
+from xfer.manager.migration import Settings
+
+DEFAULT_PORT = 8700
+DEFAULT_JOURNAL = Path("/var/lib/xfer/manager.db")
+API_PATH = "/v1/migrations"
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    topology: Path
+    tls: TlsFiles
+    settings: Settings = field(default_factory=Settings)
+    journal: Path = DEFAULT_JOURNAL
+    store_ttl_s: float = 60.0
+    netns: str | None = None
+    address: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    metrics: tuple[str, int] | None = None
+    udp: tuple[str, int] | None = None
+    multicast: tuple[str, int] | None = None
+    multicast_interface: str = "0.0.0.0"
+    allowed_peers: frozenset[str] = frozenset()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"https://{host}:{self.port}{API_PATH}"
+
+
+def load(path: Path) -> ManagerConfig:
+    """Read and check a manager configuration; UsageError names the defect.
+
+    >>> load(Path("/etc/xfer/manager.toml")).port   # doctest: +SKIP
+    8700
+    """
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"manager config {path} not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"manager config {path}: {exc}") from None
+    return parse(raw, path.parent)
+
+
+def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
+    unknown = sorted(set(raw) - {"manager", "listen", "tls"})
+    if unknown:
+        raise UsageError(f"manager config: unknown section(s) {', '.join(unknown)}")
+    mgr, listen, tls = (_table(raw, n) for n in ("manager", "listen", "tls"))
+    if not mgr.get("topology"):
+        raise UsageError("manager config: manager.topology is required")
+    for key in ("cert", "key", "ca"):
+        if not tls.get(key):
+            raise UsageError(f"manager config: tls.{key} is required (the endpoint is mutual TLS only)")
+    budget = mgr.get("budget_ms", 300)
+    if not isinstance(budget, int | float) or budget <= 0:
+        raise UsageError("manager config: manager.budget_ms must be a positive number")
+    settings = Settings(str(mgr.get("mode", "relay")), str(mgr.get("cleanup", "delete")), float(budget))
+    address = str(listen.get("address", "127.0.0.1"))
+    _check_ip(address, "listen.address")
+    peers = tls.get("allowed_peers", [])
+    if not isinstance(peers, list):
+        raise UsageError("manager config: tls.allowed_peers must be a list of names")
+
+    def hostport(key: str) -> tuple[str, int] | None:
+        return _hostport(listen[key], f"listen.{key}") if listen.get(key) else None
+
+    return ManagerConfig(
+        topology=base / str(mgr["topology"]),
+        tls=TlsFiles(*(base / str(tls[k]) for k in ("cert", "key", "ca"))),
+        settings=settings,
+        journal=base / str(mgr.get("journal", DEFAULT_JOURNAL)),
+        store_ttl_s=float(mgr.get("store_ttl_s", 60)),
+        netns=str(mgr.get("netns") or "") or None,
+        address=address, port=_port(listen.get("port", DEFAULT_PORT), "listen.port"),
+        metrics=hostport("metrics"), udp=hostport("udp"), multicast=hostport("multicast"),
+        multicast_interface=str(listen.get("multicast_interface", "0.0.0.0")),
+        allowed_peers=frozenset(str(p) for p in peers),
+    )
+
+
+def _table(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        raise UsageError(f"manager config: [{name}] must be a table")
+    return value

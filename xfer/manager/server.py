@@ -1,0 +1,307 @@
+"""The manager daemon: migration messages over HTTPS (mutual TLS) and UDP, journal, metrics.
+
+Endpoints (JSON)::
+
+    POST /v1/migrations   (also /migrations)  a migration message -> the migration's report
+    POST /v1/migrations/abort  {"vm"}          roll back a migration of that VM
+    GET  /v1/migrations?limit=N                the journal, newest first
+    GET  /metrics                              Prometheus text (also on the optional plain listener)
+
+Datagrams (``[listen] udp`` and ``multicast``) carry the same message; the
+answer goes back to the sender as one datagram.
+
+    async with ManagerServer(config) as server:   # recovers the journal, then listens
+        await server.wait_stopped()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import struct
+import time
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from xfer import netns as xnetns
+from xfer.agent import tls
+from xfer.agent.client import AgentClient
+from xfer.agent.protocol import error_body, status_of
+from xfer.agent.server import bind_socket
+from xfer.errors import AuthError, UsageError, XferError
+from xfer.manager import messages, topology
+from xfer.manager.config import API_PATH, ManagerConfig
+from xfer.manager.journal import Journal
+from xfer.manager.migration import Conflict, MigrationFailed, Migrator
+from xfer.manager.store import Store
+
+log = logging.getLogger("xfer.manager")
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DEADLINE_HEADER = "X-Xfer-Deadline-Ms"
+
+
+class ManagerMetrics:
+    """Messages by outcome, migration and phase durations, budget overruns (own registry)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter("xfer_manager_messages", "Migration messages by transport and outcome",
+                                ["transport", "outcome"], registry=self.registry)
+        self.duration = Histogram("xfer_manager_migration_seconds", "Message to all destinations committed",
+                                  ["mode"], buckets=_BUCKETS, registry=self.registry)
+        self.phase = Histogram("xfer_manager_phase_seconds", "Each device operation", ["phase"],
+                               buckets=_BUCKETS, registry=self.registry)
+        self.over_budget = Counter("xfer_manager_over_budget", "Migrations over their time budget",
+                                   registry=self.registry)
+
+    def record(self, report: dict[str, Any]) -> None:
+        if report.get("ms") is not None:
+            self.duration.labels(report.get("mode", "")).observe(report["ms"] / 1000)
+        for p in report.get("phases", []):
+            if p.get("ms") is not None:
+                self.phase.labels(p["name"]).observe(p["ms"] / 1000)
+        if report.get("over_budget"):
+            self.over_budget.inc()
+
+
+class ManagerServer:
+    """The manager: explicit ``start()``/``stop()``, or ``async with``."""
+
+    def __init__(self, config: ManagerConfig) -> None:
+        self.config = config
+        self.metrics = ManagerMetrics()
+        self._runners: list[web.AppRunner] = []
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._stopped = asyncio.Event()
+        self._client: AgentClient | None = None
+        self._journal: Journal | None = None
+        self._store: Store | None = None
+        self._migrator: Migrator | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def migrator(self) -> Migrator:
+        assert self._migrator is not None, "start() first"
+        return self._migrator
+
+    async def __aenter__(self) -> ManagerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Load topology and TLS, recover the journal, then listen (HTTPS, UDP, metrics)."""
+        cfg = self.config
+        try:
+            topo = topology.load(cfg.topology)
+            server_ctx = tls.server_context(cfg.tls)
+            self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
+                                       namespace=cfg.netns, timeout=30)
+            await self._client.start()
+            self._journal = Journal(cfg.journal)
+            self._store = Store(cfg.journal, cfg.store_ttl_s)
+            self._migrator = Migrator(topo, self._client, self._journal, self._store, cfg.settings,
+                                      on_record=self.metrics.record)
+            # Before listening: no message may meet the remains of a crashed run.
+            for item in await self.migrator.recover():
+                emit({"event": "recovered", **item})
+            api = web.Application(client_max_size=64 * 1024, middlewares=[self._middleware])
+            api.add_routes([
+                web.post(API_PATH, self._message), web.post("/migrations", self._message),
+                web.post(f"{API_PATH}/abort", self._abort), web.get(API_PATH, self._list),
+                web.get("/metrics", self._metrics),
+            ])
+            await self._site(api, bind_socket(cfg.address, cfg.port, cfg.netns), server_ctx)
+            if cfg.metrics:
+                plain = web.Application()
+                plain.add_routes([web.get("/metrics", self._metrics)])
+                await self._site(plain, bind_socket(*cfg.metrics, cfg.netns), None)
+            if cfg.udp:
+                await self._listen_udp(udp_socket(*cfg.udp, cfg.netns))
+            if cfg.multicast:
+                await self._listen_udp(multicast_socket(*cfg.multicast, cfg.multicast_interface, cfg.netns))
+        except BaseException:
+            await self.stop()
+            raise
+        emit({"event": "listening", "url": cfg.url, "udp": cfg.udp, "multicast": cfg.multicast,
+              "mode": cfg.settings.mode, "cleanup": cfg.settings.cleanup})
+
+    async def _site(self, app: web.Application, sock: socket.socket, ctx: Any) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.SockSite(runner, sock, ssl_context=ctx).start()
+
+    async def _listen_udp(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self), sock=sock)
+        self._udp.append(transport)
+
+    async def stop(self) -> None:
+        """Stop listening, let cleanups under way finish, close the journal."""
+        for transport in self._udp:
+            transport.close()
+        self._udp.clear()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._migrator is not None:
+            await self._migrator.wait_background()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        for closable in (self._store, self._journal):
+            if closable is not None:
+                closable.close()
+        self._store = self._journal = None
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # --- handling ---------------------------------------------------------------------------
+
+    async def handle(self, body: Any, transport: str, deadline_ms: float | None = None) -> dict[str, Any]:
+        """One message from any transport: act, log one line, count it."""
+        started = time.perf_counter()
+        outcome, record = "ok", dict[str, Any]()
+        try:
+            msg = messages.parse(body)
+            record = {"vm": msg.vm, "indication": msg.indication, "direction": msg.direction,
+                      "mode": msg.mode or self.config.settings.mode}
+            budget = min(self.config.settings.budget_ms, deadline_ms) if deadline_ms else None
+            report = await self.migrator.handle(msg, budget)
+            record.update({k: report.get(k) for k in ("migration", "state", "over_budget", "device_ms")})
+            return report
+        except XferError as exc:
+            outcome, record["error"] = ("refused" if isinstance(exc, UsageError) else "failed"), str(exc)
+            raise
+        finally:
+            self.metrics.messages.labels(transport, outcome).inc()
+            emit({"event": "message", "transport": transport, "outcome": outcome,
+                  "ms": round((time.perf_counter() - started) * 1000, 3), **record})
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        peer = tls.peer_name(request.transport.get_extra_info("peercert") if request.transport else None)
+        try:
+            if self.config.allowed_peers and peer not in self.config.allowed_peers:
+                raise AuthError(f"peer {peer or '(no name)'} may not send migration messages")
+            response: web.StreamResponse = await handler(request)
+            return response
+        except MigrationFailed as exc:
+            return web.json_response({**error_body(exc), "report": exc.report}, status=502)
+        except Conflict as exc:
+            return web.json_response(error_body(exc), status=409)
+        except XferError as exc:
+            return web.json_response(error_body(exc), status=status_of(exc))
+
+    @staticmethod
+    async def _json(request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError("request body is not JSON") from None
+
+    async def _message(self, request: web.Request) -> web.StreamResponse:
+        deadline = request.headers.get(DEADLINE_HEADER)
+        deadline_ms = float(deadline) if deadline and deadline.isdigit() else None
+        return web.json_response(await self.handle(await self._json(request), "http", deadline_ms))
+
+    async def _abort(self, request: web.Request) -> web.StreamResponse:
+        body = await self._json(request)
+        vm = body.get("vm") if isinstance(body, dict) else None
+        return web.json_response(await self.handle({"vm": vm, "indication": "abort"}, "http"))
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        limit = int(request.query.get("limit", "100"))
+        assert self._journal is not None
+        return web.json_response([m.to_dict() for m in self._journal.recent(limit)])
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def datagram(self, data: bytes, addr: tuple[str, int], transport: asyncio.DatagramTransport) -> None:
+        async def run() -> None:
+            try:
+                answer: dict[str, Any] = await self.handle(json.loads(data), "udp")
+            except ValueError:
+                answer = {"ok": False, "error": "datagram is not JSON"}
+            except XferError as exc:
+                answer = {"ok": False, **error_body(exc)}
+            reply = json.dumps(answer, separators=(",", ":")).encode()
+            if len(reply) > messages.MAX_DATAGRAM:
+                reply = json.dumps({k: answer.get(k) for k in ("ok", "vm", "migration", "state", "error")}
+                                   ).encode()
+            transport.sendto(reply, addr)
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, server: ManagerServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.server.datagram(data, addr, self.transport)
+
+
+def udp_socket(address: str, port: int, namespace: str | None) -> socket.socket:
+    """A UDP socket bound inside ``namespace`` (CAP_SYS_ADMIN to enter it)."""
+    with xnetns.entered(namespace):
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on udp {address}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def multicast_socket(group: str, port: int, interface: str, namespace: str | None) -> socket.socket:
+    """A UDP socket on ``port`` that joined IPv4 ``group`` on the interface owning ``interface``."""
+    sock = udp_socket("0.0.0.0", port, namespace)
+    try:
+        mreq = struct.pack("4s4s", socket.inet_aton(group), socket.inet_aton(interface))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot join multicast group {group} on {interface}: {exc.strerror}") from None
+    return sock
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One structured log line (JSON)."""
+    log.info(json.dumps({"ts": round(time.time(), 3), **record}, separators=(",", ":"), default=str))
+
+
+async def serve(config: ManagerConfig) -> None:
+    """Run the manager until SIGTERM or SIGINT (``xfer manager serve``)."""
+    loop = asyncio.get_running_loop()
+    async with ManagerServer(config) as server:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        await server.wait_stopped()

@@ -1,0 +1,52 @@
+"""The manager's bundle store (store mode): bundles deposited on "out", collected on "in".
+
+Kept in the journal's SQLite file so a restarted manager still has them; each
+expires ``ttl_s`` after its deposit (a VM whose "in" never comes must not keep
+a copy of its firewall state around for ever).
+
+    store = Store(Path("/var/lib/xfer/manager.db"), ttl_s=60)
+    store.put(7, "fw-a", b"...")
+    store.get(7) -> {"fw-a": b"..."}
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS store (
+    migration INTEGER NOT NULL, device TEXT NOT NULL, data BLOB NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (migration, device)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: Path, ttl_s: float = 60.0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.ttl_s = ttl_s
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def put(self, migration: int, device: str, data: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO store VALUES (?, ?, ?, ?)",
+                         (migration, device, data, time.time() + self.ttl_s))
+
+    def get(self, migration: int) -> dict[str, bytes]:
+        """The unexpired bundles of a migration, by source device ({} when none or expired)."""
+        rows = self._db.execute("SELECT device, data FROM store WHERE migration = ? AND expires > ?",
+                                (migration, time.time())).fetchall()
+        return {str(d): bytes(b) for d, b in rows}
+
+    def drop(self, migration: int) -> None:
+        self._db.execute("DELETE FROM store WHERE migration = ?", (migration,))
+
+    def expire(self) -> int:
+        """Delete expired bundles; returns how many."""
+        return int(self._db.execute("DELETE FROM store WHERE expires <= ?", (time.time(),)).rowcount)
