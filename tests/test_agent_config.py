@@ -1,0 +1,112 @@
+"""Agent configuration: what a valid file gives, and one clear error per defect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xfer.agent.config import AgentConfig, load, parse
+from xfer.errors import UsageError
+from xfer.model import Kind
+
+GOOD = """
+[device]
+id = "fw-src-1"
+type = "firewall"
+kinds = ["counters", "conntrack"]
+netns = "xfer-fwsrc"
+
+[listen]
+address = "10.0.4.1"
+port = 7443
+metrics = "127.0.0.1:9464"
+
+[tls]
+cert = "fw.pem"
+key = "fw.key"
+ca = "/etc/xfer/pki/ca.pem"
+allowed_peers = ["manager"]
+
+[limits]
+max_bundle_bytes = 1048576
+
+[state]
+dir = "state"
+
+[counters]
+interfaces = ["vm0"]
+"""
+
+
+def _raw(**changes: dict[str, Any]) -> dict[str, Any]:
+    raw: dict[str, Any] = {"device": {"id": "d", "type": "router", "kinds": ["conntrack"]},
+                           "tls": {"cert": "c.pem", "key": "c.key", "ca": "ca.pem"}}
+    for section, values in changes.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def test_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD)
+    cfg = load(path)
+    assert isinstance(cfg, AgentConfig)
+    assert (cfg.device_id, cfg.device_type, cfg.netns) == ("fw-src-1", "firewall", "xfer-fwsrc")
+    assert cfg.kinds == (Kind.CONNTRACK, Kind.COUNTERS)
+    assert cfg.url == "https://10.0.4.1:7443"
+    assert cfg.metrics == ("127.0.0.1", 9464)
+    # Relative paths are the file's neighbours; absolute ones stay.
+    assert cfg.tls.cert == tmp_path / "fw.pem"
+    assert cfg.tls.ca == Path("/etc/xfer/pki/ca.pem")
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.allowed_peers == frozenset({"manager"})
+    assert cfg.max_bundle_bytes == 1048576
+    assert cfg.counter_interfaces == ("vm0",)
+    assert cfg.holds(Kind.COUNTERS) and not cfg.holds(Kind.DHCP)
+
+
+def test_defaults() -> None:
+    cfg = parse(_raw())
+    assert (cfg.address, cfg.port, cfg.netns, cfg.metrics) == ("127.0.0.1", 7443, None, None)
+    assert cfg.bundle_key_file is None
+
+
+def test_ipv6_listen_url() -> None:
+    assert parse(_raw(listen={"address": "fd00:4::1"})).url == "https://[fd00:4::1]:7443"
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (_raw(device={"id": ""}), "device.id is required"),
+    (_raw(device={"type": "toaster"}), "device.type 'toaster'"),
+    (_raw(device={"kinds": []}), "at least one kind"),
+    (_raw(device={"kinds": ["conntrack", "nat"]}), "unknown kind 'nat'"),
+    (_raw(listen={"address": "fw1"}), "not an IP address"),
+    (_raw(listen={"port": 70000}), "port number"),
+    (_raw(listen={"metrics": "9464"}), "ADDRESS:PORT"),
+    (_raw(tls={"ca": ""}), "tls.ca is required"),
+    (_raw(limits={"max_bundle_bytes": 10}), "max_bundle_bytes"),
+    (_raw(device={"kinds": ["counters"]}), "counters.interfaces is empty"),
+    (_raw(device={"kinds": ["dhcp"]}, dhcp={"trusted": "up0"}), "dhcp.trusted/untrusted"),
+    ({**_raw(), "extra": {}}, "unknown section(s) extra"),
+    ({**_raw(), "device": "fw"}, "[device] must be a table"),
+])
+def test_defects_are_named(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse(raw)
+    assert message in str(info.value)
+
+
+def test_missing_and_unparsable_files(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        load(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[device\n")
+    with pytest.raises(UsageError, match=r"bad\.toml"):
+        load(bad)
+
+
+def test_shipped_example_parses() -> None:
+    cfg = load(Path(__file__).parent.parent / "contrib" / "agent.toml")
+    assert cfg.kinds == (Kind.CONNTRACK,) and cfg.url == "https://10.0.4.1:7443"

@@ -1,0 +1,211 @@
+"""The agent's configuration file (TOML): what the device is, holds and listens on.
+
+Example (``/etc/xfer/agent.toml``)::
+
+    [device]
+    id = "fw-src-1"
+    type = "firewall"               # firewall | router | switch | load-balancer
+    kinds = ["conntrack", "counters"]
+    netns = "xfer-fwsrc"            # optional: the namespace whose state it holds
+
+    [listen]
+    address = "10.0.4.1"            # the API (mutual TLS only)
+    port = 7443
+    metrics = "127.0.0.1:9464"      # optional plain-HTTP Prometheus endpoint
+
+    [tls]                           # relative paths are relative to this file
+    cert = "fw-src-1.pem"
+    key = "fw-src-1.key"
+    ca = "ca.pem"
+    allowed_peers = []              # optional: certificate common names allowed in
+
+    [limits]
+    max_bundle_bytes = 67108864
+
+    [state]
+    dir = "/var/lib/xfer/agent"     # the import journal
+    bundle_key_file = ""            # optional HMAC key: sign exports, require on import
+
+    [counters]
+    interfaces = ["vm0"]            # attached when the device holds counters
+
+    [dhcp]
+    trusted = "up0"                 # attached when the device holds dhcp
+    untrusted = ["vm0"]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xfer.errors import UsageError
+from xfer.model import Kind, parse_kinds
+
+DEVICE_TYPES = ("firewall", "router", "switch", "load-balancer")
+DEFAULT_PORT = 7443
+DEFAULT_MAX_BUNDLE = 64 * 1024 * 1024
+DEFAULT_STATE_DIR = Path("/var/lib/xfer/agent")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The device's certificate and key, and the CA that signs every peer it accepts."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """One device's agent configuration; see the module docstring for the file."""
+
+    device_id: str
+    device_type: str
+    kinds: tuple[Kind, ...]
+    tls: TlsFiles
+    address: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    netns: str | None = None
+    metrics: tuple[str, int] | None = None
+    allowed_peers: frozenset[str] = frozenset()
+    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE
+    state_dir: Path = DEFAULT_STATE_DIR
+    bundle_key_file: Path | None = None
+    counter_interfaces: tuple[str, ...] = ()
+    dhcp_trusted: str | None = None
+    dhcp_untrusted: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        """The URL peers use to reach this agent."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"https://{host}:{self.port}"
+
+    def holds(self, kind: Kind) -> bool:
+        return kind in self.kinds
+
+
+def load(path: Path) -> AgentConfig:
+    """Read and check an agent configuration file. Raises UsageError naming the defect.
+
+    >>> load(Path("/etc/xfer/agent.toml")).device_id   # doctest: +SKIP
+    'fw-src-1'
+    """
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"agent config {path} not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"agent config {path}: {exc}") from None
+    return parse(raw, base=path.parent)
+
+
+def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
+    """Build an AgentConfig from parsed TOML; relative paths are taken from ``base``."""
+    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UsageError(f"agent config: unknown section(s) {', '.join(unknown)}")
+    device = _table(raw, "device")
+    listen = _table(raw, "listen")
+    tls = _table(raw, "tls")
+    limits = _table(raw, "limits")
+    state = _table(raw, "state")
+    counters = _table(raw, "counters")
+    dhcp = _table(raw, "dhcp")
+
+    device_id = _str(device, "device.id", required=True)
+    device_type = _str(device, "device.type", required=True)
+    if device_type not in DEVICE_TYPES:
+        raise UsageError(f"agent config: device.type {device_type!r} is not one of "
+                         f"{', '.join(DEVICE_TYPES)}")
+    kinds_raw = device.get("kinds")
+    if not isinstance(kinds_raw, list) or not kinds_raw:
+        raise UsageError("agent config: device.kinds must list at least one kind")
+    kinds = parse_kinds([str(k) for k in kinds_raw])
+
+    address = _str(listen, "listen.address") or "127.0.0.1"
+    _check_ip(address, "listen.address")
+    port = _port(listen.get("port", DEFAULT_PORT), "listen.port")
+    metrics = _hostport(listen["metrics"], "listen.metrics") if listen.get("metrics") else None
+
+    def path_of(table: Mapping[str, Any], key: str, name: str, required: bool) -> Path | None:
+        text = _str(table, name, required=required, key=key)
+        return (base / text) if text else None
+
+    tls_files = TlsFiles(*(path_of(tls, k, f"tls.{k}", True) or Path() for k in ("cert", "key", "ca")))
+    peers = tls.get("allowed_peers", [])
+    if not isinstance(peers, list):
+        raise UsageError("agent config: tls.allowed_peers must be a list of names")
+
+    max_bytes = limits.get("max_bundle_bytes", DEFAULT_MAX_BUNDLE)
+    if not isinstance(max_bytes, int) or max_bytes < 1024:
+        raise UsageError("agent config: limits.max_bundle_bytes must be an integer >= 1024")
+
+    interfaces = counters.get("interfaces", [])
+    untrusted = dhcp.get("untrusted", [])
+    if not isinstance(interfaces, list) or not isinstance(untrusted, list):
+        raise UsageError("agent config: counters.interfaces and dhcp.untrusted must be lists")
+    if Kind.COUNTERS in kinds and not interfaces:
+        raise UsageError("agent config: the device holds counters but counters.interfaces is empty")
+    trusted = _str(dhcp, "dhcp.trusted", key="trusted") or None
+    if Kind.DHCP in kinds and (not trusted or not untrusted):
+        raise UsageError("agent config: the device holds dhcp but dhcp.trusted/untrusted are not set")
+
+    return AgentConfig(
+        device_id=device_id, device_type=device_type, kinds=kinds, tls=tls_files,
+        address=address, port=port, netns=_str(device, "device.netns", key="netns") or None,
+        metrics=metrics, allowed_peers=frozenset(str(p) for p in peers),
+        max_bundle_bytes=max_bytes,
+        state_dir=path_of(state, "dir", "state.dir", False) or DEFAULT_STATE_DIR,
+        bundle_key_file=path_of(state, "bundle_key_file", "state.bundle_key_file", False),
+        counter_interfaces=tuple(str(i) for i in interfaces),
+        dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),
+    )
+
+
+def _table(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        raise UsageError(f"agent config: [{name}] must be a table")
+    return value
+
+
+def _str(table: Mapping[str, Any], name: str, required: bool = False, key: str | None = None) -> str:
+    key = key or name.rsplit(".", 1)[-1]
+    value = table.get(key)
+    if value is None or value == "":
+        if required:
+            raise UsageError(f"agent config: {name} is required")
+        return ""
+    if not isinstance(value, str):
+        raise UsageError(f"agent config: {name} must be a string")
+    return value
+
+
+def _check_ip(text: str, name: str) -> None:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise UsageError(f"agent config: {name} {text!r} is not an IP address") from None
+
+
+def _port(value: Any, name: str) -> int:
+    if not isinstance(value, int) or not 0 < value < 65536:
+        raise UsageError(f"agent config: {name} must be a port number (1-65535)")
+    return value
+
+
+def _hostport(text: Any, name: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit():
+        raise UsageError(f"agent config: {name} must be ADDRESS:PORT")
+    _check_ip(host, name)
+    return host, _port(int(port), name)

@@ -1,0 +1,303 @@
+"""The agent's asyncio HTTP server: mutual TLS, one JSON log line per request, metrics.
+
+Endpoints (under /v1; JSON unless said otherwise)::
+
+    GET  /health                       device, type, kinds, operations
+    GET  /status                       the same plus per-kind counts and unfinished imports
+    POST /export  {vm, kinds}          -> bundle bytes
+    POST /import?vm=..&kinds=..        bundle bytes -> import report
+    POST /forget  {vm, kinds}          -> per-kind reports
+    POST /push    {vm, kinds, destination}  export here, import there
+    POST /pull    {vm, kinds, source}       export there, import here
+    GET  /metrics                      Prometheus text (also on the optional plain listener)
+
+    async with AgentServer(config) as server:   # binds, recovers the journal, serves
+        await server.wait_stopped()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import json
+import logging
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from xfer import bundle as bundle_mod
+from xfer import netns as xnetns
+from xfer.agent import device, tls
+from xfer.agent import status as status_mod
+from xfer.agent.client import AgentClient
+from xfer.agent.config import AgentConfig
+from xfer.agent.metrics import CONTENT_TYPE, AgentMetrics
+from xfer.agent.protocol import (
+    API,
+    BUNDLE_TYPE,
+    COMPRESSION_HEADER,
+    compress,
+    decompress,
+    error_body,
+    parse_request_kinds,
+    parse_request_vm,
+    status_of,
+)
+from xfer.agent.service import AgentService, Trace
+from xfer.errors import AuthError, BundleError, UsageError, XferError
+from xfer.model import Kind
+
+log = logging.getLogger("xfer.agent")
+
+# The trace of the request being handled (set by the middleware, read by the endpoints).
+TRACE: contextvars.ContextVar[Trace] = contextvars.ContextVar("xfer_agent_trace")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CONTROL_MAX = 64 * 1024
+
+
+def bind_socket(address: str, port: int, namespace: str | None) -> socket.socket:
+    """A listening TCP socket bound inside ``namespace`` (CAP_SYS_ADMIN to enter it)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with xnetns.entered(namespace):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {address}:{port}"
+                         f"{f' in {namespace}' if namespace else ''}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class AgentServer:
+    """One agent: explicit ``start()``/``stop()``, or ``async with``.
+
+    ``service`` defaults to an AgentService over ``xfer.transfer`` whose peers
+    are reached with this agent's own certificate.
+    """
+
+    def __init__(self, config: AgentConfig, service: AgentService | None = None) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self._client: AgentClient | None = None
+        self._service = service
+        self._runners: list[web.AppRunner] = []
+        self._stopped = asyncio.Event()
+        self._dhcp: device.DhcpKeeper | None = None
+        self.port = config.port
+
+    @property
+    def service(self) -> AgentService:
+        assert self._service is not None, "start() first"
+        return self._service
+
+    async def __aenter__(self) -> AgentServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Load TLS material, attach the kinds' datapath, roll back unfinished imports, listen."""
+        cfg = self.config
+        try:
+            server_ctx = tls.server_context(cfg.tls)
+            if self._service is None:
+                self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
+                                           namespace=cfg.netns, max_bundle_bytes=cfg.max_bundle_bytes)
+                await self._client.start()
+                self._service = AgentService(cfg, peers=self._client,
+                                             key=bundle_mod.load_key(cfg.bundle_key_file))
+            attached = await asyncio.to_thread(device.bring_up, cfg)
+            if attached:
+                _emit({"event": "attached", "device": cfg.device_id, **attached})
+            if Kind.DHCP in cfg.kinds:
+                self._dhcp = device.DhcpKeeper(cfg.netns)
+                await self._dhcp.start()
+            # Before listening: no request may meet the remains of a crashed import.
+            for item in await asyncio.to_thread(self.service.recover):
+                _emit({"event": "rolled back unfinished import", "device": cfg.device_id, **item})
+            api = web.Application(client_max_size=cfg.max_bundle_bytes,
+                                  middlewares=[self._middleware])
+            api.add_routes([
+                web.get(f"{API}/health", self._health),
+                web.get(f"{API}/status", self._status),
+                web.post(f"{API}/export", self._export),
+                web.post(f"{API}/import", self._import),
+                web.post(f"{API}/forget", self._forget),
+                web.post(f"{API}/push", self._push),
+                web.post(f"{API}/pull", self._pull),
+                web.get("/metrics", self._metrics),
+            ])
+            sock = bind_socket(cfg.address, cfg.port, cfg.netns)
+            self.port = sock.getsockname()[1]
+            await self._site(api, sock, server_ctx)
+            if cfg.metrics:
+                plain = web.Application()
+                plain.add_routes([web.get("/metrics", self._metrics)])
+                await self._site(plain, bind_socket(*cfg.metrics, cfg.netns), None)
+        except BaseException:
+            await self.stop()
+            raise
+        _emit({"event": "listening", "device": cfg.device_id, "url": self.url,
+               "kinds": [k.value for k in cfg.kinds], "netns": cfg.netns})
+
+    async def _site(self, app: web.Application, sock: socket.socket, ctx: Any) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.SockSite(runner, sock, ssl_context=ctx).start()
+
+    @property
+    def url(self) -> str:
+        """The agent's URL, with the port it got when the configuration asked for port 0."""
+        return dataclasses.replace(self.config, port=self.port).url
+
+    async def stop(self) -> None:
+        """Stop listening, finish the requests under way, close the peer client."""
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self._dhcp is not None:
+            await self._dhcp.stop()
+            self._dhcp = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # --- request plumbing ---------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        trace = Trace()
+        TRACE.set(trace)
+        op = request.path.rsplit("/", 1)[-1] or "root"
+        peer = tls.peer_name(request.transport.get_extra_info("peercert") if request.transport else None)
+        error, status = "", 500
+        try:
+            if self.config.allowed_peers and peer not in self.config.allowed_peers:
+                raise AuthError(f"peer {peer or '(no name)'} is not among this agent's allowed peers")
+            response = await handler(request)
+            status = response.status
+        except XferError as exc:
+            status, error = status_of(exc), str(exc)
+            response = web.json_response(error_body(exc), status=status)
+        except web.HTTPException as exc:
+            status, error = exc.status, exc.reason
+            raise
+        except Exception as exc:
+            log.exception("agent request %s failed", request.path)
+            status, error = 500, f"internal error: {type(exc).__name__}: {exc}"
+            response = web.json_response({"error": error, "type": "InternalError"}, status=500)
+        finally:
+            seconds = time.perf_counter() - started
+            outcome = "ok" if status == 200 else ("refused" if 400 <= status < 500 else "failed")
+            if op != "metrics":
+                self.metrics.observe(op, outcome, seconds, trace)
+                _emit({"ts": round(time.time(), 3), "device": self.config.device_id, "op": op,
+                       "peer": peer, "vm": trace.vm, "kinds": list(trace.kinds), "status": status,
+                       "ms": round(seconds * 1000, 3),
+                       "phases_ms": {k: round(v * 1000, 3) for k, v in trace.phases.items()},
+                       "entries": trace.entries, **({"error": error} if error else {})})
+        return response
+
+    @staticmethod
+    async def _control(request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > _CONTROL_MAX:
+            raise UsageError("control request too large")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError("request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise UsageError("request body must be a JSON object")
+        return body
+
+    # --- endpoints ------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.service.capabilities())
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        counts = await asyncio.to_thread(status_mod.counts, self.config.kinds, self.config.netns)
+        unfinished = [{"bundle": u.bundle_id, "vm": u.vm.to_dict(), "kinds": [k.value for k in u.kinds]}
+                      for u in self.service.journal.unfinished()]
+        return web.json_response({**self.service.capabilities(), "counts": counts,
+                                  "unfinished_imports": unfinished})
+
+    async def _export(self, request: web.Request) -> web.StreamResponse:
+        body = await self._control(request)
+        trace = TRACE.get()
+        _, data = await self.service.export(parse_request_vm(body.get("vm")),
+                                            parse_request_kinds(body.get("kinds")), trace)
+        with trace.phase("compress"):
+            packed, headers = compress(data)
+        return web.Response(body=packed, content_type=BUNDLE_TYPE, headers=headers)
+
+    async def _import(self, request: web.Request) -> web.StreamResponse:
+        trace: Trace = TRACE.get()
+        vm = parse_request_vm(request.query.get("vm"))
+        kinds = parse_request_kinds(request.query["kinds"]) if request.query.get("kinds") else None
+        with trace.phase("receive"):
+            try:
+                data = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise BundleError(f"bundle is over this device's limit of "
+                                  f"{self.config.max_bundle_bytes} bytes; nothing imported") from None
+        with trace.phase("inflate"):
+            data = decompress(data, request.headers.get(COMPRESSION_HEADER), self.config.max_bundle_bytes)
+        report = await self.service.import_(data, vm, kinds, trace)
+        return web.json_response(report.to_dict())
+
+    async def _forget(self, request: web.Request) -> web.StreamResponse:
+        body = await self._control(request)
+        reports = await self.service.forget(parse_request_vm(body.get("vm")),
+                                            parse_request_kinds(body.get("kinds")), TRACE.get())
+        return web.json_response({k.value: r.to_dict() for k, r in reports.items()})
+
+    async def _push(self, request: web.Request) -> web.StreamResponse:
+        body = await self._control(request)
+        result = await self.service.push(parse_request_vm(body.get("vm")),
+                                         parse_request_kinds(body.get("kinds")),
+                                         str(body.get("destination") or ""), TRACE.get())
+        return web.json_response(result)
+
+    async def _pull(self, request: web.Request) -> web.StreamResponse:
+        body = await self._control(request)
+        report = await self.service.pull(parse_request_vm(body.get("vm")),
+                                         parse_request_kinds(body.get("kinds")),
+                                         str(body.get("source") or ""), TRACE.get())
+        return web.json_response(report.to_dict())
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _emit(record: dict[str, Any]) -> None:
+    """One structured log line (JSON)."""
+    log.info(json.dumps(record, separators=(",", ":"), default=str))
+
+
+async def serve(config: AgentConfig) -> None:
+    """Run an agent until SIGTERM or SIGINT (``xfer agent serve``)."""
+    loop = asyncio.get_running_loop()
+    async with AgentServer(config) as server:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        await server.wait_stopped()

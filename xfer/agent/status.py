@@ -1,0 +1,47 @@
+"""How much state of each kind a device holds (``xfer agent status``).
+
+Read-only counts from each kind's own layer: conntrack entries in the
+namespace's table (nf_conntrack_count), (MAC, IP) rows the counters hold,
+DHCP bindings in the snooper's table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from xfer.errors import XferError
+from xfer.model import Kind
+
+
+def count(kind: Kind, namespace: str | None) -> int:
+    """Entries of ``kind`` on the device.
+
+    >>> count(Kind.CONNTRACK, "xfer-fwsrc")   # doctest: +SKIP
+    12
+    """
+    if kind is Kind.CONNTRACK:
+        from xfer.conntrack.netlink import table_size
+
+        return table_size(namespace)
+    if kind is Kind.COUNTERS:
+        from xfer.ebpf.counters_transfer import show
+
+        return len(show(None, namespace))
+    from xfer.dhcpsnoop.store import BindingTable
+
+    with BindingTable(namespace) as table:
+        return len(table.bindings())
+
+
+def counts(kinds: Sequence[Kind], namespace: str | None) -> dict[str, Any]:
+    """``{"conntrack": 1234, ...}``; a kind that cannot answer says why instead of a number."""
+    out: dict[str, Any] = {}
+    for kind in kinds:
+        try:
+            out[kind.value] = count(kind, namespace)
+        except XferError as exc:
+            out[kind.value] = {"error": str(exc)}
+        except ModuleNotFoundError as exc:
+            out[kind.value] = {"error": f"{kind} is not available in this build of xfer ({exc.name})"}
+    return out
