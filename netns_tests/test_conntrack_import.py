@@ -148,3 +148,24 @@ def test_export_selects_exactly_the_vms_entries(hosts: Hosts, pair: tuple[str, s
     got = transfer.export_entries(parse_vm(f"{VM},{vm6}", {}), src)
     ports = sorted(wire.parse_entry(e.family, e.blob).orig.sport for e in got)
     assert ports == [6001, 6002, 6003, 6004]
+
+
+def test_malformed_entry_midway_rolls_back_what_went_in(hosts: Hosts, pair: tuple[str, str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from xfer.conntrack import netlink, transfer
+    from xfer.errors import BundleError
+    from xfer.model import parse_vm
+
+    src, dst = pair
+    for port in range(7000, 7050):
+        _insert(hosts, src, VM, "10.0.9.1", port)
+    vm = parse_vm(VM, {})
+    entries = transfer.export_entries(vm, src)
+    # Ownership checks pass (the tuples are fine); a truncated trailing attribute
+    # only shows when the create message is built, after earlier chunks went in.
+    entries[40] = RawEntry(entries[40].family, entries[40].blob + b"\x02\x00\x05\x00")
+    section = export_section_from(entries)
+    monkeypatch.setattr(netlink, "SEND_CHUNK", 2048)  # several chunks before entry 40
+    with pytest.raises(BundleError, match=r"entry 40 is malformed.*rolled back 40"):
+        transfer.import_section(section, bundle.Bundle(vm, {}, {section.kind: section}), dst)
+    assert _count(hosts, dst) == 0

@@ -725,11 +725,11 @@ MsgKindsOpt = Annotated[str | None, typer.Option("--kinds", help="Kinds to move 
                                                  "manager's choice).")]
 ModeOpt = Annotated[str | None, typer.Option("--mode", help="relay|pull|push|store (default: the "
                                              "manager's).")]
-CaOpt = Annotated[Path | None, typer.Option("--cacert", help="CA that signs an https manager's "
+ManagerCaOpt = Annotated[Path | None, typer.Option("--cacert", help="CA that signs an https manager's "
                                             "certificate (default: the system's).", metavar="FILE")]
-CertOpt = Annotated[Path | None, typer.Option("--cert", help="Client certificate for a manager that "
+ManagerCertOpt = Annotated[Path | None, typer.Option("--cert", help="Client certificate for a manager that "
                                               "wants mutual TLS.", metavar="FILE")]
-CertKeyOpt = Annotated[Path | None, typer.Option("--key", help="Key of --cert (default: in --cert).",
+ManagerKeyOpt = Annotated[Path | None, typer.Option("--key", help="Key of --cert (default: in --cert).",
                                                  metavar="FILE")]
 
 
@@ -774,9 +774,9 @@ def qemu_hook(
                                           "send the message when the guest stops for migration. "
                                           "Ordering NOT guaranteed; the report says by how much "
                                           "the state was late.")] = False,
-    cacert: CaOpt = None,
-    cert: CertOpt = None,
-    key: CertKeyOpt = None,
+    cacert: ManagerCaOpt = None,
+    cert: ManagerCertOpt = None,
+    key: ManagerKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Own the next migration's pause window on the source QEMU and move the VM's state in it.
@@ -818,9 +818,9 @@ def qemu_migrate(
     on_fail: OnFailOpt = "cancel",
     kinds: MsgKindsOpt = None,
     mode: ModeOpt = None,
-    cacert: CaOpt = None,
-    cert: CertOpt = None,
-    key: CertKeyOpt = None,
+    cacert: ManagerCaOpt = None,
+    cert: ManagerCertOpt = None,
+    key: ManagerKeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Migrate a QEMU guest with the hook in its pause window; report downtime and guest gap.

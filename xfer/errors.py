@@ -62,20 +62,6 @@ class AuthError(XferError):
     """A peer failed authentication or a signature did not verify."""
 
 
-class AgentError(XferError):
-    """A remote agent could not be reached, or failed or refused a request.
-
-    ``status`` is the HTTP status (0 when there was no answer) and ``remote_type``
-    the name of the error class the agent raised, so scripts can tell a refusal
-    (``UsageError``: kind not held, wrong VM) from a failure.
-    """
-
-    def __init__(self, message: str, status: int = 0, remote_type: str = "") -> None:
-        self.status = status
-        self.remote_type = remote_type
-        super().__init__(message)
-
-
 class HypervisorError(XferError):
     """The hypervisor (QEMU over QMP) refused, failed or went away during a migration."""
 
@@ -91,3 +77,17 @@ class QmpError(HypervisorError):
 
 class MigrationMessageError(HypervisorError):
     """The manager refused the migration message, failed, or missed the deadline."""
+
+
+class AgentError(XferError):
+    """A remote agent could not be reached, or failed or refused a request.
+
+    ``status`` is the HTTP status (0 when there was no answer) and ``remote_type``
+    the name of the error class the agent raised, so scripts can tell a refusal
+    (``UsageError``: kind not held, wrong VM) from a failure.
+    """
+
+    def __init__(self, message: str, status: int = 0, remote_type: str = "") -> None:
+        self.status = status
+        self.remote_type = remote_type
+        super().__init__(message)

@@ -19,13 +19,22 @@ from types import TracebackType
 from xfer import netns
 from xfer.conntrack import constants as c
 from xfer.conntrack import wire
-from xfer.errors import KernelError, PermissionDenied
+from xfer.errors import KernelError, PermissionDenied, XferError
 
 _NLMSG = struct.Struct("=IHHII")
 _ERR = struct.Struct("=i")
 RECV_SIZE = 1 << 20
 SEND_CHUNK = 256 * 1024
 SOCKET_BUFFER = 16 << 20
+
+
+class BatchInterrupted(XferError):
+    """Building a batch failed part way: the first ``sent`` requests reached the kernel."""
+
+    def __init__(self, sent: int, failures: dict[int, int], cause: Exception) -> None:
+        self.sent = sent
+        self.failures = failures
+        super().__init__(f"batch interrupted after {sent} requests: {cause}")
 
 
 class CtNetlink:
@@ -136,20 +145,29 @@ class CtNetlink:
 
         thread = threading.Thread(target=sender, name="ctnetlink-batch")
         thread.start()
+        produced = 0
         try:
             pending: list[bytes] = []
             size = 0
-            for _seq, msg in messages:
-                if size + len(msg) > SEND_CHUNK and pending:
+            try:
+                for _seq, msg in messages:
+                    if size + len(msg) > SEND_CHUNK and pending:
+                        chunks.put(b"".join(pending))
+                        pending, size = [], 0
+                    pending.append(msg)
+                    size += len(msg)
+                    produced += 1
+            finally:
+                # What was produced before a failure is sent too, so the caller
+                # knows exactly what reached the kernel (the first ``produced``).
+                if pending:
                     chunks.put(b"".join(pending))
-                    pending, size = [], 0
-                pending.append(msg)
-                size += len(msg)
-            if pending:
-                chunks.put(b"".join(pending))
-        finally:
+        except Exception as exc:
             chunks.put(None)
             thread.join()
+            raise BatchInterrupted(produced, failures, exc) from exc
+        chunks.put(None)
+        thread.join()
         if errors:
             raise errors[0]
         return failures

@@ -23,7 +23,7 @@ from xfer.conntrack import constants as c
 from xfer.conntrack import wire
 from xfer.conntrack.hooks import nat_hooks_registered
 from xfer.conntrack.model import ConntrackEntry
-from xfer.conntrack.netlink import CtNetlink, dump_many, table_size
+from xfer.conntrack.netlink import BatchInterrupted, CtNetlink, dump_many, table_size
 from xfer.errors import BundleError, ForeignEntryError, ImportFailed, KernelError
 from xfer.model import Kind, KindReport, VmIdentity
 
@@ -235,8 +235,12 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
         try:
             failures = ct.batch((base + i, wire.create_message(e.family, e.blob, base + i, age=age))
                                 for i, e in enumerate(entries))
-        except ValueError as exc:
-            raise BundleError(f"conntrack section holds a malformed entry: {exc}") from None
+        except BatchInterrupted as exc:
+            # A malformed entry stopped the batch: undo what went in before it.
+            sent = [i for i in range(exc.sent) if base + i not in exc.failures]
+            undone = len(sent) - len(_delete(ct, entries, sent))
+            raise BundleError(f"conntrack entry {exc.sent} is malformed ({exc.__cause__}); "
+                              f"rolled back {undone} created entries") from None
         created = [i for i in range(len(entries)) if base + i not in failures]
         existing = [i for i in range(len(entries)) if failures.get(base + i) == errno.EEXIST]
         hard = {i: err for i in range(len(entries))
@@ -259,11 +263,7 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
             report.errors.append(f"{e.summary()}: {os.strerror(err)}")
         report.failed = len(hard)
         if hard and not partial:
-            rbase = ct.reserve(len(created))
-            left = ct.batch((rbase + j, wire.delete_message(entries[i].family,
-                                                            wire.split(entries[i].blob), rbase + j,
-                                                            same_table=False))
-                            for j, i in enumerate(created))
+            left = _delete(ct, entries, created)
             report.rolled_back = True
             report.seconds = time.perf_counter() - started
             raise ImportFailed(
@@ -271,6 +271,14 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
                 f"rolled back {len(created) - len(left)} created entries", report)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _delete(ct: CtNetlink, entries: list[RawEntry], indices: list[int]) -> dict[int, int]:
+    """Delete the entries at ``indices`` from a table they were imported into (a rollback)."""
+    base = ct.reserve(len(indices))
+    return ct.batch((base + j, wire.delete_message(entries[i].family, wire.split(entries[i].blob),
+                                                   base + j, same_table=False))
+                    for j, i in enumerate(indices))
 
 
 def forget(vm: VmIdentity, namespace: str | None = None,
