@@ -64,6 +64,9 @@ def unpin(namespaces: Sequence[str]) -> None:
 class AgentProcess:
     """One ``xfer agent serve`` process in a namespace; its log is a file."""
 
+    # What serves: subclasses run other daemons that log the same "listening" event.
+    command: tuple[str, ...] = ("agent", "serve")
+
     def __init__(self, hosts: Hosts, name: str, ns: str, config: Path, log: Path, url: str) -> None:
         self.hosts, self.name, self.ns, self.config, self.log, self.url = hosts, name, ns, config, log, url
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,7 +75,7 @@ class AgentProcess:
         """Spawn the agent and wait until its log says it listens."""
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
-            self.proc = self.hosts.spawn(self.ns, [*XFER, "agent", "serve", "--config", str(self.config)],
+            self.proc = self.hosts.spawn(self.ns, [*XFER, *self.command, "--config", str(self.config)],
                                          stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -81,7 +84,7 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 break
             time.sleep(0.02)
-        raise LabError(f"agent {self.name} in {self.ns} did not start:\n{self.log_text(offset)}")
+        raise LabError(f"{self.command[0]} {self.name} in {self.ns} did not start:\n{self.log_text(offset)}")
 
     def log_text(self, offset: int = 0) -> str:
         try:

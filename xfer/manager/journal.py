@@ -88,7 +88,8 @@ class Migration:
                 "plan": self.plan,
                 "phases": [{"name": p.name, "device": p.device, "kinds": list(p.kinds),
                             "outcome": p.outcome, "ms": None if p.ms is None else round(p.ms, 3),
-                            "detail": p.detail} for p in self.phases]}
+                            "started": p.started, "ended": p.ended, "detail": p.detail}
+                           for p in self.phases]}
 
 
 class Journal:

@@ -1,0 +1,264 @@
+"""The manager's lab: a combined firewall+snooper and a router at the source, a separate
+snooping switch and firewall at the destination, agents and the manager as processes.
+
+::
+
+    source path       vm:eth0 ── vm0 [fwsrc] up0 ── rf0 [rtsrc] rs0 ── src0 ┐
+                      (firewall, DHCP snooping, counters)  (router, no state) │ [srv] 10.0.9.1
+    destination path  vm:eth1 ── vm0 [swdst] up0 ── vm0 [fwdst] up0 ── dst0 ┘
+                      (bridge, DHCP snooping)   (firewall, counters)
+
+    management        ag0 in fwsrc (10.0.4.1), fwdst (.2), swdst (.3) ── bridge in [mg],
+                      where the manager listens (10.0.4.9)
+
+The VM has two interfaces with one MAC; ``move_vm`` takes eth0 down and brings
+eth1 up with the VM's addresses (its sockets stay), and points the server at the
+destination firewall. Both firewalls own the gateway address and run the lab
+ruleset (firewall.nft). Used by netns_tests/test_manager*.py and ``xfer bench migrate``.
+
+    with ManagerLab("m1", workdir) as lab:
+        lab.up(); lab.start_agents(); lab.start_manager()
+        lab.migrate("relay")
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from xfer import pki
+from xfer.lab.agents import XFER, AgentProcess, LabAgents, device_toml, unpin
+from xfer.lab.hosts import Hosts, LabError
+from xfer.lab.topology import GW_IP, GW_IP6, SERVICE_IP, SERVICE_IP6, VM_IP, VM_IP6, firewall_ruleset
+
+VM_MAC = "02:00:00:00:01:02"
+MANAGER_IP, MANAGER_PORT, UDP_PORT, MCAST_GROUP, MCAST_PORT = "10.0.4.9", 8700, 8701, "239.7.7.7", 8702
+AGENT_IPS = {"fw-src": "10.0.4.1", "fw-dst": "10.0.4.2", "sw-dst": "10.0.4.3"}
+SOURCE, DESTINATION = "hv-src", "hv-dst"
+
+
+def topology_yaml(port: int = 7443) -> str:
+    """The lab's topology: the router holds nothing; kinds are split differently on each side."""
+    def url(name: str) -> str:
+        return f"https://{AGENT_IPS[name]}:{port}"
+
+    return f"""
+servers:
+  {SOURCE}: {{gateway: core}}
+  {DESTINATION}: {{gateway: core}}
+gateways: [core]
+devices:
+  fw-src: {{type: firewall, kinds: [conntrack, dhcp, counters], agent: "{url('fw-src')}"}}
+  rt-src: {{type: router, kinds: []}}
+  sw-dst: {{type: switch, kinds: [dhcp], agent: "{url('sw-dst')}"}}
+  fw-dst: {{type: firewall, kinds: [conntrack, counters], agent: "{url('fw-dst')}"}}
+links:
+  - [{SOURCE}, fw-src]
+  - [fw-src, rt-src]
+  - [rt-src, core]
+  - [{DESTINATION}, sw-dst]
+  - [sw-dst, fw-dst]
+  - [fw-dst, core]
+vms:
+  vm1: {{mac: "{VM_MAC}", ipv4: ["{VM_IP}"], ipv6: ["{VM_IP6}"]}}
+"""
+
+
+class ManagerLab:
+    """Build, run and tear down the manager lab (namespaces ``{prefix}-vm`` ...) in ``workdir``."""
+
+    def __init__(self, prefix: str, workdir: Path, cleanup: str = "delete") -> None:
+        self.hosts = Hosts(prefix)
+        self.workdir = workdir
+        self.cleanup = cleanup
+        self.ns = {short: self.hosts.name(short) for short in ("vm", "fwsrc", "rtsrc", "swdst", "fwdst",
+                                                                "srv", "mg")}
+        self.agents: dict[str, AgentProcess] = {}
+        self.lab_agents: LabAgents | None = None
+        self.manager: AgentProcess | None = None
+        self.journal = workdir / "manager.db"
+
+    def __enter__(self) -> ManagerLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # --- building -----------------------------------------------------------------------------
+
+    def up(self) -> ManagerLab:
+        h, ns = self.hosts, self.ns
+        try:
+            for short in ns:
+                h.add(short)
+            h.addresses(ns["srv"], "lo", [f"{SERVICE_IP}/32", f"{SERVICE_IP6}/128"])
+            for fw in (ns["fwsrc"], ns["rtsrc"], ns["fwdst"]):
+                h.sysctl(fw, "net/ipv4/ip_forward", "1")
+                h.sysctl(fw, "net/ipv6/conf/all/forwarding", "1")
+            # Source path.
+            h.veth(ns["vm"], "eth0", ns["fwsrc"], "vm0", [f"{VM_IP}/24", f"{VM_IP6}/64"],
+                   [f"{GW_IP}/24", f"{GW_IP6}/64"])
+            h.veth(ns["fwsrc"], "up0", ns["rtsrc"], "rf0", ["10.0.2.1/24", "fd00:2::1/64"],
+                   ["10.0.2.2/24", "fd00:2::2/64"])
+            h.veth(ns["rtsrc"], "rs0", ns["srv"], "src0", ["10.0.5.1/24", "fd00:5::1/64"],
+                   ["10.0.5.2/24", "fd00:5::2/64"])
+            h.route(ns["fwsrc"], f"{SERVICE_IP}/32", "10.0.2.2")
+            h.route(ns["fwsrc"], f"{SERVICE_IP6}/128", "fd00:2::2")
+            h.route(ns["rtsrc"], f"{SERVICE_IP}/32", "10.0.5.2")
+            h.route(ns["rtsrc"], f"{SERVICE_IP6}/128", "fd00:5::2")
+            h.route(ns["rtsrc"], "10.0.1.0/24", "10.0.2.1")
+            h.route(ns["rtsrc"], "fd00:1::/64", "fd00:2::1")
+            # Destination path: the switch bridges the VM's second interface to the firewall.
+            h.veth(ns["vm"], "eth1", ns["swdst"], "vm0")
+            h.veth(ns["swdst"], "up0", ns["fwdst"], "vm0", (), [f"{GW_IP}/24", f"{GW_IP6}/64"])
+            h.check(ns["swdst"], ["ip", "link", "add", "br0", "type", "bridge"])
+            for port in ("vm0", "up0"):
+                h.check(ns["swdst"], ["ip", "link", "set", port, "master", "br0"])
+            h.link_up(ns["swdst"], "br0")
+            h.veth(ns["fwdst"], "up0", ns["srv"], "dst0", ["10.0.3.1/24", "fd00:3::1/64"],
+                   ["10.0.3.2/24", "fd00:3::2/64"])
+            h.route(ns["fwdst"], f"{SERVICE_IP}/32", "10.0.3.2")
+            h.route(ns["fwdst"], f"{SERVICE_IP6}/128", "fd00:3::2")
+            for fw in (ns["fwsrc"], ns["fwdst"]):
+                h.nft(fw, firewall_ruleset())
+            # The VM: one MAC on both interfaces; eth1 waits, down, for the move.
+            for ifname in ("eth0", "eth1"):
+                h.check(ns["vm"], ["ip", "link", "set", ifname, "address", VM_MAC])
+            h.check(ns["vm"], ["ip", "link", "set", "eth1", "down"])
+            h.route(ns["vm"], "default", GW_IP)
+            h.route(ns["vm"], "default", GW_IP6)
+            self._point_server("10.0.5.1", "fd00:5::1")
+            self._management()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _management(self) -> None:
+        h, mg = self.hosts, self.ns["mg"]
+        h.check(mg, ["ip", "link", "add", "br0", "type", "bridge"])
+        h.addresses(mg, "br0", [f"{MANAGER_IP}/24"])
+        h.link_up(mg, "br0")
+        for short, name in (("fwsrc", "fw-src"), ("fwdst", "fw-dst"), ("swdst", "sw-dst")):
+            h.veth(self.ns[short], "ag0", mg, f"m-{short}", f"{AGENT_IPS[name]}/24")
+            h.check(mg, ["ip", "link", "set", f"m-{short}", "master", "br0"])
+        # Multicast for the device-driven messages stays on the lab bridge.
+        h.route(mg, f"{MCAST_GROUP}/32", dev="br0")
+
+    def _point_server(self, via4: str, via6: str) -> None:
+        h, srv = self.hosts, self.ns["srv"]
+        h.route(srv, "10.0.1.0/24", via4, replace=True, src=SERVICE_IP)
+        h.route(srv, "fd00:1::/64", via6, replace=True, src=SERVICE_IP6)
+
+    def move_vm(self) -> None:
+        """The VM now runs behind the destination switch (same MAC, addresses and sockets)."""
+        h, vm = self.hosts, self.ns["vm"]
+        h.check(vm, ["ip", "link", "set", "eth0", "down"])
+        h.addresses(vm, "eth1", [f"{VM_IP}/24", f"{VM_IP6}/64"])
+        h.link_up(vm, "eth1")
+        h.route(vm, "default", GW_IP, dev="eth1", replace=True)
+        h.route(vm, "default", GW_IP6, dev="eth1", replace=True)
+        self._point_server("10.0.3.1", "fd00:3::1")
+
+    # --- processes ----------------------------------------------------------------------------
+
+    def start_agents(self) -> dict[str, AgentProcess]:
+        """Agents on the three devices that hold state (the router has none); a static binding
+        for the VM at the source's snooper."""
+        self.lab_agents = agents = LabAgents(self.hosts, self.workdir)
+        dhcp_src = device_toml(["vm0"], "up0", ["vm0"])
+        self.agents["fw-src"] = agents.start("fw-src", self.ns["fwsrc"], AGENT_IPS["fw-src"],
+                                             ["conntrack", "dhcp", "counters"], extra=dhcp_src)
+        self.agents["fw-dst"] = agents.start("fw-dst", self.ns["fwdst"], AGENT_IPS["fw-dst"],
+                                             ["conntrack", "counters"], extra=device_toml(["vm0"]))
+        self.agents["sw-dst"] = agents.start("sw-dst", self.ns["swdst"], AGENT_IPS["sw-dst"], ["dhcp"],
+                                             extra=device_toml((), "up0", ["vm0"]))
+        from xfer.dhcpsnoop.device import add_static
+        from xfer.dhcpsnoop.model import Binding
+
+        add_static(self.ns["fwsrc"], Binding(VM_MAC, VM_IP, None, "vm0", source="static"))
+        return self.agents
+
+    def start_manager(self, mode: str = "relay") -> AgentProcess:
+        """Write the topology and the manager's config, issue its certificate, start it in [mg]."""
+        assert self.lab_agents is not None, "start_agents() first"
+        pki.issue(self.lab_agents.pki, "manager", ips=[MANAGER_IP])
+        (self.workdir / "topology.yaml").write_text(topology_yaml())
+        config = self.workdir / "manager.toml"
+        config.write_text(f"""
+[manager]
+topology = "topology.yaml"
+journal = "{self.journal}"
+mode = "{mode}"
+cleanup = "{self.cleanup}"
+budget_ms = 300
+
+[listen]
+address = "{MANAGER_IP}"
+port = {MANAGER_PORT}
+udp = "{MANAGER_IP}:{UDP_PORT}"
+multicast = "{MCAST_GROUP}:{MCAST_PORT}"
+multicast_interface = "{MANAGER_IP}"
+
+[tls]
+cert = "pki/manager.pem"
+key = "pki/manager.key"
+ca = "pki/ca.pem"
+""")
+        self.manager = ManagerProcess(self.hosts, "manager", self.ns["mg"], config,
+                                      self.workdir / "manager.log", self.url)
+        return self.manager.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://{MANAGER_IP}:{MANAGER_PORT}/v1/migrations"
+
+    def client_args(self) -> list[str]:
+        assert self.lab_agents is not None
+        p = self.lab_agents.pki
+        return ["--manager", self.url, "--ca", str(p / "ca.pem"), "--cert", str(p / "operator.pem"),
+                "--key", str(p / "operator.key")]
+
+    def xfer(self, *args: str, ns: str = "mg", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the CLI as an operator would, inside a lab namespace (default: the manager's)."""
+        return self.hosts.run(self.ns[ns], [*XFER, *args], timeout=timeout)
+
+    def migrate(self, mode: str, *extra: str) -> dict[str, Any]:
+        out = self.xfer("migrate", "vm1", "--from", SOURCE, "--to", DESTINATION, "--mode", mode,
+                        *self.client_args(), "--json", *extra)
+        if out.returncode != 0:
+            raise LabError(f"xfer migrate failed: {out.stderr.strip()}")
+        report: dict[str, Any] = json.loads(out.stdout)
+        return report
+
+    def migrations(self) -> list[dict[str, Any]]:
+        out = self.xfer("migrations", "--journal", str(self.journal), "--json")
+        if out.returncode != 0:
+            raise LabError(f"xfer migrations failed: {out.stderr.strip()}")
+        result: list[dict[str, Any]] = json.loads(out.stdout)
+        return result
+
+    def wait_outcome(self, migration: int, timeout: float = 15) -> dict[str, Any]:
+        """The journal's record of a migration once it has an outcome (cleanup runs after the answer)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = next(m for m in self.migrations() if m["id"] == migration)
+            if rec["outcome"] or time.monotonic() > deadline:
+                return rec
+            time.sleep(0.1)
+
+    def down(self) -> None:
+        """Stop processes, remove namespaces and BPF pins, also those of an earlier crashed run."""
+        for short in self.ns.values():
+            self.hosts.adopt(short)
+        self.hosts.close()
+        unpin([self.ns["fwsrc"], self.ns["fwdst"], self.ns["swdst"]])
+
+
+class ManagerProcess(AgentProcess):
+    """``xfer manager serve`` in a namespace: started, stopped and killed like an agent."""
+
+    command = ("manager", "serve")
