@@ -103,3 +103,11 @@ def test_load_yaml_and_the_cli(tmp_path: Path) -> None:
     f.write_text("servers: [1, 2]\n")
     with pytest.raises(TopologyError, match="servers must be a mapping"):
         topology.load(f)
+
+
+def test_cli_default_manager_url_is_the_hooks() -> None:
+    from xfer.hypervisor.hook import HookOptions
+    from xfer.hypervisor.notify import DEFAULT_MANAGER_URL
+    from xfer.manager import cli
+
+    assert cli.DEFAULT_URL == DEFAULT_MANAGER_URL == HookOptions("vm1").manager

@@ -27,7 +27,7 @@ from typing import Any
 
 from xfer.errors import HypervisorError, UsageError, XferError
 from xfer.hypervisor import window
-from xfer.hypervisor.notify import ManagerLink, MigrationMessage, check_url, messages_for
+from xfer.hypervisor.notify import DEFAULT_MANAGER_URL, ManagerLink, MigrationMessage, check_url, messages_for
 from xfer.hypervisor.qmp import QmpClient
 from xfer.hypervisor.report import WindowReport
 
@@ -44,7 +44,7 @@ class HookOptions:
     """What the hook sends, to whom, and what it does when that fails."""
 
     vm: str
-    manager: str
+    manager: str = DEFAULT_MANAGER_URL
     source: str = socket.gethostname()
     destination: str = ""
     deadline_s: float = 1.0          # from the window opening to the manager's answer
@@ -86,6 +86,8 @@ async def end_stale_window(qmp: QmpClient, opts: HookOptions) -> WindowReport:
     log.warning("vm %s: ending a pause window left open by an earlier run (%s)", opts.vm, opts.on_fail)
     since = len(qmp.events)
     await _end(qmp, report, moved=False, on_fail=opts.on_fail)
+    if report.outcome == "cancelled":
+        await tell_abort(opts)   # the dead run's message may still be moving state
     report.outcome = "stale-" + report.outcome.split("-")[0]
     report.status = await window.wait_finished(qmp, since, opts.finish_s)
     with contextlib.suppress(XferError):
@@ -151,6 +153,24 @@ async def hold_window(qmp: QmpClient, opts: HookOptions, report: WindowReport, n
     finally:
         # Also on CancelledError (SIGTERM, Ctrl-C): the window must end.
         await _end(qmp, report, moved, opts.on_fail)
+        if report.outcome == "cancelled":
+            await tell_abort(opts)
+
+
+async def tell_abort(opts: HookOptions, timeout_s: float = 1.0) -> None:
+    """The VM stays at the source: tell the manager to roll back whatever it moved.
+
+    A manager that missed the deadline may still be importing at the destination
+    (and, once done, would clean the source of a VM that never left). Best effort,
+    after the window has ended: a failure is logged, not raised.
+    """
+    message = MigrationMessage(opts.vm, "abort", "out", opts.source, opts.destination,
+                               opts.kinds, opts.mode)
+    try:
+        async with ManagerLink(opts.manager, opts.ssl_context) as link:
+            await link.send(message, time.monotonic() + timeout_s)
+    except (XferError, OSError) as exc:
+        log.warning("vm %s: could not tell the manager to abort: %s", opts.vm, exc)
 
 
 async def _end(qmp: QmpClient, report: WindowReport, moved: bool, on_fail: str) -> None:

@@ -6,7 +6,9 @@ answers once the state has moved: 2xx with a JSON report, anything else is an
 error. The client is a few lines of asyncio so it can be cancelled exactly at the
 deadline (a blocking urllib call in a thread cannot) and adds no dependency.
 
-When the manager lands, ``send_migration_message`` is the one place to wire it.
+The real manager (``xfer manager serve``, issue 6) listens at ``DEFAULT_MANAGER_URL``
+unless configured otherwise; it also accepts ``"indication": "abort"`` (sent by the
+hook after it cancels a migration) and requires a client certificate (mutual TLS).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from urllib.parse import SplitResult, urlsplit
 
 from xfer.errors import AuthError, MigrationMessageError, UsageError
 from xfer.hypervisor import http1
+
+# Where ``xfer manager serve`` listens by default (its [listen] section, API path).
+DEFAULT_MANAGER_URL = "https://127.0.0.1:8700/v1/migrations"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ UdpOpt = Annotated[str | None, typer.Option("--udp", help="Send as one datagram 
 IfaceOpt = Annotated[str | None, typer.Option("--interface", help="Local address datagrams leave from "
                                               "(multicast: the interface to send on).")]
 JournalOpt = Annotated[Path, typer.Option("--journal", help="The manager's journal (SQLite).")]
+# notify.DEFAULT_MANAGER_URL, spelled out: importing notify (asyncio, ssl) would slow every command.
+DEFAULT_URL = "https://127.0.0.1:8700/v1/migrations"
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -167,7 +169,7 @@ def notify(
     destination: Annotated[str, typer.Option("--to", help="Destination server.")] = "",
     kinds: Annotated[str | None, typer.Option("--kinds", help="Kinds (default: all the plan finds).")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="relay|pull|push|store")] = None,
-    manager: ManagerUrlOpt = "https://127.0.0.1:8700/v1/migrations",
+    manager: ManagerUrlOpt = DEFAULT_URL,
     udp: UdpOpt = None, interface: IfaceOpt = None,
     ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 30,
@@ -198,7 +200,7 @@ def migrate(
     abort: Annotated[str | None, typer.Option("--abort", help="Abort VM's migration: roll back its "
                                               "destinations, leave its source as it was.",
                                               metavar="VM")] = None,
-    manager: ManagerUrlOpt = "https://127.0.0.1:8700/v1/migrations",
+    manager: ManagerUrlOpt = DEFAULT_URL,
     ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 60,
     as_json: JsonOpt = False,

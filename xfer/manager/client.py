@@ -17,11 +17,11 @@ import time
 from typing import Any
 
 from xfer.errors import MigrationMessageError
-from xfer.hypervisor.notify import send_migration_message
+from xfer.hypervisor.notify import DEFAULT_MANAGER_URL, send_migration_message
 from xfer.manager import messages
 from xfer.manager.messages import Message
 
-DEFAULT_URL = "https://127.0.0.1:8700/v1/migrations"
+DEFAULT_URL = DEFAULT_MANAGER_URL
 
 
 def send_http(url: str, msg: Message | dict[str, Any], ssl_context: ssl.SSLContext | None,

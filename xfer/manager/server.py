@@ -17,6 +17,7 @@ answer goes back to the sender as one datagram.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -40,6 +41,7 @@ from xfer.manager import messages, topology
 from xfer.manager.config import API_PATH, ManagerConfig
 from xfer.manager.journal import Journal
 from xfer.manager.migration import Conflict, MigrationFailed, Migrator
+from xfer.manager.modes import Devices
 from xfer.manager.store import Store
 
 log = logging.getLogger("xfer.manager")
@@ -74,8 +76,12 @@ class ManagerMetrics:
 class ManagerServer:
     """The manager: explicit ``start()``/``stop()``, or ``async with``."""
 
-    def __init__(self, config: ManagerConfig) -> None:
+    def __init__(self, config: ManagerConfig, devices: Devices | None = None) -> None:
+        """``devices`` defaults to an agent client with the manager's certificate (tests give fakes)."""
         self.config = config
+        self._devices = devices
+        self.port = config.port
+        self.udp_port: int | None = None
         self.metrics = ManagerMetrics()
         self._runners: list[web.AppRunner] = []
         self._udp: list[asyncio.DatagramTransport] = []
@@ -85,6 +91,11 @@ class ManagerServer:
         self._store: Store | None = None
         self._migrator: Migrator | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        """The message URL, with the port it got when the configuration asked for port 0."""
+        return dataclasses.replace(self.config, port=self.port).url
 
     @property
     def migrator(self) -> Migrator:
@@ -105,12 +116,15 @@ class ManagerServer:
         try:
             topo = topology.load(cfg.topology)
             server_ctx = tls.server_context(cfg.tls)
-            self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
-                                       namespace=cfg.netns, timeout=30)
-            await self._client.start()
+            devices = self._devices
+            if devices is None:
+                self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
+                                           namespace=cfg.netns, timeout=30)
+                await self._client.start()
+                devices = self._client
             self._journal = Journal(cfg.journal)
             self._store = Store(cfg.journal, cfg.store_ttl_s)
-            self._migrator = Migrator(topo, self._client, self._journal, self._store, cfg.settings,
+            self._migrator = Migrator(topo, devices, self._journal, self._store, cfg.settings,
                                       on_record=self.metrics.record)
             # Before listening: no message may meet the remains of a crashed run.
             for item in await self.migrator.recover():
@@ -121,19 +135,23 @@ class ManagerServer:
                 web.post(f"{API_PATH}/abort", self._abort), web.get(API_PATH, self._list),
                 web.get("/metrics", self._metrics),
             ])
-            await self._site(api, bind_socket(cfg.address, cfg.port, cfg.netns), server_ctx)
+            sock = bind_socket(cfg.address, cfg.port, cfg.netns)
+            self.port = sock.getsockname()[1]
+            await self._site(api, sock, server_ctx)
             if cfg.metrics:
                 plain = web.Application()
                 plain.add_routes([web.get("/metrics", self._metrics)])
                 await self._site(plain, bind_socket(*cfg.metrics, cfg.netns), None)
             if cfg.udp:
-                await self._listen_udp(udp_socket(*cfg.udp, cfg.netns))
+                udp = udp_socket(*cfg.udp, cfg.netns)
+                self.udp_port = udp.getsockname()[1]
+                await self._listen_udp(udp)
             if cfg.multicast:
                 await self._listen_udp(multicast_socket(*cfg.multicast, cfg.multicast_interface, cfg.netns))
         except BaseException:
             await self.stop()
             raise
-        emit({"event": "listening", "url": cfg.url, "udp": cfg.udp, "multicast": cfg.multicast,
+        emit({"event": "listening", "url": self.url, "udp": cfg.udp, "multicast": cfg.multicast,
               "mode": cfg.settings.mode, "cleanup": cfg.settings.cleanup})
 
     async def _site(self, app: web.Application, sock: socket.socket, ctx: Any) -> None:
