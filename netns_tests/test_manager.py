@@ -14,72 +14,38 @@ destination committed (journal order), and only then.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from xfer.lab.agents import kind_available
-from xfer.lab.manager_lab import DESTINATION, SOURCE, VM_MAC, ManagerLab
-from xfer.lab.topology import SERVICE_IP, VM_IP
-from xfer.lab.traffic import Peer, conversation_continues
+from netns_tests.manager_helpers import (
+    assert_cleaned_after_commit,
+    bindings,
+    conntrack_has_vm,
+    conversation,
+    counters,
+    needs_all_kinds,
+    running_lab,
+)
+from xfer.lab.manager_lab import (
+    AGENT_IPS,
+    DESTINATION,
+    MANAGER_IP,
+    MCAST_GROUP,
+    MCAST_PORT,
+    SOURCE,
+    UDP_PORT,
+    ManagerLab,
+)
+from xfer.lab.topology import VM_IP
+from xfer.lab.traffic import conversation_continues
 
-pytestmark = pytest.mark.skipif(
-    not (kind_available("xfer.ebpf.counters_device") and kind_available("xfer.dhcpsnoop.device")),
-    reason="counters or DHCP snooping are not in this build")
-TRANSFER_PHASES = ("export", "import", "push", "pull")
+pytestmark = needs_all_kinds
 
 
 @pytest.fixture
 def lab(monkeypatch: pytest.MonkeyPatch) -> Iterator[ManagerLab]:
-    with tempfile.TemporaryDirectory(prefix="xfer-manager-") as tmp:
-        # Snooping databases in the temp dir (agents inherit the environment).
-        monkeypatch.setenv("XFER_DHCP_STATE_DIR", str(Path(tmp) / "dhcp"))
-        with ManagerLab(f"m{os.getpid() % 10000}", Path(tmp)) as lab:
-            lab.up()
-            lab.start_agents()
-            lab.start_manager()
-            lab.hosts.sysctl(lab.ns["fwdst"], "net/netfilter/nf_conntrack_tcp_loose", "0")
-            lab.hosts.sysctl(lab.ns["fwdst"], "net/netfilter/nf_conntrack_tcp_be_liberal", "0")
-            yield lab
-
-
-def conversation(lab: ManagerLab) -> tuple[Peer, Peer]:
-    srv = Peer(lab.hosts, lab.ns["srv"], "tcp-listen", "7000")
-    assert srv.expect("ready")
-    vm = Peer(lab.hosts, lab.ns["vm"], "tcp-connect", SERVICE_IP, "7000")
-    assert vm.expect("connected"), "the VM could not connect through the source path"
-    assert conversation_continues(vm, srv, "before"), "no conversation through the source path"
-    return vm, srv
-
-
-def counters(lab: ManagerLab, ns: str) -> dict[str, int] | None:
-    out = lab.xfer("counters", "show", "--netns", lab.ns[ns], "--json")
-    assert out.returncode == 0, out.stderr
-    rows = [r for r in json.loads(out.stdout) if r["mac"] == VM_MAC and r["ip"] == VM_IP]
-    return {k: v for k, v in rows[0].items() if k not in ("mac", "ip")} if rows else None
-
-
-def bindings(lab: ManagerLab, ns: str) -> list[str]:
-    out = lab.xfer("dhcp", "bindings", "--netns", lab.ns[ns], "--json")
-    assert out.returncode == 0, out.stderr
-    return [b["ip"] for b in json.loads(out.stdout)]
-
-
-def conntrack_has_vm(lab: ManagerLab, ns: str) -> bool:
-    """conntrack(8) as the independent witness."""
-    return VM_IP in lab.hosts.run(lab.ns[ns], ["conntrack", "-L", "-s", VM_IP]).stdout
-
-
-def assert_cleaned_after_commit(record: dict[str, Any]) -> None:
-    transfer = [p for p in record["phases"] if p["name"] in TRANSFER_PHASES]
-    cleanup = [p for p in record["phases"] if p["name"] == "cleanup"]
-    assert transfer and cleanup and all(p["outcome"] == "ok" for p in record["phases"]), record
-    assert min(p["started"] for p in cleanup) >= max(p["ended"] for p in transfer), \
-        "the source was cleaned before every destination had committed"
+    yield from running_lab(monkeypatch)
 
 
 @pytest.mark.parametrize("mode", ["relay", "pull", "push", "store"])
@@ -132,3 +98,19 @@ def test_clear_errors_for_unknown_vm_and_server(lab: ManagerLab) -> None:
     out = lab.xfer("migrate", "vm1", "--from", SOURCE, "--to", DESTINATION, "--manager", lab.url,
                    "--ca", str(lab.workdir / "pki/ca.pem"))
     assert out.returncode == 1 and bindings(lab, "swdst") == []
+
+
+@pytest.mark.parametrize("transport", ["udp", "multicast"])
+def test_a_datagram_from_a_device_drives_the_migration(lab: ManagerLab, transport: str) -> None:
+    """The device-driven variant: the message is one datagram sent from the source firewall's
+    management address, to the manager or to the lab's multicast group; the answer comes back."""
+    vm, srv = conversation(lab)
+    target = f"{MANAGER_IP}:{UDP_PORT}" if transport == "udp" else f"{MCAST_GROUP}:{MCAST_PORT}"
+    out = lab.xfer("notify", "--vm", "vm1", "--indication", "not-running", "--direction", "out",
+                   "--from", SOURCE, "--to", DESTINATION, "--mode", "push", "--udp", target,
+                   "--interface", AGENT_IPS["fw-src"], "--json", ns="fwsrc")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["state"] == "committed"
+    lab.move_vm()
+    assert conversation_continues(vm, srv, "after-move"), "the connection died"
+    assert bindings(lab, "swdst") == [VM_IP]

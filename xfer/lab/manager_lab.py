@@ -23,6 +23,7 @@ ruleset (firewall.nft). Used by netns_tests/test_manager*.py and ``xfer bench mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from xfer import pki
-from xfer.lab.agents import XFER, AgentProcess, LabAgents, device_toml, unpin
+from xfer.errors import XferError
+from xfer.lab.agents import XFER, AgentProcess, LabAgents, device_toml, kind_available, unpin
 from xfer.lab.hosts import Hosts, LabError
 from xfer.lab.topology import GW_IP, GW_IP6, SERVICE_IP, SERVICE_IP6, VM_IP, VM_IP6, firewall_ruleset
 
@@ -255,6 +257,13 @@ ca = "pki/ca.pem"
         for short in self.ns.values():
             self.hosts.adopt(short)
         self.hosts.close()
+        if kind_available("xfer.ebpf.counters_device"):
+            from xfer.ebpf import counters_device
+
+            for fw in ("fwsrc", "fwdst"):
+                # Pins and the import lock file outlive the namespace otherwise.
+                with contextlib.suppress(XferError, OSError):
+                    counters_device.detach("vm0", self.ns[fw], unpin=True)
         unpin([self.ns["fwsrc"], self.ns["fwdst"], self.ns["swdst"]])
 
 

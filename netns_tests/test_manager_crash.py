@@ -1,0 +1,90 @@
+"""A manager killed in the middle of a migration and restarted loses nothing.
+
+The destination switch's agent is frozen (SIGSTOP) so that the migration stops
+with the firewall's import committed and the switch's in flight; the manager is
+then killed (SIGKILL) and the switch resumed. The restarted manager reads its journal, rolls back both
+destinations, and leaves the source as it was; a new migration then moves
+everything and the connection survives.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from netns_tests.manager_helpers import (
+    bindings,
+    conntrack_has_vm,
+    conversation,
+    counters,
+    needs_all_kinds,
+    running_lab,
+)
+from xfer.lab.agents import XFER
+from xfer.lab.manager_lab import DESTINATION, SOURCE, ManagerLab
+from xfer.lab.topology import VM_IP
+from xfer.lab.traffic import conversation_continues
+
+pytestmark = needs_all_kinds
+
+
+@pytest.fixture
+def lab(monkeypatch: pytest.MonkeyPatch) -> Iterator[ManagerLab]:
+    yield from running_lab(monkeypatch)
+
+
+def _wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_killed_mid_migration_the_restarted_manager_rolls_back_and_nothing_is_lost(lab: ManagerLab) -> None:
+    vm, srv = conversation(lab)
+    before = counters(lab, "fwsrc")
+    switch, manager = lab.agents["sw-dst"], lab.manager
+    assert switch.proc is not None and manager is not None and manager.proc is not None
+    os.killpg(switch.proc.pid, signal.SIGSTOP)
+    try:
+        migrate = lab.hosts.spawn(lab.ns["mg"], [*XFER, "migrate", "vm1", "--from", SOURCE, "--to",
+                                                 DESTINATION, "--mode", "relay", *lab.client_args()],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def switch_import_under_way() -> bool:
+            runs = lab.migrations()
+            return bool(runs) and any(p["name"] == "import" and p["device"] == "sw-dst" and p["ended"] is None
+                                      for p in runs[0]["phases"])
+
+        _wait_for(switch_import_under_way)
+        _wait_for(lambda: conntrack_has_vm(lab, "fwdst"))   # the firewall's import committed
+        manager.kill()
+    finally:
+        os.killpg(switch.proc.pid, signal.SIGCONT)
+    assert migrate.wait(30) == 1, "the operator was not told the migration failed"
+    # The switch may still finish an import it had fully received (its answer goes nowhere),
+    # or have lost the request with the connection: either way the restart must undo it.
+    time.sleep(1)
+    assert lab.migrations()[0]["outcome"] is None   # the journal says: under way
+
+    manager.start()
+    assert '"event":"recovered"' in manager.log_text() and '"action":"rolled back"' in manager.log_text()
+    record = lab.migrations()[0]
+    assert record["outcome"] == "rolled-back" and "manager restarted" in record["error"]
+    # Destinations as before the migration; the source as it was.
+    assert not conntrack_has_vm(lab, "fwdst") and bindings(lab, "swdst") == []
+    assert counters(lab, "fwdst") is None
+    assert conntrack_has_vm(lab, "fwsrc") and bindings(lab, "fwsrc") == [VM_IP]
+    assert counters(lab, "fwsrc") == before
+
+    # Nothing lost: the next migration moves everything and the connection survives.
+    report = lab.migrate("relay")
+    assert report["state"] == "committed"
+    lab.move_vm()
+    assert conversation_continues(vm, srv, "after-restart"), "the connection died"
+    assert counters(lab, "fwdst") is not None
