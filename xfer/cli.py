@@ -1017,7 +1017,7 @@ def dhcp_serve(
 def _register_manager() -> None:
     from xfer.manager.cli import register
 
-    register(app)
+    register(app, bench_app)
 
 
 _register_manager()

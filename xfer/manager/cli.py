@@ -88,8 +88,10 @@ def _print_report(report: dict[str, Any]) -> None:
         typer.echo(f"  not moved: {kind}: {why}", err=True)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the manager's commands to the ``xfer`` app."""
+def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
+    """Add the manager's commands to the ``xfer`` app (and ``bench migrate`` to its bench group)."""
+    if bench_app is not None:
+        bench_app.command("migrate")(bench_migrate)
     app.add_typer(topology_app, name="topology")
     app.add_typer(manager_app, name="manager")
     app.command("notify")(notify)
@@ -250,3 +252,22 @@ def migrations(
         return
     for m in items:
         _print_report({**m, "migration": m["id"], "state": m["state"]})
+
+
+def bench_migrate(
+    flows: Annotated[str, typer.Option("--flows", help="The VM's conntrack entries, one run per "
+                                       "comma-separated count.")] = "1000,20000",
+    repeat: Annotated[int, typer.Option(help="Rounds after the cold one (median reported).")] = 5,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/migrate.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Migration message → every destination committed, each mode, vs a direct agent push (same run).
+
+    Example: xfer bench migrate --flows 1000,20000 --repeat 5
+    """
+    from xfer.bench import migrate as bench
+
+    counts = tuple(int(f) for f in flows.split(",") if f.strip())
+    result = bench.run(counts, repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        _out(result)
