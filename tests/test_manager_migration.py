@@ -180,3 +180,28 @@ def test_message_parsing_refuses_bad_input() -> None:
 def test_budget_overrun_is_reported(env) -> None:
     report = asyncio.run(run(migrator(env, budget_ms=0.0001), out()))
     assert report["over_budget"] is True and set(report["device_ms"]) >= {"fw-a", "fw-b", "sw-b"}  # type: ignore[arg-type]
+
+
+def test_abort_during_cleanup_is_refused_and_after_age_out_commit_rolls_back(env) -> None:
+    devices, journal, *_ = env
+    m = migrator(env)
+
+    async def during_cleanup() -> None:
+        await m.handle(out())
+        # The cleanup task has started (it runs after the answer): too late to roll back.
+        await asyncio.sleep(0)
+        with pytest.raises(UsageError, match="too late"):
+            await m.abort("vm1")
+        await m.wait_background()
+
+    asyncio.run(during_cleanup())
+    assert devices.has("fw-b", Kind.CONNTRACK)
+    devices.put("fw-a", ALL)
+    aged = migrator(env, cleanup="age-out")
+    asyncio.run(run(aged, out()))
+    # With age-out the source kept everything: a late abort (the hook gave up) rolls back.
+    assert asyncio.run(aged.abort("vm1"))["was"] == "committed"
+    assert not devices.has("fw-b", Kind.CONNTRACK) and all(devices.has("fw-a", k) for k in ALL)
+    assert journal.recent(1)[0].outcome == "aborted"
+    with pytest.raises(UsageError, match="no migration of VM vm1 to abort"):
+        asyncio.run(aged.abort("vm1"))

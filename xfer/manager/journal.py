@@ -151,11 +151,12 @@ class Journal:
         rows = self._db.execute("SELECT * FROM migrations ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [self._migration(r) for r in rows]
 
-    def latest(self, vm: str, states: tuple[str, ...]) -> Migration | None:
-        """The newest unfinished migration of ``vm`` in one of ``states``."""
-        marks = ",".join("?" * len(states))
-        row = self._db.execute(f"SELECT * FROM migrations WHERE vm = ? AND outcome IS NULL AND state IN "
-                               f"({marks}) ORDER BY id DESC LIMIT 1", (vm, *states)).fetchone()
+    def latest(self, vm: str, states: tuple[str, ...], outcomes: tuple[str, ...] = ()) -> Migration | None:
+        """The newest migration of ``vm`` in one of ``states``, unfinished or ended with ``outcomes``."""
+        marks, omarks = ",".join("?" * len(states)), ",".join("?" * len(outcomes)) or "NULL"
+        row = self._db.execute(f"SELECT * FROM migrations WHERE vm = ? AND state IN ({marks}) AND "
+                               f"(outcome IS NULL OR outcome IN ({omarks})) ORDER BY id DESC LIMIT 1",
+                               (vm, *states, *outcomes)).fetchone()
         return None if row is None else self._migration(row)
 
     def unfinished(self) -> list[Migration]:

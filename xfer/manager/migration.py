@@ -37,6 +37,9 @@ from xfer.model import Kind, VmIdentity
 
 log = logging.getLogger("xfer.manager")
 DEFAULT_BUDGET_MS = 300.0   # QEMU's default downtime limit
+# A late abort (the hook gave up on a migration the manager then committed) comes
+# within seconds; an older commit is where the VM runs now and must not be undone.
+ABORT_WINDOW_S = 60.0
 
 
 class MigrationFailed(XferError):
@@ -73,6 +76,7 @@ class Migrator:
             topo, devices, journal, store, settings)
         self.active: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._cleaning: set[int] = set()   # migrations whose source is being cleaned
         self._on_record = on_record or (lambda r: None)
 
     # --- entry points ----------------------------------------------------------------------
@@ -110,9 +114,16 @@ class Migrator:
             with contextlib.suppress(asyncio.CancelledError, XferError):
                 await task
             return {"ok": True, "vm": vm, "aborted": True, "was": "under way"}
-        pending = self.journal.latest(vm, ("committed", "stored"))
+        # A commit left to age out is still undoable: the source kept everything.
+        pending = self.journal.latest(vm, ("committed", "stored"), ("committed",))
+        if pending is not None and time.time() - pending.started > ABORT_WINDOW_S:
+            pending = None
         if pending is None:
             raise UsageError(f"no migration of VM {vm} to abort (none under way, none awaiting cleanup)")
+        if pending.id in self._cleaning:
+            # Rolling the destinations back now would leave the VM's state nowhere.
+            raise UsageError(f"migration {pending.id} of VM {vm} committed and its source is being "
+                             "cleaned: too late to abort")
         plan = self._plan_of(pending)
         ident = VmIdentity.from_dict(pending.vm_identity)
         step = self._stepper(pending.id)
@@ -216,9 +227,13 @@ class Migrator:
 
     async def _cleanup(self, mid: int, plan: Plan, ident: VmIdentity) -> None:
         """Forget the VM at the source devices: only ever called once every destination committed."""
-        errors = await modes.forget(self.devices, _all_sources(plan), ident, self._stepper(mid), "cleanup")
-        self.journal.finish(mid, "cleaned" if not errors else "committed",
-                            "; ".join(errors) or None)
+        self._cleaning.add(mid)
+        try:
+            errors = await modes.forget(self.devices, _all_sources(plan), ident, self._stepper(mid),
+                                        "cleanup")
+            self.journal.finish(mid, "cleaned" if not errors else "committed", "; ".join(errors) or None)
+        finally:
+            self._cleaning.discard(mid)
 
     async def _rollback(self, plan: Plan, ident: VmIdentity, step: modes.Step,
                         targets: dict[Device, set[Kind]]) -> list[str]:
