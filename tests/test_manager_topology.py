@@ -111,3 +111,17 @@ def test_cli_default_manager_url_is_the_hooks() -> None:
     from xfer.manager import cli
 
     assert cli.DEFAULT_URL == DEFAULT_MANAGER_URL == HookOptions("vm1").manager
+
+
+def test_topology_without_a_path_is_one_line_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    raw = _raw()
+    raw["links"].remove(["sw-b", "fw-b"])
+    f = tmp_path / "t.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "xfer.cli", "topology", "check", str(f)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2
+    assert out.stderr == "xfer: server 'hv2' has no path to its gateway 'gw'\n"

@@ -1,6 +1,8 @@
 """The manager's bundle store (store mode): bundles deposited on "out", collected on "in".
 
-Kept in the journal's SQLite file so a restarted manager still has them; each
+Kept in the journal's SQLite file so a restarted manager still has them,
+zstd-compressed as they travel (writing 4.5 MB of a 20k-entry bundle to SQLite
+costs ~30 ms inside the window, its 0.2 MB compressed form ~2 ms); each
 expires ``ttl_s`` after its deposit (a VM whose "in" never comes must not keep
 a copy of its firewall state around for ever).
 
@@ -14,6 +16,9 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+
+from xfer.agent.protocol import ZSTD, compress, decompress
+from xfer.bundle import DEFAULT_MAX_SIZE
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS store (
@@ -36,13 +41,13 @@ class Store:
 
     def put(self, migration: int, device: str, data: bytes) -> None:
         self._db.execute("INSERT OR REPLACE INTO store VALUES (?, ?, ?, ?)",
-                         (migration, device, data, time.time() + self.ttl_s))
+                         (migration, device, compress(data)[0], time.time() + self.ttl_s))
 
     def get(self, migration: int) -> dict[str, bytes]:
         """The unexpired bundles of a migration, by source device ({} when none or expired)."""
         rows = self._db.execute("SELECT device, data FROM store WHERE migration = ? AND expires > ?",
                                 (migration, time.time())).fetchall()
-        return {str(d): bytes(b) for d, b in rows}
+        return {str(d): decompress(bytes(b), ZSTD, DEFAULT_MAX_SIZE) for d, b in rows}
 
     def drop(self, migration: int) -> None:
         self._db.execute("DELETE FROM store WHERE migration = ?", (migration,))
