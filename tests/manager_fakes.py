@@ -36,13 +36,15 @@ def topo() -> topology.Topology:
 
 @dataclass
 class FakeDevices:
-    """State per agent URL; ``fail``: URLs whose imports fail; ``hang``: URLs whose imports never end."""
+    """State per agent URL; ``fail``: URLs whose imports fail; ``hang``: URLs whose imports wait
+    for ``release``."""
 
     held: dict[str, set[tuple[str, Kind]]] = field(default_factory=dict)
     fail: set[str] = field(default_factory=set)
     hang: set[str] = field(default_factory=set)
     calls: list[tuple[str, str, tuple[Kind, ...]]] = field(default_factory=list)
     hanging: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def has(self, device: str, kind: Kind, vm: str = "vm1") -> bool:
         return (vm, kind) in self.held.get(URL[device], set())
@@ -60,7 +62,7 @@ class FakeDevices:
         self.calls.append(("import", url, tuple(kinds or ())))
         if url in self.hang:
             self.hanging.set()
-            await asyncio.sleep(3600)
+            await self.release.wait()
         body = json.loads(data)
         wanted = [k for k in (kinds or ()) if k.value in body["kinds"]]
         # Like the agent: an import is applied, then (failing) rolled back by the agent itself.

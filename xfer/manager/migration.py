@@ -77,6 +77,8 @@ class Migrator:
         self.active: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._cleaning: set[int] = set()   # migrations whose source is being cleaned
+        self._aborting: set[str] = set()   # VMs whose migration under way was asked to abort
+        self.abort_grace_s = 30.0
         self._on_record = on_record or (lambda r: None)
 
     # --- entry points ----------------------------------------------------------------------
@@ -100,6 +102,13 @@ class Migrator:
         try:
             # Shielded: a client that hangs up does not cancel a migration; abort does.
             return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current and current.cancelling()):
+                # Aborted by someone else: the sender of the message gets an answer, not a hang-up.
+                raise MigrationFailed(f"migration of VM {msg.vm} was aborted; its destinations were "
+                                      "rolled back", {"ok": False, "vm": msg.vm, "aborted": True}) from None
+            raise
         finally:
             if task.done():
                 self.active.pop(msg.vm, None)
@@ -107,14 +116,27 @@ class Migrator:
                 task.add_done_callback(lambda _: self.active.pop(msg.vm, None))
 
     async def abort(self, vm: str) -> dict[str, Any]:
-        """Stop a migration of ``vm``: roll back its destinations, leave its source as it was."""
+        """Stop a migration of ``vm``: roll back its destinations, leave its source as it was.
+
+        A migration under way is not cut short: its device requests finish (an agent
+        goes on with a request whose client left, so a rollback sent meanwhile could
+        be overtaken by the import it meant to undo), then it rolls back instead of
+        committing. Only after ``abort_grace_s`` is it cancelled outright.
+        """
         task = self.active.get(vm)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, XferError):
-                await task
+            self._aborting.add(vm)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.abort_grace_s)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, XferError):
+                    await task
+            except (XferError, asyncio.CancelledError):
+                pass
+            finally:
+                self._aborting.discard(vm)
             return {"ok": True, "vm": vm, "aborted": True, "was": "under way"}
-        # A commit left to age out is still undoable: the source kept everything.
         pending = self.journal.latest(vm, ("committed", "stored"), ("committed",))
         if pending is not None and time.time() - pending.started > ABORT_WINDOW_S:
             pending = None
@@ -157,7 +179,8 @@ class Migrator:
         ident, plan, mid = self._prepare(msg, mode, budget_ms)
         step = self._stepper(mid)
         move = {"relay": modes.relay, "push": modes.push, "pull": modes.pull}[mode]
-        outcome = await self._guarded(mid, plan, ident, step, move(self.devices, plan, ident, step))
+        outcome = await self._guarded(mid, plan, ident, step, move(self.devices, plan, ident, step),
+                                      msg.vm)
         return self._commit(mid, plan, ident, outcome, started)
 
     async def _deposit(self, msg: Message, mode: str, budget_ms: float) -> dict[str, Any]:
@@ -187,27 +210,30 @@ class Migrator:
             raise UsageError(f"the stored bundles of VM {msg.vm} expired; nothing imported")
         step = self._stepper(mid)
         outcome = await self._guarded(mid, plan, ident, step,
-                                      modes.import_all(self.devices, plan, ident, bundles, step))
+                                      modes.import_all(self.devices, plan, ident, bundles, step), msg.vm)
         self.store.drop(mid)
         return self._commit(mid, plan, ident, outcome, started)
 
     async def _guarded(self, mid: int, plan: Plan, ident: VmIdentity, step: modes.Step,
-                       work: Awaitable[modes.Outcome]) -> modes.Outcome:
-        """Run the move; on an exception or a cancel (abort), roll the destinations back."""
+                       work: Awaitable[modes.Outcome], vm: str) -> modes.Outcome:
+        """Run the move; on a failure, an abort or a cancel, roll the destinations back."""
         try:
             outcome = await work
+            if vm in self._aborting:
+                raise _Aborted("aborted by request")
             if not outcome.ok:
                 raise XferError("; ".join(f"{d.id} ({','.join(k)}): {why}"
                                           for _, d, k, why in outcome.failed))
             return outcome
         except BaseException as exc:
-            # Shielded: an abort must not interrupt its own rollback.
+            # Shielded: a cancel must not interrupt its own rollback.
             await asyncio.shield(self._rollback(plan, ident, step, _all_destinations(plan)))
-            aborted = isinstance(exc, asyncio.CancelledError)
+            aborted = isinstance(exc, asyncio.CancelledError | _Aborted)
             self.journal.finish(mid, "aborted" if aborted else "rolled-back", str(exc) or "aborted")
-            if aborted or not isinstance(exc, XferError):
+            if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, XferError):
                 raise
-            raise MigrationFailed(f"migration {mid} failed and was rolled back: {exc}",
+            what = "was aborted" if aborted else f"failed and was rolled back: {exc}"
+            raise MigrationFailed(f"migration {mid} of VM {vm} {what}",
                                   self._report(mid, plan, None)) from None
 
     def _commit(self, mid: int, plan: Plan, ident: VmIdentity, outcome: modes.Outcome,
@@ -334,6 +360,10 @@ class Migrator:
                 return {"ok": True, "vm": vm, "migration": m.id, "state": m.state, "note":
                         f"\"in\" needs no action in {m.mode} mode"}
         return {"ok": True, "vm": vm, "note": "no migration of this VM known; \"in\" needs no action"}
+
+
+class _Aborted(XferError):
+    """An abort arrived while the migration's device requests were under way."""
 
 
 def _all_destinations(plan: Plan) -> dict[Device, set[Kind]]:
