@@ -88,3 +88,34 @@ def test_killed_mid_migration_the_restarted_manager_rolls_back_and_nothing_is_lo
     lab.move_vm()
     assert conversation_continues(vm, srv, "after-restart"), "the connection died"
     assert counters(lab, "fwdst") is not None
+
+
+def test_abort_rolls_back_the_destinations_and_leaves_the_source(lab: ManagerLab) -> None:
+    """``xfer migrate --abort VM`` while the destination switch hangs in its import."""
+    conversation(lab)
+    before = counters(lab, "fwsrc")
+    switch = lab.agents["sw-dst"]
+    assert switch.proc is not None
+    os.killpg(switch.proc.pid, signal.SIGSTOP)
+    try:
+        migrate = lab.hosts.spawn(lab.ns["mg"], [*XFER, "migrate", "vm1", "--from", SOURCE, "--to",
+                                                 DESTINATION, "--mode", "pull", *lab.client_args()],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait_for(lambda: conntrack_has_vm(lab, "fwdst"))   # the firewall's pull committed
+        # The switch's agent is frozen: the manager's rollback of it waits for it, so resume
+        # it as soon as the abort has been sent.
+        aborting = lab.hosts.spawn(lab.ns["mg"], [*XFER, "migrate", "--abort", "vm1",
+                                                  *lab.client_args()],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+    finally:
+        os.killpg(switch.proc.pid, signal.SIGCONT)
+    assert aborting.wait(30) == 0
+    assert migrate.wait(30) == 1
+    assert migrate.stderr is not None and b"aborted" in migrate.stderr.read()
+    record = lab.migrations()[0]
+    assert record["outcome"] == "aborted" and any(p["name"] == "rollback" for p in record["phases"])
+    assert not conntrack_has_vm(lab, "fwdst") and bindings(lab, "swdst") == []
+    assert counters(lab, "fwdst") is None
+    assert conntrack_has_vm(lab, "fwsrc") and bindings(lab, "fwsrc") == [VM_IP]
+    assert counters(lab, "fwsrc") == before
