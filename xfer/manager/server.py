@@ -244,7 +244,10 @@ class ManagerServer:
         return web.json_response(await self.handle({"vm": vm, "indication": "abort"}, "http"))
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
-        limit = int(request.query.get("limit", "100"))
+        text = request.query.get("limit", "100")
+        if not text.isdigit():
+            raise UsageError("limit must be a number")
+        limit = int(text)
         assert self._journal is not None
         return web.json_response([m.to_dict() for m in self._journal.recent(limit)])
 
