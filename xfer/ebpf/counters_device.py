@@ -112,5 +112,11 @@ def locked(maps: CounterMaps) -> Iterator[None]:
         yield
 
 
+def remove_locks(netns: str) -> None:
+    """Remove the import locks of a namespace that is gone (they live outside bpffs)."""
+    for lock in LOCK_DIR.glob(f"counters-{netns}-*.lock"):
+        lock.unlink(missing_ok=True)
+
+
 def _lock_path(pins: Path) -> Path:
     return LOCK_DIR / f"counters-{'-'.join(pins.parts[-2:])}.lock"

@@ -52,13 +52,16 @@ def kind_available(module: str) -> bool:
 
 
 def unpin(namespaces: Sequence[str]) -> None:
-    """Remove the BPF pins (counters, DHCP snooping) of lab namespaces; they outlive the namespaces."""
+    """Remove the BPF pins (counters, DHCP snooping) and counters' import locks of lab
+    namespaces; both outlive the namespaces."""
     if not kind_available("xfer.ebpf.loader"):
         return
+    from xfer.ebpf.counters_device import remove_locks
     from xfer.ebpf.loader import PIN_ROOT
 
     for ns in namespaces:
         shutil.rmtree(PIN_ROOT / ns, ignore_errors=True)
+        remove_locks(ns)
 
 
 class AgentProcess:
