@@ -37,12 +37,12 @@ Example (``/etc/xfer/agent.toml``)::
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xfer import tomlfile
 from xfer.errors import UsageError
 from xfer.model import Kind, parse_kinds
 
@@ -97,13 +97,7 @@ def load(path: Path) -> AgentConfig:
     >>> load(Path("/etc/xfer/agent.toml")).device_id   # doctest: +SKIP
     'fw-src-1'
     """
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"agent config {path} not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"agent config {path}: {exc}") from None
-    return parse(raw, base=path.parent)
+    return parse(tomlfile.read(path, "agent config"), base=path.parent)
 
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:

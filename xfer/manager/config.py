@@ -26,12 +26,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xfer import tomlfile
 from xfer.agent.config import TlsFiles, _check_ip, _hostport, _port
 from xfer.errors import UsageError
 from xfer.manager.migration import Settings
@@ -69,13 +69,7 @@ def load(path: Path) -> ManagerConfig:
     >>> load(Path("/etc/xfer/manager.toml")).port   # doctest: +SKIP
     8700
     """
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"manager config {path} not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"manager config {path}: {exc}") from None
-    return parse(raw, path.parent)
+    return parse(tomlfile.read(path, "manager config"), path.parent)
 
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
