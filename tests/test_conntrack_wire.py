@@ -96,5 +96,7 @@ def test_entries_where_the_vm_answers_belong_to_it() -> None:
     b = bundle_of(vm, [inbound, dnat])
     from xfer.conntrack.transfer import _validated
 
-    entries, nated = _validated(next(iter(b.sections.values())), vm)
-    assert len(entries) == 2 and nated == 1
+    plan = _validated(next(iter(b.sections.values())), vm)
+    assert len(plan.offsets) == 2 and plan.nated == 1
+    # the plain entry takes the in-place path, the NATed one the full rewrite
+    assert plan.layouts[0] is not None and plan.layouts[1] is None

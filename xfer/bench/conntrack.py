@@ -23,7 +23,7 @@ from typing import Any
 
 from xfer import bundle as bundle_mod
 from xfer import transfer
-from xfer.bench.common import Echo, median, run_process, run_shell, write_results
+from xfer.bench.common import Echo, compile_bytecode, median, run_process, run_shell, write_results
 from xfer.conntrack import constants as c
 from xfer.conntrack import wire
 from xfer.conntrack.model import CtTuple
@@ -95,6 +95,7 @@ def run(total: int, vm_flows: int, repeat: int, out: Path, echo: Echo = print) -
     export_s: list[float] = []
     import_s: list[float] = []
     peak_kb = 0
+    compile_bytecode()
     with Hosts("xb") as hosts:
         src, dst = hosts.add("src"), hosts.add("dst")
         t = time.perf_counter()

@@ -15,33 +15,28 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, NoReturn
 
 from xfer.bundle import Bundle, Section
-from xfer.conntrack import constants as c
-from xfer.conntrack import wire
+from xfer.conntrack import stream, wire
 from xfer.conntrack.hooks import nat_hooks_registered
+from xfer.conntrack.layout import Layout, Layouts, patch
 from xfer.conntrack.model import ConntrackEntry
-from xfer.conntrack.netlink import BatchInterrupted, CtNetlink, dump_many, table_size
+from xfer.conntrack.netlink import SEND_CHUNK, BatchInterrupted, CtNetlink, dump_many, table_size
+from xfer.conntrack.stream import HDR, RawEntry, Stream
 from xfer.errors import BundleError, ForeignEntryError, ImportFailed, KernelError
 from xfer.model import Kind, KindReport, VmIdentity
 
 log = logging.getLogger(__name__)
+_U32BE = struct.Struct(">I")
 
-ENCODING = "ctnetlink/1"
-_NAT_BITS = c.IPS_SRC_NAT | c.IPS_DST_NAT
-_REC = struct.Struct(">BxH")
+# A stream of ctnetlink messages, see ``stream``. (/1 framed each entry's
+# attributes with a 4-byte record header; the kernel's own framing saves copying.)
+ENCODING = "ctnetlink/2"
 MAX_ENTRIES = 2_000_000
 # Below this many entries one unfiltered walk beats two or three filtered ones.
 SMALL_TABLE = 4096
-
-
-class RawEntry(NamedTuple):
-    """One entry as the kernel dumped it: family and attribute bytes."""
-
-    family: int
-    blob: bytes
 
 
 class Selectors(NamedTuple):
@@ -57,7 +52,7 @@ def _families(vm: VmIdentity) -> Iterator[tuple[int, bytes]]:
         yield (socket.AF_INET if len(addr) == 4 else socket.AF_INET6), addr
 
 
-def _kernel_dump(namespace: str | None, vm: VmIdentity, sel: Selectors) -> list[RawEntry]:
+def _kernel_dump(namespace: str | None, vm: VmIdentity, sel: Selectors) -> Stream:
     owned = vm.packed_addresses
     extra: dict[str, object] = {"zone": sel.zone, "mark": sel.mark, "mark_mask": sel.mask}
     v4 = [a for f, a in _families(vm) if f == socket.AF_INET]
@@ -71,33 +66,37 @@ def _kernel_dump(namespace: str | None, vm: VmIdentity, sel: Selectors) -> list[
     if v6:  # the probe runs beside the IPv4 dumps; see _ipv6_filter_inverted
         jobs.append((socket.AF_INET6, {"orig_src": bytes(16), **extra}))
     results = dump_many(namespace, jobs)
-    out = _merge(socket.AF_INET, results[:2 * len(v4)], len(v4), owned)
+    out = _merge(results[:2 * len(v4)], len(v4), owned)
     if v6:
         probe = results[-1]
         if probe:
             _ipv6_filter_inverted(probe)
-            out.extend(RawEntry(socket.AF_INET6, b) for b in probe if belongs(b, owned))
+            out = stream.concat([out, _filtered(probe, owned)])
         else:
-            out.extend(_merge(socket.AF_INET6, dump_many(namespace, requests(socket.AF_INET6, v6)),
-                              len(v6), owned))
+            out = stream.concat([out, _merge(dump_many(namespace, requests(socket.AF_INET6, v6)),
+                                             len(v6), owned)])
     return out
 
 
-def _merge(family: int, dumps: list[list[bytes]], n_orig: int, owned: frozenset[bytes]) -> list[RawEntry]:
+def _merge(dumps: list[Stream], n_orig: int, owned: frozenset[bytes]) -> Stream:
     """Original-source dumps, then reply-source dumps without what those already hold.
 
     Original-source dumps cannot overlap (an entry has one original source); a
     reply-source match whose original source is also the VM's is in them already.
     """
-    out = [RawEntry(family, b) for blobs in dumps[:n_orig] for b in blobs]
-    for blobs in dumps[n_orig:]:
-        for blob in blobs:
-            if wire.tuple_src(blob) not in owned:
-                out.append(RawEntry(family, blob))
-    return out
+    replies = [stream.select(d, [off for off in d.offsets
+                                 if wire.tuple_src(d.payload, off + HDR) not in owned])
+               for d in dumps[n_orig:]]
+    return stream.concat([*dumps[:n_orig], *replies])
 
 
-def _ipv6_filter_inverted(probe: list[bytes]) -> None:
+def _filtered(dump: Stream, owned: frozenset[bytes]) -> Stream:
+    payload = dump.payload
+    return stream.select(dump, [off for off in dump.offsets
+                                if belongs(stream.entry_at(payload, off).blob, owned)])
+
+
+def _ipv6_filter_inverted(probe: Stream) -> None:
     """Say that the kernel's IPv6 address filter is inverted (the probe answered).
 
     NOTE: on this kernel (6.18) ctnetlink_filter_match_tuple() compares IPv6
@@ -111,13 +110,11 @@ def _ipv6_filter_inverted(probe: list[bytes]) -> None:
              len(probe))
 
 
-def _userspace_dump(namespace: str | None, vm: VmIdentity, sel: Selectors) -> list[RawEntry]:
+def _userspace_dump(namespace: str | None, vm: VmIdentity, sel: Selectors) -> Stream:
     """One walk of the table, every family, filtered here."""
-    owned = vm.packed_addresses
     with CtNetlink(namespace) as ct:
-        return [RawEntry(family, blob) for family, blob in
-                ct.dump_all(zone=sel.zone, mark=sel.mark, mark_mask=sel.mask)
-                if belongs(blob, owned)]
+        dump = ct.dump_all(zone=sel.zone, mark=sel.mark, mark_mask=sel.mask)
+    return _filtered(dump, vm.packed_addresses)
 
 
 def belongs(blob: bytes, owned: frozenset[bytes]) -> bool:
@@ -126,8 +123,8 @@ def belongs(blob: bytes, owned: frozenset[bytes]) -> bool:
     return orig_src in owned or reply_src in owned
 
 
-def export_entries(vm: VmIdentity, namespace: str | None = None,
-                   selectors: Selectors = Selectors()) -> list[RawEntry]:
+def export_stream(vm: VmIdentity, namespace: str | None = None,
+                  selectors: Selectors = Selectors()) -> Stream:
     """The VM's entries in ``namespace``, filtered in the kernel (CTA_FILTER).
 
     Every dump walks the kernel's whole conntrack hash, which all namespaces
@@ -135,7 +132,7 @@ def export_entries(vm: VmIdentity, namespace: str | None = None,
     entries is cheaper to dump once and filter here. Falls back to filtering here,
     with a log line, where the kernel refuses the filter.
 
-    >>> export_entries(parse_vm("10.0.0.2"), "fw-src")   # doctest: +SKIP
+    >>> export_stream(parse_vm("10.0.0.2"), "fw-src")   # doctest: +SKIP
     """
     if table_size(namespace) <= SMALL_TABLE:
         return _userspace_dump(namespace, vm, selectors)
@@ -148,40 +145,45 @@ def export_entries(vm: VmIdentity, namespace: str | None = None,
     return _userspace_dump(namespace, vm, selectors)
 
 
+def export_entries(vm: VmIdentity, namespace: str | None = None,
+                   selectors: Selectors = Selectors()) -> list[RawEntry]:
+    """``export_stream`` entry by entry."""
+    return stream.entries(export_stream(vm, namespace, selectors))
+
+
 def encode_entries(entries: list[RawEntry]) -> bytes:
-    pack = _REC.pack
-    return b"".join(b for e in entries for b in (pack(e.family, len(e.blob)), e.blob))
+    return stream.from_entries(entries).payload
+
+
+def _offsets(payload: bytes, count: int) -> list[int]:
+    if count > MAX_ENTRIES:
+        raise BundleError(f"conntrack section claims {count} entries, over the limit of {MAX_ENTRIES}")
+    try:
+        offsets = stream.scan(payload)
+    except ValueError as exc:
+        raise BundleError(f"conntrack section is {exc}") from None
+    if len(offsets) != count:
+        raise BundleError(f"conntrack section holds {len(offsets)} entries, header says {count}")
+    return offsets
 
 
 def decode_entries(payload: bytes, count: int) -> list[RawEntry]:
-    if count > MAX_ENTRIES:
-        raise BundleError(f"conntrack section claims {count} entries, over the limit of {MAX_ENTRIES}")
-    out: list[RawEntry] = []
-    pos, end = 0, len(payload)
-    unpack = _REC.unpack_from
-    while pos < end:
-        if pos + 4 > end:
-            raise BundleError("conntrack section is truncated")
-        family, length = unpack(payload, pos)
-        pos += 4
-        if family not in (socket.AF_INET, socket.AF_INET6) or pos + length > end:
-            raise BundleError(f"conntrack section is corrupted at entry {len(out)}")
-        out.append(RawEntry(family, payload[pos:pos + length]))
-        pos += length
-    if len(out) != count:
-        raise BundleError(f"conntrack section holds {len(out)} entries, header says {count}")
-    return out
+    return stream.entries(Stream(payload, _offsets(payload, count)))
 
 
 def export_section(vm: VmIdentity, namespace: str | None = None,
                    selectors: Selectors = Selectors()) -> Section:
     """The VM's conntrack entries as a bundle section."""
-    return export_section_from(export_entries(vm, namespace, selectors), selectors)
+    return _section(export_stream(vm, namespace, selectors), selectors)
 
 
 def export_section_from(entries: list[RawEntry], selectors: Selectors = Selectors()) -> Section:
+    return _section(stream.from_entries(entries), selectors)
+
+
+def _section(entries: Stream, selectors: Selectors) -> Section:
     meta = {"zone": selectors.zone, "mark": selectors.mark, "mask": selectors.mask}
-    return Section(Kind.CONNTRACK, ENCODING, len(entries), encode_entries(entries), meta)
+    return Section(Kind.CONNTRACK, ENCODING, len(entries), entries.payload, meta)
 
 
 def section_entries(section: Section) -> list[ConntrackEntry]:
@@ -189,26 +191,115 @@ def section_entries(section: Section) -> list[ConntrackEntry]:
     return [wire.parse_entry(e.family, e.blob) for e in decode_entries(section.payload, section.count)]
 
 
-def _validated(section: Section, vm: VmIdentity) -> tuple[list[RawEntry], int]:
-    """The section's entries, once each is known to be well formed and the VM's,
-    and how many of them are NATed."""
+class _Plan(NamedTuple):
+    """A section's entries checked for import: each one's offset and layout (None: full
+    rewrite), and how many are NATed."""
+
+    payload: bytes
+    offsets: list[int]
+    layouts: list[Layout | None]
+    nated: int
+
+    def entry(self, i: int) -> RawEntry:
+        return stream.entry_at(self.payload, self.offsets[i])
+
+
+def _validated(section: Section, vm: VmIdentity) -> _Plan:
+    """Every entry well formed and the VM's, or BundleError / ForeignEntryError.
+
+    One pass per entry before anything reaches the kernel, so the common case is
+    inlined: an entry with the previous entry's layout is checked (message header
+    included) by one unpack; any other goes through ``stream.scan`` and ``Layouts``.
+    """
     if section.encoding != ENCODING:
         raise BundleError(f"conntrack section encoding {section.encoding!r} is not supported")
+    if section.count > MAX_ENTRIES:
+        raise BundleError(f"conntrack section claims {section.count} entries, "
+                          f"over the limit of {MAX_ENTRIES}")
     owned = vm.packed_addresses
-    entries = decode_entries(section.payload, section.count)
+    payload = section.payload
+    known = Layouts()
+    offsets: list[int] = []
+    layouts: list[Layout | None] = []
     nated = 0
-    for i, entry in enumerate(entries):
-        try:
-            orig_src, reply_src, status = wire.endpoint_sources(entry.blob)
-        except (ValueError, KeyError, IndexError, struct.error):
-            raise BundleError(f"conntrack entry {i} is malformed") from None
-        nated += bool(status & _NAT_BITS)
-        if orig_src not in owned and reply_src not in owned:
-            e = wire.parse_entry(entry.family, entry.blob)
-            raise ForeignEntryError(
-                f"conntrack entry {i} ({e.orig.src} -> {e.orig.dst}) does not belong to VM "
-                f"{vm.id} ({', '.join(vm.addresses)}); nothing imported")
-    return entries, nated
+    status_of = _U32BE.unpack_from
+    nat_bits = wire.NAT_BITS
+    lay: Layout | None = None
+    # the current layout's fields, as locals: this loop is the import's Python cost
+    check: Callable[[bytes, int], tuple[int, ...]] | None = None
+    expect: tuple[int, ...] = ()
+    length = o_src = r_src = n = st = 0
+    pos, end = 0, len(payload)
+    while pos < end:
+        if check is None or pos + length > end or check(payload, pos) != expect:
+            try:
+                length = stream.message_length(payload, pos, len(offsets))
+            except ValueError as exc:
+                raise BundleError(f"conntrack section is {exc}") from None
+            lay = known.of(payload, pos, length)
+            if lay is not None:
+                check, expect = lay.check.unpack_from, lay.expect
+                o_src, r_src, n, st = lay.orig_src, lay.reply_src, lay.addr_len, lay.status
+            else:
+                check = None
+        if check is not None:
+            status = status_of(payload, pos + st)[0]
+            if (payload[pos + o_src:pos + o_src + n] not in owned
+                    and payload[pos + r_src:pos + r_src + n] not in owned):
+                _foreign(payload, pos, len(offsets), vm)
+            layouts.append(None if status & nat_bits else lay)  # NAT: see create_message
+        else:
+            try:
+                orig_src, reply_src, status = wire.endpoint_sources(payload[pos + HDR:pos + length])
+            except (ValueError, KeyError, IndexError, struct.error):
+                raise BundleError(f"conntrack entry {len(offsets)} is malformed") from None
+            if orig_src not in owned and reply_src not in owned:
+                _foreign(payload, pos, len(offsets), vm)
+            layouts.append(None)
+        nated += bool(status & nat_bits)
+        offsets.append(pos)
+        pos += (length + 3) & ~3
+    if len(offsets) != section.count:
+        raise BundleError(f"conntrack section holds {len(offsets)} entries, header says {section.count}")
+    return _Plan(payload, offsets, layouts, nated)
+
+
+def _foreign(payload: bytes, pos: int, i: int, vm: VmIdentity) -> NoReturn:
+    e = stream.entry_at(payload, pos)
+    try:
+        orig = wire.parse_entry(e.family, e.blob).orig
+        what = f" ({orig.src} -> {orig.dst})"
+    except (ValueError, KeyError, IndexError, struct.error):
+        what = ""
+    raise ForeignEntryError(f"conntrack entry {i}{what} does not belong to VM "
+                            f"{vm.id} ({', '.join(vm.addresses)}); nothing imported")
+
+
+def _create_requests(plan: _Plan, base: int, age: int) -> Iterator[tuple[bytes | bytearray, int]]:
+    """The plan's entries as create requests with sequence numbers from ``base``, in
+    chunks of up to SEND_CHUNK bytes: runs of entries with a layout are copied
+    once and patched in place, the others rewritten one by one."""
+    payload, offsets, layouts = plan.payload, plan.offsets, plan.layouts
+    n = len(offsets)
+    i = 0
+    while i < n:
+        if layouts[i] is None:
+            e = plan.entry(i)
+            yield wire.create_message(e.family, e.blob, base + i, age=age), 1
+            i += 1
+            continue
+        start = offsets[i]
+        j = i
+        while j < n and layouts[j] is not None and offsets[j] - start < SEND_CHUNK:
+            j += 1
+        stop = offsets[j] if j < n else len(payload)
+        chunk = bytearray(payload[start:stop])
+        for k in range(i, j):
+            at = offsets[k] - start
+            patch(chunk, at, layouts[k], stream.length_at(payload, offsets[k]),  # type: ignore[arg-type]
+                  payload[offsets[k] + 16], base + k, age)
+        yield chunk, j - i
+        i = j
 
 
 def import_section(section: Section, bundle: Bundle, namespace: str | None = None, *,
@@ -223,33 +314,33 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
     """
     started = time.perf_counter()
     report = KindReport(Kind.CONNTRACK)
-    entries, nated = _validated(section, vm or bundle.vm)
+    plan = _validated(section, vm or bundle.vm)
+    count = len(plan.offsets)
     age = int(bundle.age())
-    if nated and nat_hooks_registered(namespace) is False:
+    if plan.nated and nat_hooks_registered(namespace) is False:
         raise ImportFailed(
-            f"{nated} NATed connections need NAT hooks at the destination, and namespace "
+            f"{plan.nated} NATed connections need NAT hooks at the destination, and namespace "
             f"{namespace or '(current)'} has none (add any nat-type chain, even empty); "
             "nothing imported")
     with CtNetlink(namespace) as ct:
-        base = ct.reserve(len(entries))
+        base = ct.reserve(count)
         try:
-            failures = ct.batch((base + i, wire.create_message(e.family, e.blob, base + i, age=age))
-                                for i, e in enumerate(entries))
+            failures = ct.send_chunks(_create_requests(plan, base, age))
         except BatchInterrupted as exc:
             # A malformed entry stopped the batch: undo what went in before it.
             sent = [i for i in range(exc.sent) if base + i not in exc.failures]
-            undone = len(sent) - len(_delete(ct, entries, sent))
+            undone = len(sent) - len(_delete(ct, plan, sent))
             raise BundleError(f"conntrack entry {exc.sent} is malformed ({exc.__cause__}); "
                               f"rolled back {undone} created entries") from None
-        created = [i for i in range(len(entries)) if base + i not in failures]
-        existing = [i for i in range(len(entries)) if failures.get(base + i) == errno.EEXIST]
-        hard = {i: err for i in range(len(entries))
+        created = [i for i in range(count) if base + i not in failures]
+        existing = [i for i in range(count) if failures.get(base + i) == errno.EEXIST]
+        hard = {i: err for i in range(count)
                 if (err := failures.get(base + i, 0)) and err != errno.EEXIST}
         report.created = len(created)
         if existing and replace:
             ubase = ct.reserve(len(existing))
-            ufail = ct.batch((ubase + j, wire.create_message(entries[i].family, entries[i].blob,
-                                                             ubase + j, age=age, update=True))
+            ufail = ct.batch((ubase + j, wire.create_message(*plan.entry(i), ubase + j, age=age,
+                                                             update=True))
                              for j, i in enumerate(existing))
             for j, i in enumerate(existing):
                 if ubase + j in ufail:
@@ -259,26 +350,26 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
         else:
             report.skipped = len(existing)
         for i, err in sorted(hard.items()):
-            e = wire.parse_entry(entries[i].family, entries[i].blob)
-            report.errors.append(f"{e.summary()}: {os.strerror(err)}")
+            e = plan.entry(i)
+            report.errors.append(f"{wire.parse_entry(e.family, e.blob).summary()}: {os.strerror(err)}")
         report.failed = len(hard)
         if hard and not partial:
-            left = _delete(ct, entries, created)
+            left = _delete(ct, plan, created)
             report.rolled_back = True
             report.seconds = time.perf_counter() - started
             raise ImportFailed(
-                f"{len(hard)} of {len(entries)} conntrack entries failed ({report.errors[0]}); "
+                f"{len(hard)} of {count} conntrack entries failed ({report.errors[0]}); "
                 f"rolled back {len(created) - len(left)} created entries", report)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _delete(ct: CtNetlink, entries: list[RawEntry], indices: list[int]) -> dict[int, int]:
+def _delete(ct: CtNetlink, plan: _Plan, indices: list[int]) -> dict[int, int]:
     """Delete the entries at ``indices`` from a table they were imported into (a rollback)."""
     base = ct.reserve(len(indices))
-    return ct.batch((base + j, wire.delete_message(entries[i].family, wire.split(entries[i].blob),
-                                                   base + j, same_table=False))
-                    for j, i in enumerate(indices))
+    return ct.batch((base + j, wire.delete_message(e.family, wire.split(e.blob), base + j,
+                                                   same_table=False))
+                    for j, e in enumerate(plan.entry(i) for i in indices))
 
 
 def forget(vm: VmIdentity, namespace: str | None = None,
@@ -308,6 +399,6 @@ def list_entries(vm: VmIdentity | None, namespace: str | None = None,
         raw = export_entries(vm, namespace, selectors)
     else:
         with CtNetlink(namespace) as ct:
-            raw = [RawEntry(f, b) for f, b in ct.dump_all(zone=selectors.zone, mark=selectors.mark,
-                                                           mark_mask=selectors.mask)]
+            raw = stream.entries(ct.dump_all(zone=selectors.zone, mark=selectors.mark,
+                                             mark_mask=selectors.mask))
     return [wire.parse_entry(e.family, e.blob) for e in raw]

@@ -26,10 +26,10 @@ NLMSG_HDRLEN = _NLMSG.size + _NFGEN.size  # nlmsghdr + nfgenmsg
 
 _UPDATE_FORBIDDEN = frozenset({c.CTA_NAT_SRC, c.CTA_NAT_DST, c.CTA_HELP})
 # Status bits a create cannot carry: EXPECTED needs a master entry, DYING is dying.
-_STATUS_DROP = c.IPS_EXPECTED | c.IPS_DYING | c.IPS_TEMPLATE | c.IPS_UNTRACKED
+STATUS_DROP = c.IPS_EXPECTED | c.IPS_DYING | c.IPS_TEMPLATE | c.IPS_UNTRACKED
 # TCP "seen" flags that describe window state we do not carry (td_maxack, unacked
 # data); keeping them would make the destination check against zeroed windows.
-_TCP_FLAGS_KEEP = (c.TCP_FLAG_WINDOW_SCALE | c.TCP_FLAG_SACK_PERM | c.TCP_FLAG_CLOSE_INIT
+TCP_FLAGS_KEEP = (c.TCP_FLAG_WINDOW_SCALE | c.TCP_FLAG_SACK_PERM | c.TCP_FLAG_CLOSE_INIT
                    | c.TCP_FLAG_SIMULTANEOUS_OPEN)
 
 
@@ -366,8 +366,8 @@ def create_protoinfo(raw: bytes) -> bytes:
             fields.append(nla(c.CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, bytes([tcp.wscale_orig])))
         if tcp.wscale_reply is not None:
             fields.append(nla(c.CTA_PROTOINFO_TCP_WSCALE_REPLY, bytes([tcp.wscale_reply])))
-        fo = (tcp.flags_orig & _TCP_FLAGS_KEEP) | c.TCP_FLAG_BE_LIBERAL
-        fr = (tcp.flags_reply & _TCP_FLAGS_KEEP) | c.TCP_FLAG_BE_LIBERAL
+        fo = (tcp.flags_orig & TCP_FLAGS_KEEP) | c.TCP_FLAG_BE_LIBERAL
+        fr = (tcp.flags_reply & TCP_FLAGS_KEEP) | c.TCP_FLAG_BE_LIBERAL
         fields += [nla(c.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, bytes([fo, 0xFF])),
                    nla(c.CTA_PROTOINFO_TCP_FLAGS_REPLY, bytes([fr, 0xFF]))]
         out = nest(c.CTA_PROTOINFO, nest(c.CTA_PROTOINFO_TCP, *fields))
@@ -384,8 +384,8 @@ _TIMEOUT_HDR = _NLA.pack(8, c.CTA_TIMEOUT)
 _COPY = frozenset({c.CTA_TUPLE_ORIG, c.CTA_TUPLE_REPLY, c.CTA_ZONE, c.CTA_MARK, c.CTA_LABELS,
                    c.CTA_HELP, c.CTA_SEQ_ADJ_ORIG, c.CTA_SEQ_ADJ_REPLY, c.CTA_SYNPROXY})
 _COPY_UPDATE = _COPY - _UPDATE_FORBIDDEN
-_NAT_BITS = c.IPS_SRC_NAT | c.IPS_DST_NAT
-_CREATE = c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_EXCL
+NAT_BITS = c.IPS_SRC_NAT | c.IPS_DST_NAT
+CREATE_FLAGS = c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_EXCL
 
 
 def create_message(family: int, blob: bytes, seq: int, *, age: int = 0,
@@ -419,16 +419,16 @@ def create_message(family: int, blob: bytes, seq: int, *, age: int = 0,
         elif kind == c.CTA_PROTOINFO:
             parts.append(create_protoinfo(blob[pos:nxt]))
         pos = nxt
-    if status & _NAT_BITS and not update and reply_at >= 0:
+    if status & NAT_BITS and not update and reply_at >= 0:
         rewrite = nat_rewrite(split(blob), status)
         parts[reply_at] = rewrite.reply
         parts.extend(rewrite.nat)
     # NOTE: a CTA_STATUS without IPS_CONFIRMED gets EBUSY on this kernel.
-    parts.append(_STATUS_HDR + _U32BE.pack((status | c.IPS_CONFIRMED) & ~_STATUS_DROP))
+    parts.append(_STATUS_HDR + _U32BE.pack((status | c.IPS_CONFIRMED) & ~STATUS_DROP))
     parts.append(_TIMEOUT_HDR + _U32BE.pack(max(1, timeout - age)))
     body = b"".join(parts)
     return (_NLMSG.pack(NLMSG_HDRLEN + len(body), c.MSG_CT_NEW,
-                        c.NLM_F_REQUEST if update else _CREATE, seq, 0)
+                        c.NLM_F_REQUEST if update else CREATE_FLAGS, seq, 0)
             + _NFGEN.pack(family, 0, 0) + body)
 
 
