@@ -8,6 +8,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,22 +32,30 @@ def compile_bytecode() -> None:
     compileall.compile_dir(str(Path(__file__).resolve().parents[1]), quiet=2)
 
 
-def run_process(argv: Sequence[str], **kwargs: Any) -> tuple[float, int]:
-    """Run a command to completion; return (wall seconds, peak RSS in kB of that process).
+# Runs the command and reports its wall time and peak RSS. It runs in a small
+# process of its own: a child forked straight from a big benchmark process
+# starts with the parent's pages counted in its ru_maxrss (fork and vfork alike,
+# until exec), so measured from here every command would look as big as the bench.
+_MEASURE = """
+import json, os, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+print(json.dumps([time.perf_counter() - t, usage.ru_maxrss, os.waitstatus_to_exitcode(status)]))
+"""
 
-    Uses wait4(2) so the peak memory is that one process's, not the largest child so far.
-    """
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.stderr:
-        proc.stderr.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {stderr.strip()}")
-    return elapsed, usage.ru_maxrss
+
+def run_process(argv: Sequence[str], **kwargs: Any) -> tuple[float, int]:
+    """Run a command to completion; return (wall seconds, peak RSS in kB of that process)."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *argv], capture_output=True, text=True,
+                          check=False, **kwargs)
+    try:
+        elapsed, peak_kb, code = json.loads(proc.stdout)
+    except ValueError:
+        raise RuntimeError(f"measuring {' '.join(argv)} failed: {proc.stderr.strip()}") from None
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({code}): {proc.stderr.strip()}")
+    return float(elapsed), int(peak_kb)
 
 
 def run_shell(script: str) -> float:
