@@ -10,6 +10,7 @@ protocols, zones and marks, with and without accounting attributes.
 from __future__ import annotations
 
 import re
+from itertools import groupby
 
 import pytest
 
@@ -18,7 +19,7 @@ from xfer.conntrack import constants as c
 from xfer.conntrack import stream, wire
 from xfer.conntrack.model import TcpInfo
 from xfer.conntrack.netlink import CtNetlink
-from xfer.conntrack.transfer import Selectors, _section, _validated, export_stream, import_section
+from xfer.conntrack.transfer import _RUN_AFTER, Selectors, _section, _validated, export_stream, import_section
 from xfer.lab.hosts import Hosts
 from xfer.model import parse_vm
 
@@ -34,6 +35,9 @@ _FLOWS = [
      "--icmp-id", "77"],
     ["-s", "fd00:1::2", "-d", "fd00:9::1", "-p", "tcp", "--sport", "40002", "--dport", "443",
      "--state", "TIME_WAIT", "-u", "SEEN_REPLY"],
+    # a run of one layout, long enough to be checked and patched column by column
+    *(["-s", "10.0.1.2", "-d", "10.0.9.2", "-p", "tcp", "--sport", str(port), "--dport", "8080",
+       "--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED"] for port in range(41000, 41040)),
 ]
 
 
@@ -59,6 +63,9 @@ def test_in_place_equals_full_rewrite(hosts: Hosts, accounting: bool) -> None:
     in_place = sum(lay is not None for lay in plan.layouts)
     # the witness below only means something if both paths were taken as intended
     assert in_place == (0 if accounting else len(_FLOWS))
+    if not accounting:
+        longest = max(sum(1 for _ in g) for _, g in groupby(map(id, plan.layouts)))
+        assert longest >= _RUN_AFTER
 
     report = import_section(section, Bundle(vm=vm, source={}, sections={section.kind: section}), fast)
     assert (report.created, report.failed) == (len(_FLOWS), 0)

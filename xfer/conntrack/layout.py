@@ -39,6 +39,8 @@ _TCP_FIELDS = frozenset({c.CTA_PROTOINFO_TCP_STATE, c.CTA_PROTOINFO_TCP_WSCALE_O
 _TCP_FLAGS = (c.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, c.CTA_PROTOINFO_TCP_FLAGS_REPLY)
 _SRC_HEADS = {_HEADER.unpack(struct.pack("=HH", 8, c.CTA_IP_V4_SRC))[0]: 4,
               _HEADER.unpack(struct.pack("=HH", 20, c.CTA_IP_V6_SRC))[0]: 16}
+_DST_HEADS = {4: _HEADER.unpack(struct.pack("=HH", 8, c.CTA_IP_V4_DST))[0],
+              16: _HEADER.unpack(struct.pack("=HH", 20, c.CTA_IP_V6_DST))[0]}
 _TUPLE_IP = c.CTA_TUPLE_IP | c.NLA_F_NESTED
 
 
@@ -49,6 +51,9 @@ class Layout(NamedTuple):
     check: struct.Struct          # unpacks the message's length, type and family and every
     expect: tuple[int, ...]       # attribute header that fixes the offsets, and what they must read
     length: int
+    step: int                     # the length rounded up to 4: where the next message starts
+    words: tuple[int, ...]        # the same checks as 32-bit words (for ``runs``): offsets
+    word_values: tuple[bytes, ...]  # ... and their bytes
     orig_src: int
     reply_src: int
     addr_len: int
@@ -73,13 +78,17 @@ def learn(payload: bytes, off: int) -> Layout | None:
                 return None
             found[kind] = head
             if kind in (c.CTA_TUPLE_ORIG, c.CTA_TUPLE_REPLY):
-                # the kernel's tuple starts with CTA_TUPLE_IP and the source address
+                # The kernel's tuple starts with CTA_TUPLE_IP holding exactly the source
+                # and the destination address: all three headers are pinned, so no
+                # second source can hide behind the one the ownership check reads.
                 ip_head, src_head = (_HEADER.unpack_from(payload, start + i)[0] for i in (0, 4))
                 n = _SRC_HEADS.get(src_head, 0)
-                if ip_head >> 16 != _TUPLE_IP or not n or addr_len not in (0, n):
+                if (ip_head >> 16 != _TUPLE_IP or not n or addr_len not in (0, n)
+                        or ip_head & 0xFFFF != 4 + 2 * (4 + n)
+                        or _HEADER.unpack_from(payload, start + 8 + n)[0] != _DST_HEADS[n]):
                     return None
                 addr_len = n
-                heads += [start, start + 4]
+                heads += [start, start + 4, start + 8 + n]
             elif kind in (c.CTA_STATUS, c.CTA_TIMEOUT):
                 if stop - start != 4:
                     return None
@@ -113,7 +122,9 @@ def learn(payload: bytes, off: int) -> Layout | None:
         fmt.append(f"{r - at}xI" if r > at else "I")
         at = r + 4
     check = struct.Struct("".join(fmt))
-    return Layout(check, check.unpack_from(payload, off), end - off,
+    words = (0, 16, *rel)
+    return Layout(check, check.unpack_from(payload, off), end - off, (end - off + 3) & ~3, words,
+                  tuple(payload[off + w:off + w + 4] for w in words),
                   orig_src=found[c.CTA_TUPLE_ORIG] + 12 - off,
                   reply_src=found[c.CTA_TUPLE_REPLY] + 12 - off, addr_len=addr_len,
                   status=found[c.CTA_STATUS] + 4 - off, timeout=found[c.CTA_TIMEOUT] + 4 - off,

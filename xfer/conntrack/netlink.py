@@ -29,6 +29,7 @@ RECV_SIZE = 1 << 20
 SEND_CHUNK = 256 * 1024
 SOCKET_BUFFER = 16 << 20
 GIL_SWITCH_INTERVAL = 0.0005
+QUEUED_CHUNKS = 16  # built ahead of the sender: 4 MB at most
 
 
 class BatchInterrupted(XferError):
@@ -109,7 +110,7 @@ class CtNetlink:
                     raise KernelError(errno_mod.EPROTO, "malformed ctnetlink message")
                 if mtype == c.NLMSG_DONE:
                     parts.append(buf[:pos])
-                    return stream.concat([Stream(b"".join(parts), offsets)])
+                    return Stream(b"".join(parts), offsets)
                 if mtype == c.NLMSG_ERROR:
                     err = -_ERR.unpack_from(buf, pos + 16)[0]
                     raise KernelError(err or errno_mod.EPROTO, what)
@@ -162,7 +163,7 @@ class CtNetlink:
 
         return self.send_chunks(chunks())
 
-    def send_chunks(self, chunks: Iterable[tuple[bytes | bytearray, int]]) -> dict[int, int]:
+    def send_chunks(self, chunks: Iterable[tuple[bytes | bytearray | memoryview, int]]) -> dict[int, int]:
         """Send ready-made runs of requests (bytes, how many requests); ``{seq: errno}`` of failures.
 
         ctnetlink handles a datagram synchronously inside send(2), so every answer
@@ -172,7 +173,7 @@ class CtNetlink:
         BatchInterrupted, saying how many requests went before.
         """
         failures: dict[int, int] = {}
-        queued: queue.Queue[bytes | bytearray | None] = queue.Queue()
+        queued: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(maxsize=QUEUED_CHUNKS)
         errors: list[BaseException] = []
 
         def sender() -> None:
@@ -208,7 +209,7 @@ class CtNetlink:
             raise errors[0]
         return failures
 
-    def _send_chunk(self, chunk: bytes | bytearray, failures: dict[int, int]) -> None:
+    def _send_chunk(self, chunk: bytes | bytearray | memoryview, failures: dict[int, int]) -> None:
         try:
             self.sock.send(chunk)
         except OSError as exc:

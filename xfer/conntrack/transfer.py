@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple, NoReturn
 
 from xfer.bundle import Bundle, Section
-from xfer.conntrack import stream, wire
+from xfer.conntrack import runs, stream, wire
 from xfer.conntrack.hooks import nat_hooks_registered
 from xfer.conntrack.layout import Layout, Layouts, patch
 from xfer.conntrack.model import ConntrackEntry
@@ -37,6 +37,8 @@ ENCODING = "ctnetlink/2"
 MAX_ENTRIES = 2_000_000
 # Below this many entries one unfiltered walk beats two or three filtered ones.
 SMALL_TABLE = 4096
+# Entries in a row with one layout before the rest of the run is checked at once.
+_RUN_AFTER = 8
 
 
 class Selectors(NamedTuple):
@@ -207,9 +209,11 @@ class _Plan(NamedTuple):
 def _validated(section: Section, vm: VmIdentity) -> _Plan:
     """Every entry well formed and the VM's, or BundleError / ForeignEntryError.
 
-    One pass per entry before anything reaches the kernel, so the common case is
-    inlined: an entry with the previous entry's layout is checked (message header
-    included) by one unpack; any other goes through ``stream.scan`` and ``Layouts``.
+    This runs over every entry before anything reaches the kernel, so it is the
+    import's Python cost. Once a few entries in a row share a layout, the rest of
+    their run is checked at once (``runs``); otherwise an entry with the previous
+    entry's layout is checked by one unpack, and any other goes through
+    ``stream.message_length`` and ``Layouts``.
     """
     if section.encoding != ENCODING:
         raise BundleError(f"conntrack section encoding {section.encoding!r} is not supported")
@@ -224,14 +228,32 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
     nated = 0
     status_of = _U32BE.unpack_from
     nat_bits = wire.NAT_BITS
+    views = runs.views(payload)
+    streak = 0  # entries in a row checked against the current layout
     lay: Layout | None = None
-    # the current layout's fields, as locals: this loop is the import's Python cost
+    # the current layout's fields, as locals
     check: Callable[[bytes, int], tuple[int, ...]] | None = None
     expect: tuple[int, ...] = ()
     length = o_src = r_src = n = st = 0
     pos, end = 0, len(payload)
     while pos < end:
+        if streak >= _RUN_AFTER and views is not None and lay is not None:
+            streak = 0
+            k = runs.run_length(views, end, pos, lay)
+            if k:
+                first = runs.first_foreign(views, pos, lay, k, owned)
+                if first is not None:
+                    _foreign(payload, pos + first * lay.step, len(offsets) + first, vm)
+                run: list[Layout | None] = [lay] * k
+                for i in runs.nat_indices(payload, pos, lay, k):
+                    run[i] = None  # NAT: see create_message
+                    nated += 1
+                layouts += run
+                offsets += range(pos, pos + k * lay.step, lay.step)
+                pos += k * lay.step
+            continue
         if check is None or pos + length > end or check(payload, pos) != expect:
+            streak = 0
             try:
                 length = stream.message_length(payload, pos, len(offsets))
             except ValueError as exc:
@@ -242,6 +264,8 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
                 o_src, r_src, n, st = lay.orig_src, lay.reply_src, lay.addr_len, lay.status
             else:
                 check = None
+        else:
+            streak += 1
         if check is not None:
             status = status_of(payload, pos + st)[0]
             if (payload[pos + o_src:pos + o_src + n] not in owned
@@ -275,31 +299,53 @@ def _foreign(payload: bytes, pos: int, i: int, vm: VmIdentity) -> NoReturn:
                             f"{vm.id} ({', '.join(vm.addresses)}); nothing imported")
 
 
-def _create_requests(plan: _Plan, base: int, age: int) -> Iterator[tuple[bytes | bytearray, int]]:
+def _create_requests(plan: _Plan, base: int, age: int
+                     ) -> Iterator[tuple[bytes | bytearray | memoryview, int]]:
     """The plan's entries as create requests with sequence numbers from ``base``, in
-    chunks of up to SEND_CHUNK bytes: runs of entries with a layout are copied
-    once and patched in place, the others rewritten one by one."""
+    chunks of up to SEND_CHUNK bytes. Entries with a layout are copied once and
+    patched in place (a long run of one layout column by column, see ``runs``);
+    the others are rewritten one by one."""
     payload, offsets, layouts = plan.payload, plan.offsets, plan.layouts
-    n = len(offsets)
+    count = len(offsets)
     i = 0
-    while i < n:
-        if layouts[i] is None:
+    while i < count:
+        lay = layouts[i]
+        if lay is None:
             e = plan.entry(i)
             yield wire.create_message(e.family, e.blob, base + i, age=age), 1
             i += 1
             continue
+        j = i + 1
+        while j < count and layouts[j] is lay:
+            j += 1
+        if j - i >= _RUN_AFTER:
+            yield from _patched_run(payload, offsets[i], lay, j - i, base + i, age)
+            i = j
+            continue
         start = offsets[i]
         j = i
-        while j < n and layouts[j] is not None and offsets[j] - start < SEND_CHUNK:
+        while j < count and layouts[j] is not None and offsets[j] - start < SEND_CHUNK:
             j += 1
-        stop = offsets[j] if j < n else len(payload)
+        stop = offsets[j] if j < count else len(payload)
         chunk = bytearray(payload[start:stop])
         for k in range(i, j):
-            at = offsets[k] - start
-            patch(chunk, at, layouts[k], stream.length_at(payload, offsets[k]),  # type: ignore[arg-type]
+            patch(chunk, offsets[k] - start, layouts[k], stream.length_at(payload, offsets[k]),  # type: ignore[arg-type]
                   payload[offsets[k] + 16], base + k, age)
         yield chunk, j - i
         i = j
+
+
+def _patched_run(payload: bytes, start: int, lay: Layout, k: int, seq: int, age: int
+                 ) -> Iterator[tuple[memoryview, int]]:
+    """``k`` messages of one layout from ``start``, patched together, in SEND_CHUNK pieces."""
+    run = bytearray(payload[start:start + k * lay.step])
+    run.extend(bytes(-len(run) % 4))  # the last message may end unpadded
+    runs.patch_run(run, lay, k, seq, age)
+    view = memoryview(run)
+    per = max(1, SEND_CHUNK // lay.step)
+    for first in range(0, k, per):
+        last = min(k, first + per)
+        yield view[first * lay.step:last * lay.step], last - first
 
 
 def import_section(section: Section, bundle: Bundle, namespace: str | None = None, *,

@@ -92,22 +92,26 @@ _TUPLE_IP_TYPE = c.CTA_TUPLE_IP | c.NLA_F_NESTED
 def tuple_src(buf: bytes, pos: int = 0) -> bytes:
     """The packed source address of the CTA_TUPLE_* attribute at ``pos`` (b"" if absent).
 
-    Reads the kernel's own layout at fixed offsets when it is there and walks the
-    attributes otherwise, so a hand-made tuple is read right too.
+    Reads the kernel's own layout (CTA_TUPLE_IP holding exactly source and
+    destination) at fixed offsets, and walks the attributes otherwise, keeping the
+    last source address as the kernel's parser does: a second one hidden behind
+    the first must not pass an ownership check the kernel would not agree with.
     """
-    if _NLA.unpack_from(buf, pos + 4)[1] == _TUPLE_IP_TYPE:
+    ip_len, ip_type = _NLA.unpack_from(buf, pos + 4)
+    if ip_type == _TUPLE_IP_TYPE:
         head = buf[pos + 8:pos + 12]
-        if head == _V4_SRC_HEAD:
+        if head == _V4_SRC_HEAD and ip_len == 20:
             return buf[pos + 12:pos + 16]
-        if head == _V6_SRC_HEAD:
+        if head == _V6_SRC_HEAD and ip_len == 44:
             return buf[pos + 12:pos + 28]
     end = pos + _NLA.unpack_from(buf, pos)[0]
+    src = b""
     for kind, s, e in iter_attrs(buf, pos + 4, end):
         if kind == c.CTA_TUPLE_IP:
             for k2, s2, e2 in iter_attrs(buf, s, e):
                 if k2 in (c.CTA_IP_V4_SRC, c.CTA_IP_V6_SRC):
-                    return buf[s2:e2]
-    return b""
+                    src = buf[s2:e2]
+    return src
 
 
 def endpoint_sources(blob: bytes) -> tuple[bytes, bytes, int]:
