@@ -29,6 +29,7 @@ RECV_SIZE = 1 << 20
 SEND_CHUNK = 256 * 1024
 SOCKET_BUFFER = 16 << 20
 GIL_SWITCH_INTERVAL = 0.0005
+_LONGEST_CONTROL = 36  # NLMSG_ERROR with NETLINK_CAP_ACK; NLMSG_DONE is 20
 QUEUED_CHUNKS = 16  # built ahead of the sender: 4 MB at most
 
 
@@ -94,6 +95,8 @@ class CtNetlink:
 
         Receive buffers are kept whole (only the closing NLMSG_DONE is cut off):
         a dump answer copied entry by entry costs a microsecond an entry more.
+        Messages are located a run of equal lengths at a time (``same_length_run``):
+        a run of messages longer than NLMSG_DONE and NLMSG_ERROR holds entries only.
         """
         self.sock.send(request)
         recv = self.sock.recv
@@ -104,18 +107,26 @@ class CtNetlink:
         while True:
             buf = recv(RECV_SIZE)
             pos, end = 0, len(buf)
+            words = memoryview(buf).cast("I") if end % 4 == 0 else None
             while pos + 16 <= end:
                 length, mtype, _flags, _seq, _pid = unpack(buf, pos)
                 if length < 16 or pos + length > end:
                     raise KernelError(errno_mod.EPROTO, "malformed ctnetlink message")
                 if mtype == c.NLMSG_DONE:
+                    # the dump's own error, if it failed part way, rides on DONE
+                    err = -_ERR.unpack_from(buf, pos + 16)[0] if length >= 20 else 0
+                    if err > 0:
+                        raise KernelError(err, what)
                     parts.append(buf[:pos])
                     return Stream(b"".join(parts), offsets)
                 if mtype == c.NLMSG_ERROR:
                     err = -_ERR.unpack_from(buf, pos + 16)[0]
                     raise KernelError(err or errno_mod.EPROTO, what)
-                offsets.append(base + pos)
-                pos += (length + 3) & ~3
+                step = (length + 3) & ~3
+                run = (stream.same_length_run(words, pos, length, end)
+                       if words is not None and length > _LONGEST_CONTROL else 1)
+                offsets += range(base + pos, base + pos + run * step, step)
+                pos += run * step
             parts.append(buf)
             base += end
 

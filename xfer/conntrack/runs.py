@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from xfer.conntrack import constants as c
 from xfer.conntrack.layout import Layout
+from xfer.conntrack.stream import leading
 from xfer.conntrack.wire import CREATE_FLAGS, STATUS_DROP, TCP_FLAGS_KEEP
 
 _TYPE = struct.pack("=H", c.MSG_CT_NEW)
@@ -47,19 +48,6 @@ def _column(view: memoryview, size: int, at: int, step: int, n: int) -> bytes:
     return view[first:first + (n - 1) * stride + 1:stride].tobytes()
 
 
-def _leading(got: bytes, unit: bytes) -> int:
-    """How many leading ``len(unit)``-byte elements of ``got`` equal ``unit``."""
-    size = len(unit)
-    lo, hi = 0, len(got) // size
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if got[:mid * size] == unit * mid:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def run_length(v: Views, payload_len: int, pos: int, lay: Layout) -> int:
     """How many consecutive messages from ``pos`` have layout ``lay``.
 
@@ -72,12 +60,12 @@ def run_length(v: Views, payload_len: int, pos: int, lay: Layout) -> int:
     for rel, want in zip(lay.words, lay.word_values, strict=True):
         got = _column(v.words, 4, pos + rel, lay.step, n)
         if got != want * n:
-            n = _leading(got, want)
+            n = leading(got, want)
             if not n:
                 return 0
     got = _column(v.halves, 2, pos + 4, lay.step, n)
     if got != _TYPE * n:
-        n = _leading(got, _TYPE)
+        n = leading(got, _TYPE)
     return n
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -65,6 +66,33 @@ def message_length(payload: bytes, pos: int, index: int) -> int:
             or payload[pos + 16] not in _FAMILIES):
         raise ValueError(f"corrupted at entry {index}")
     return int(length)
+
+
+def leading(got: bytes, unit: bytes) -> int:
+    """How many leading ``len(unit)``-byte elements of ``got`` equal ``unit`` (binary search)."""
+    size = len(unit)
+    lo, hi = 0, len(got) // size
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if got[:mid * size] == unit * mid:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def same_length_run(words: memoryview, pos: int, length: int, end: int) -> int:
+    """How many messages of ``length`` bytes follow one another from byte ``pos`` of the
+    whole-word view ``words`` of a buffer ``end`` bytes long (at least one: the caller
+    read the first)."""
+    step = align4(length)
+    n = (end - pos - length) // step + 1
+    if n <= 1:
+        return 1
+    stride = step // 4
+    col = words[pos // 4:pos // 4 + (n - 1) * stride + 1:stride].tobytes()
+    want = length.to_bytes(4, sys.byteorder)
+    return n if col == want * n else leading(col, want)
 
 
 def length_at(payload: bytes, offset: int) -> int:
