@@ -26,6 +26,9 @@ from xfer.errors import KernelError, PermissionDenied, XferError
 _NLMSG = struct.Struct("=IHHII")
 _ERR = struct.Struct("=i")
 RECV_SIZE = 1 << 20
+# The kernel fills at most 32 KiB per dump read (netlink caps max_recvmsg_len), so
+# a bigger buffer only costs an allocation (and its page faults) per read.
+DUMP_RECV_SIZE = 64 << 10
 SEND_CHUNK = 256 * 1024
 SOCKET_BUFFER = 16 << 20
 GIL_SWITCH_INTERVAL = 0.0005
@@ -105,7 +108,7 @@ class CtNetlink:
         offsets: list[int] = []
         base = 0
         while True:
-            buf = recv(RECV_SIZE)
+            buf = recv(DUMP_RECV_SIZE)
             pos, end = 0, len(buf)
             words = memoryview(buf).cast("I") if end % 4 == 0 else None
             while pos + 16 <= end:
