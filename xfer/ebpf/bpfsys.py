@@ -21,6 +21,8 @@ import errno
 import functools
 import os
 import platform
+import sys
+from array import array
 from types import TracebackType
 
 from xfer.errors import BPFLoadError, KernelError, PermissionDenied
@@ -239,12 +241,57 @@ class BpfMap:
             ret = _bpf(MAP_UPDATE_BATCH, attr)
             if ret >= 0:
                 return
-            if -ret not in _NO_BATCH or attr.count:
-                self._check(ret, f"batch update ({attr.count} of {n} stored)")
+            # The kernel writes count back only once it started; a refusal leaves n.
+            stored = 0 if attr.count == n else attr.count
+            if -ret not in _NO_BATCH or stored:
+                self._check(ret, f"batch update ({stored} of {n} stored)")
             self.batch_ok = False
         ks, vs = self.key_size, self.value_size
         for i in range(n):
             self.update(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs], flags)
+
+    # --- array slots -------------------------------------------------------------------
+
+    def read_slots(self, first: int, n: int, batch: bool = True) -> bytes:
+        """The values of array slots ``first`` .. ``first + n - 1``, concatenated.
+
+        One LOOKUP_BATCH (whose cursor is the slot before the first), else a
+        lookup per slot. For array maps, whose slots always exist.
+        """
+        if n <= 0:
+            return b""
+        if batch and self.batch_ok:
+            values = ctypes.create_string_buffer(n * self.value_size)
+            keys = ctypes.create_string_buffer(n * 4)
+            cursor_in = ctypes.c_uint32(first - 1)
+            cursor_out = ctypes.c_uint32()
+            attr = _BatchAttr(in_batch=ctypes.addressof(cursor_in) if first else 0,
+                              out_batch=ctypes.addressof(cursor_out), keys=_addr(keys),
+                              values=_addr(values), count=n, map_fd=self.fd)
+            ret = _bpf(MAP_LOOKUP_BATCH, attr)
+            if ret >= 0 or (ret == -errno.ENOENT and attr.count == n):
+                if attr.count != n:
+                    raise KernelError(errno.EIO, f"BPF map {self.name}: batch lookup of "
+                                      f"{n} slots returned {attr.count}")
+                return values.raw
+            if -ret not in _NO_BATCH:
+                self._check(ret, "batch lookup")
+            self.batch_ok = False
+        out = []
+        for slot in range(first, first + n):
+            value = self.lookup(slot.to_bytes(4, sys.byteorder))
+            if value is None:
+                raise KernelError(errno.ENOENT, f"BPF map {self.name}: no slot {slot}")
+            out.append(value)
+        return b"".join(out)
+
+    def write_slots(self, first: int, values: bytes, batch: bool = True) -> None:
+        """Store ``values`` (whole slots, concatenated) in array slots from ``first`` on."""
+        n = len(values) // self.value_size
+        if len(values) != n * self.value_size:
+            raise ValueError("values are not a whole number of slots")
+        keys = array("I", range(first, first + n)).tobytes()
+        self.update_many(keys, values, batch)
 
     def lookup_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """The values of the keys present (the kernel has no batch lookup by key)."""
