@@ -2,18 +2,21 @@
 
 Sizes straddle ``counters.LOOKUP_LIMIT`` and ``counters.BULK`` so the scan, Python-set
 and numpy paths all run; a hash that sends every key to one slot shows the numpy
-index stays exact.
+index stays exact. The carried table runs over an in-memory stand-in for its two
+array maps (the kernel side is in netns_tests/test_counters.py).
 """
 
 from __future__ import annotations
 
+import errno
 import random
 
 import numpy as np
 import pytest
 
 from xfer.ebpf import counters, keyjoin
-from xfer.errors import BundleError, ForeignEntryError
+from xfer.ebpf.counter_maps import CARRIED_VERSION, PAGE, CarriedCounters, CarriedHeader
+from xfer.errors import BPFLoadError, BundleError, ForeignEntryError, KernelError
 from xfer.model import VmIdentity
 
 WRAP = 2**64
@@ -145,3 +148,73 @@ def test_a_bulk_section_is_checked_key_by_key() -> None:
     twice = counters.Columns(cols.keys[:-24] + cols.keys[:24], cols.values)
     with pytest.raises(BundleError, match="twice"):
         counters.unpack_payload(counters.pack_payload(twice), len(cols), sel, vm.id)
+
+
+# --- the carried table over an in-memory stand-in for its maps ---------------------------------
+
+class ArrayMap:
+    """Enough of ``BpfMap`` for an array map kept in memory."""
+
+    def __init__(self, name: str, value_size: int, slots: int) -> None:
+        self.name, self.key_size, self.value_size, self.max_entries = name, 4, value_size, slots
+        self.slots = [bytes(value_size)] * slots
+        self.writes = 0
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.slots[int.from_bytes(key, "little")]
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        self.slots[int.from_bytes(key, "little")] = bytes(value)
+
+    def read_slots(self, first: int, n: int, batch: bool = True) -> bytes:
+        return b"".join(self.slots[first:first + n])
+
+    def write_slots(self, first: int, values: bytes, batch: bool = True) -> None:
+        vs = self.value_size
+        for i in range(len(values) // vs):
+            self.slots[first + i] = values[i * vs:(i + 1) * vs]
+        self.writes += 1
+
+
+def _carried(pages_per_half: int = 1) -> tuple[CarriedCounters, ArrayMap, ArrayMap]:
+    header = ArrayMap("xfer_ctr_carried", 16, 1)
+    pages = ArrayMap("xfer_ctr_pages", PAGE, 2 * pages_per_half)
+    return CarriedCounters(header, pages), header, pages  # type: ignore[arg-type]
+
+
+def test_carried_table_commits_by_switching_halves() -> None:
+    store, _, _ = _carried()
+    assert store.capacity == PAGE // 72
+    assert len(store.read()) == 0 and store.state().version == 0  # never written: empty
+    first = counters.Columns.of(_table([_key(i) for i in range(300)], random.Random(2)))
+    state = store.state()
+    staged = store.stage(first, state)
+    assert len(store.read()) == 0  # staged, not committed: readers still see the old table
+    store.commit(staged)
+    assert store.read().table() == first.table()
+    assert store.state().version == CARRIED_VERSION and store.state().generation == 1
+
+    # The next table goes to the other half: the committed one stays readable meanwhile.
+    before = store.state()
+    second = counters.Columns.of(_table([_key(i) for i in range(50)], random.Random(3)))
+    staged = store.stage(second, before)
+    assert store.read(before).table() == first.table()
+    store.commit(staged)
+    assert store.read().table() == second.table()
+    store.commit(before)  # what an import does to undo: the old half is intact
+    assert store.read().table() == first.table()
+
+
+def test_carried_table_refuses_what_it_cannot_hold_or_read() -> None:
+    store, header, pages = _carried()
+    too_many = counters.Columns.of(dict.fromkeys((_key(i) for i in range(store.capacity + 1)),
+                                                 (1,) * 6))
+    with pytest.raises(KernelError) as err:
+        store.stage(too_many, store.state())
+    assert err.value.errno == errno.E2BIG and pages.writes == 0
+    header.update(bytes(4), bytes(CarriedHeader(1, 5, CARRIED_VERSION + 1)))
+    with pytest.raises(BPFLoadError, match="layout"):
+        store.state()
+    header.update(bytes(4), bytes(CarriedHeader(1, store.capacity + 1, CARRIED_VERSION)))
+    with pytest.raises(BPFLoadError, match="entries"):
+        store.state()

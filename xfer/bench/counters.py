@@ -72,8 +72,8 @@ def _bulk(sel: counters.Selection, src: str, dst: str, batch: bool) -> float:
     back = counters.unpack_payload(counters.pack_payload(cols), len(cols), sel, "fleet")
     counters_transfer.import_columns(back, uuid.uuid4().hex, dst, batch=batch)
     elapsed = time.perf_counter() - started
-    with counters_device.open_maps(dst, DEV) as maps:
-        maps.carried.delete(maps.carried.read_columns().key_list())
+    with counters_device.open_maps(dst, DEV) as maps, counters_device.locked(maps):
+        maps.carried.commit(maps.carried.stage(counters.Columns(), maps.carried.state()))
     return elapsed
 
 

@@ -104,11 +104,16 @@ def _where(netns: str | None) -> str:
 
 
 @contextlib.contextmanager
-def locked(maps: CounterMaps) -> Iterator[None]:
-    """Serialize imports and forgets on one interface's maps (bpffs holds no plain files)."""
+def locked(maps: CounterMaps, shared: bool = False) -> Iterator[None]:
+    """Hold one interface's lock (bpffs holds no plain files, so it lives in LOCK_DIR).
+
+    Imports and forgets hold it exclusively: one writer of the carried table at a
+    time. Readers hold it ``shared``: a writer could otherwise rewrite the half
+    they are reading (its second commit after they read the header).
+    """
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(maps.pins), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(_lock_path(maps.pins), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
 
 
