@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from xfer import heap
 from xfer.errors import UsageError, XferError
 
 app = typer.Typer(
@@ -1026,6 +1027,7 @@ _register_manager()
 def main() -> None:
     """Console entry point: map errors to exit codes and one-line messages."""
     logging.basicConfig(level=logging.WARNING, format="xfer: %(message)s")
+    heap.keep_freed_memory()  # MB-sized buffers without page faults inside the pause window
     try:
         app()
     except UsageError as exc:

@@ -36,7 +36,7 @@ MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 26, 27
 ANY, NOEXIST, EXIST = 0, 1, 2
 # Kernels or map types without batch support answer one of these: fall back per key.
 _NO_BATCH = {errno.EINVAL, errno.ENOTSUP, 524}  # 524: ENOTSUPP, the kernel-internal one
-_CHUNK = 16384  # entries per LOOKUP_BATCH call
+_FIRST_CHUNK = 4096  # entries asked of the first LOOKUP_BATCH call of a dump
 
 
 class _ElemAttr(ctypes.Structure):
@@ -84,6 +84,11 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
 
 def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
+
+
+def _c_view(buf: bytearray) -> ctypes.Array[ctypes.c_char]:
+    """A ctypes view of a bytearray (no copy; keep it alive while the kernel writes)."""
+    return (ctypes.c_char * len(buf)).from_buffer(buf)
 
 
 def _bytes_addr(data: bytes) -> int:
@@ -192,12 +197,10 @@ class BpfMap:
         return b"".join(keys), b"".join(values), len(keys)
 
     def _dump_batch(self) -> tuple[bytes, bytes, int] | None:
-        # Chunks of at most _CHUNK entries: an empty map costs a small buffer, not
-        # max_entries of them, and only the filled part is copied out.
-        chunk = max(1, min(self.max_entries, _CHUNK))
+        # Chunks start small (an empty map costs a small buffer, not max_entries of
+        # them) and grow fourfold per call: 20,000 entries take two calls. Entries
+        # land in bytearrays and are copied out once; a single chunk needs no join.
         ks, vs = self.key_size, self.value_size
-        keys = ctypes.create_string_buffer(chunk * ks)
-        values = ctypes.create_string_buffer(chunk * vs)
         # The batch cursor is opaque (a bucket index for hash maps); key_size bytes
         # is what the kernel documents as enough.
         cursor_in = ctypes.create_string_buffer(max(ks, 8))
@@ -205,25 +208,32 @@ class BpfMap:
         key_parts: list[bytes] = []
         value_parts: list[bytes] = []
         total = 0
+        chunk = max(1, min(self.max_entries, _FIRST_CHUNK))
         first = True
         while True:
+            keys, values = bytearray(chunk * ks), bytearray(chunk * vs)
+            key_buf, value_buf = _c_view(keys), _c_view(values)
             attr = _BatchAttr(in_batch=0 if first else _addr(cursor_in),
-                              out_batch=_addr(cursor_out), keys=_addr(keys),
-                              values=_addr(values), count=chunk, map_fd=self.fd)
+                              out_batch=_addr(cursor_out), keys=_addr(key_buf),
+                              values=_addr(value_buf), count=chunk, map_fd=self.fd)
             ret = _bpf(MAP_LOOKUP_BATCH, attr)
+            del key_buf, value_buf  # release the bytearrays' buffers before slicing them
             if ret < 0 and -ret in _NO_BATCH and first:
                 self.batch_ok = False
                 return None
             if ret < 0 and ret != -errno.ENOENT:
                 self._check(ret, "batch lookup")
             if attr.count:
-                key_parts.append(ctypes.string_at(keys, attr.count * ks))
-                value_parts.append(ctypes.string_at(values, attr.count * vs))
+                key_parts.append(bytes(memoryview(keys)[:attr.count * ks]))
+                value_parts.append(bytes(memoryview(values)[:attr.count * vs]))
                 total += attr.count
             if ret == -errno.ENOENT:
                 break
             first = False
             ctypes.memmove(cursor_in, cursor_out, len(cursor_out))
+            chunk = min(self.max_entries, chunk * 4)
+        if len(key_parts) == 1:
+            return key_parts[0], value_parts[0], total
         return b"".join(key_parts), b"".join(value_parts), total
 
     def update_many(self, keys: bytes, values: bytes, batch: bool = True,
