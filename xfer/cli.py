@@ -652,6 +652,8 @@ def bench_counters(
     keys_per_vm: Annotated[int, typer.Option("--keys-per-vm", help="2: IPv4 + IPv6 per VM; "
                                              "1: IPv4 only.")] = 2,
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/counters.json"),
+    datapath: Annotated[bool, typer.Option("--datapath/--no-datapath",
+                                           help="Also measure the datapath cost with iperf3.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Counters export+import (batch vs per key) and datapath cost (iperf3 with vs without).
@@ -661,7 +663,7 @@ def bench_counters(
     from xfer.bench import counters as bench
 
     result = bench.run(vms, repeat, seconds, out, echo=None if as_json else typer.echo,
-                       keys_per_vm=keys_per_vm)
+                       keys_per_vm=keys_per_vm, datapath=datapath)
     if as_json:
         _print_json(result)
 
