@@ -483,3 +483,36 @@ def test_failed_imports_leave_the_counts_as_they_were(hosts: Hosts,
         assert err.value.report.rolled_back  # type: ignore[attr-defined]
         assert counters_transfer.export_columns(sel, site.fw).table() == doubled
     _no_pins_left(site.fw)
+
+
+def test_attach_adopts_the_carried_counts_of_an_older_build(hosts: Hosts) -> None:
+    """Older builds pinned carried counts as a hash, xfer_ctr_base: attach folds them into
+    the carried table once and removes the pin, so an upgrade loses no count."""
+    bcc = pytest.importorskip("bcc")
+    from xfer.ebpf.bpfsys import BpfMap
+
+    site = build_site(hosts, "vm", "fw")
+    pins = loader.pin_dir(DEV, site.fw)
+    old = pins / counters_device.OLD_CARRIED
+    carried = (1, 2, 3, 4, 5, 6)
+    try:
+        loader.ensure_bpffs()
+        pins.mkdir(parents=True, exist_ok=True)
+        with loader.source_file("xfer_maps.h") as header:
+            older = bcc.BPF(text=f"""#include "xfer_maps.h"
+BPF_TABLE_PINNED("hash", struct xfer_ctr_key, struct xfer_ctr_val, base, 65536, "{old}");
+""".encode(), cflags=[f"-I{header.parent}"])
+        older.cleanup()  # the pin keeps the map
+        with BpfMap.open_pinned(str(old)) as m:
+            m.update(counters.make_key(VM_MAC, VM_IP4), counters.VALUE.pack(*carried))
+        site.attach()
+        assert not old.exists()
+        site.ping(3)
+        counted = {**ZERO, "tx_packets": 3, "tx_bytes": 3 * 98, "rx_packets": 3, "rx_bytes": 3 * 98}
+        want = {f: counted[f] + n for f, n in zip(counters.FIELDS, carried, strict=True)}
+        assert site.totals()[(VM_MAC, VM_IP4)] == want
+        site.attach()  # again: nothing is added twice
+        assert site.totals()[(VM_MAC, VM_IP4)] == want
+    finally:
+        counters_device.detach(DEV, site.fw, unpin=True)
+    _no_pins_left(site.fw)
