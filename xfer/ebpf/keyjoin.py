@@ -1,12 +1,13 @@
 """Exact matching of counter keys in bulk, with numpy. Pure logic, no kernel.
 
 At 20,000 keys, Python ``bytes`` objects and sets cost ~0.15 µs a key to build
-and probe, a third of the pause-window budget for a bulk move. Here keys stay in
+and probe (~3 ms a pass; a bulk move makes several of its 10 ms). Here keys stay in
 one block (``struct xfer_ctr_key``, 24 bytes: three 64-bit words) and an index
 is an open-addressing hash table built and probed for all keys at once, a
 round per probe step. A slot is trusted only once the whole key compared equal,
 so answers are exact whatever the hash does. (A sorted index answers the same
-but its binary searches cost 1.8 ms for 20,000 keys here, the table ~0.3 ms.)
+but its binary searches cost 1.8 ms for 20,000 keys here; the table is built in
+~0.3 ms and answers 20,000 queries in ~0.45 ms.)
 
 Callers import this module only for blocks of ``counters.BULK`` keys or more:
 numpy takes ~50 ms to import, which a one-VM ``xfer export`` must not pay.
