@@ -10,6 +10,7 @@ handshake and FIN exchange included; offloads are off so one skb is one frame.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from netns_tests.counters_lab import (
     VM_IP4,
     VM_IP6,
     VM_MAC,
+    Site,
     Witness,
     build_site,
     counting,
@@ -220,6 +222,12 @@ def test_migration_adds_counts_once(hosts: Hosts, tmp_path: Path) -> None:
         shown = _xfer("counters", "show", "--vm", vm, "--netns", dst.fw, "--json")
         assert json.loads(shown.stdout) == expect
 
+        # The carried counts are pinned like the datapath's: detach, re-attach, a new process.
+        assert counters_device.detach(DEV, dst.fw) == 2
+        dst.attach()
+        shown = _xfer("counters", "show", "--vm", vm, "--netns", dst.fw, "--json")
+        assert json.loads(shown.stdout) == expect
+
         # Once the destination committed, the source forgets the VM.
         r = _xfer("forget", "--vm", vm, "--kinds", "counters", "--netns", src.fw)
         assert r.returncode == 0, r.stderr
@@ -228,15 +236,20 @@ def test_migration_adds_counts_once(hosts: Hosts, tmp_path: Path) -> None:
     _no_pins_left(src.fw, dst.fw)
 
 
+def _ping_both(site: Site) -> tuple[counters.Selection, counters.Selection]:
+    """7 pings over IPv4, 3 over IPv6; the VM's selection, and one that makes reads dump the map."""
+    site.ping(7)
+    site.ping(3, FW_IP6)
+    sel = counters.selection(parse_vm(f"{VM_IP4},{VM_IP6},{VM_MAC}", inventory={}))
+    return sel, counters.Selection(None, sel.keyset, sel.test)
+
+
 def test_per_key_path_matches_the_batch_path(hosts: Hosts) -> None:
     from xfer.ebpf import counters_transfer
 
     site = build_site(hosts, "vm", "fw")
     with counting(site):
-        site.ping(7)
-        site.ping(3, FW_IP6)
-        sel = counters.selection(parse_vm(f"{VM_IP4},{VM_IP6},{VM_MAC}", inventory={}))
-        scan = counters.Selection(None, sel.keyset, sel.test)  # force a map walk
+        sel, scan = _ping_both(site)
         batched = counters_transfer.export_columns(scan, site.fw, batch=True)
         walked = counters_transfer.export_columns(scan, site.fw, batch=False)
         assert batched.table() == walked.table() == counters_transfer.export_columns(
@@ -294,4 +307,212 @@ def test_attach_errors_are_one_line(hosts: Hosts) -> None:
         assert r.returncode == 2 and "attach" in r.stderr
     finally:
         loader.unpin(counters_device.PROGRAM, "nosuchif", site.fw)
+    _no_pins_left(site.fw)
+
+
+_UDP_FROM_EACH = """
+import socket, sys
+port, fw4, fw6, addrs = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+for i, addr in enumerate(addrs):
+    v6 = ":" in addr
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((addr, 0))
+    for _ in range(1 + i % 3):
+        s.sendto(bytes(10 + i % 7), (fw6 if v6 else fw4, port))
+    s.close()
+"""
+
+
+def _send_from_each(site: Site, addrs: list[str]) -> dict[tuple[str, str], dict[str, int]]:
+    """Address i sends 1 + i % 3 datagrams of 10 + i % 7 bytes to a firewall socket that
+    never reads (so nothing comes back); returns the expected tx counts per key."""
+    with netns.entered(site.fw):
+        sinks = [socket.socket(family, socket.SOCK_DGRAM)
+                 for family in (socket.AF_INET, socket.AF_INET6)]
+    try:
+        sinks[0].bind((FW_IP4, 0))
+        port = sinks[0].getsockname()[1]
+        sinks[1].bind((FW_IP6, port))
+        site.hosts.check(site.vm, [sys.executable, "-c", _UDP_FROM_EACH, str(port), FW_IP4, FW_IP6,
+                                   *addrs], timeout=120)
+    finally:
+        for sink in sinks:
+            sink.close()
+    expect = {}
+    for i, addr in enumerate(addrs):
+        frames = 1 + i % 3
+        header = 14 + (40 if ":" in addr else 20) + 8
+        expect[(VM_MAC, addr)] = {**ZERO, "tx_packets": frames,
+                                  "tx_bytes": frames * (header + 10 + i % 7)}
+    return expect
+
+
+def _many_addresses(site: Site, n: int) -> list[str]:
+    v4 = [f"10.9.{1 + i // 250}.{1 + i % 250}" for i in range(n)]
+    v6 = [f"fd00:9::1:{i:x}" for i in range(n)]
+    site.hosts.addresses(site.vm, "eth0", [f"{a}/32" for a in v4] + [f"{a}/128" for a in v6])
+    return v4 + v6
+
+
+def _plus(*tables: dict[tuple[str, str], dict[str, int]]) -> dict[tuple[str, str], dict[str, int]]:
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for table in tables:
+        for key, row in table.items():
+            have = out.setdefault(key, dict(ZERO))
+            for f, n in row.items():
+                have[f] += n
+    return out
+
+
+def test_bulk_move_of_a_vm_with_600_addresses_is_exact(hosts: Hosts, tmp_path: Path) -> None:
+    """600 keys: over counters.BULK, so the source's selection, the destination's check of
+    the section and the second import's merge all take the numpy paths. Real traffic from
+    every address; the destination adds each bundle once to what it counted itself."""
+    src = build_site(hosts, "vm", "fws")
+    dst = build_site(hosts, "vmd", "fwd")
+    with counting(src), counting(dst):
+        addrs = _many_addresses(src, 300)
+        _many_addresses(dst, 300)
+        sent_1 = _send_from_each(src, addrs)
+        own = _send_from_each(dst, addrs[:100])  # the destination counted some already
+        assert len(counters.vm_keys(parse_vm(",".join([VM_MAC, *addrs]), inventory={}),
+                                    counters.KEYSET_LIMIT) or ()) >= counters.BULK
+        vm = ",".join([VM_MAC, *addrs])
+        mine = set(sent_1)
+
+        def shown(ns: str) -> dict[tuple[str, str], dict[str, int]]:
+            r = _xfer("counters", "show", "--vm", vm, "--netns", ns, "--json")
+            assert r.returncode == 0, r.stderr
+            return {(x["mac"], x["ip"]): {f: x[f] for f in counters.FIELDS}
+                    for x in json.loads(r.stdout)}
+
+        assert {k: v for k, v in src.totals().items() if k in mine} == sent_1
+        out = tmp_path / "one.xfer"
+        r = _xfer("export", "--vm", vm, "--kinds", "counters", "--netns", src.fw, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        r = _xfer("import", str(out), "--netns", dst.fw, "--json")
+        assert r.returncode == 0, r.stderr
+        assert (json.loads(r.stdout)["created"], json.loads(r.stdout)["updated"]) == (600, 0)
+        assert shown(dst.fw) == _plus(own, sent_1)
+
+        # A second bundle of the same VM (more traffic since): merged key by key.
+        sent_2 = _send_from_each(src, addrs)
+        out2 = tmp_path / "two.xfer"
+        r = _xfer("export", "--vm", vm, "--kinds", "counters", "--netns", src.fw,
+                  "--out", str(out2))
+        assert r.returncode == 0, r.stderr
+        r = _xfer("import", str(out2), "--netns", dst.fw, "--json")
+        assert r.returncode == 0, r.stderr
+        assert (json.loads(r.stdout)["created"], json.loads(r.stdout)["updated"]) == (0, 600)
+        assert shown(dst.fw) == _plus(own, sent_1, sent_1, sent_2)
+
+        # The per-key path reads the same.
+        from xfer.ebpf import counters_transfer
+
+        sel = counters.selection(parse_vm(vm, inventory={}))
+        assert counters_transfer.export_columns(sel, dst.fw, batch=False).table() == \
+            counters_transfer.export_columns(sel, dst.fw).table()
+    _no_pins_left(src.fw, dst.fw)
+
+
+def test_a_kernel_refusing_batch_ops_gets_the_same_counts(hosts: Hosts,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch map syscalls answered EINVAL (as before Linux 5.6): every call falls back per key."""
+    from xfer.ebpf import bpfsys, counters_transfer
+
+    site = build_site(hosts, "vm", "fw")
+    with counting(site):
+        sel, scan = _ping_both(site)
+        want = counters_transfer.export_columns(scan, site.fw).table()
+        real = bpfsys._bpf
+        refused: list[int] = []
+
+        def no_batch(cmd: int, attr: object) -> int:
+            if cmd in (bpfsys.MAP_LOOKUP_BATCH, bpfsys.MAP_UPDATE_BATCH, bpfsys.MAP_DELETE_BATCH):
+                refused.append(cmd)
+                return -errno.EINVAL
+            return real(cmd, attr)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(bpfsys, "_bpf", no_batch)
+        assert counters_transfer.export_columns(scan, site.fw).table() == want
+        walked = counters_transfer.export_columns(scan, site.fw)
+        counters_transfer.import_columns(walked, "c1" * 16, site.fw)  # page writes, per page
+        assert counters_transfer.export_columns(scan, site.fw).table() == \
+            counters.add(want, want)
+        report = counters_transfer.forget(parse_vm(f"{VM_IP4},{VM_IP6},{VM_MAC}",
+                                                   inventory={}), site.fw)
+        assert report.deleted == 4  # two datapath keys, two carried
+        assert set(refused) == {bpfsys.MAP_LOOKUP_BATCH, bpfsys.MAP_UPDATE_BATCH,
+                                bpfsys.MAP_DELETE_BATCH}
+        monkeypatch.undo()
+        assert counters_transfer.export_columns(sel, site.fw).table() == {}
+    _no_pins_left(site.fw)
+
+
+def test_failed_imports_leave_the_counts_as_they_were(hosts: Hosts,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure before the commit changes nothing (and the bundle can come again); one
+    after it, recording the bundle id, is undone by committing the old half back."""
+    from xfer.ebpf import counters_transfer
+    from xfer.ebpf.counter_maps import CarriedCounters, ImportedBundles
+    from xfer.errors import ImportFailed, KernelError
+
+    site = build_site(hosts, "vm", "fw")
+    with counting(site):
+        site.ping(4)
+        sel = counters.selection(parse_vm(f"{VM_IP4},{VM_MAC}", inventory={}))
+        cols = counters_transfer.export_columns(sel, site.fw)
+        before = counters_transfer.export_columns(sel, site.fw).table()
+
+        def broken(self: CarriedCounters, state: object) -> None:
+            raise KernelError(errno.EIO, "commit")
+
+        with monkeypatch.context() as m:
+            m.setattr(CarriedCounters, "commit", broken)
+            with pytest.raises(ImportFailed, match="nothing changed"):
+                counters_transfer.import_columns(cols, "d1" * 16, site.fw)
+        assert counters_transfer.export_columns(sel, site.fw).table() == before
+        counters_transfer.import_columns(cols, "d1" * 16, site.fw)  # not recorded: goes in now
+        doubled = counters.add(before, cols.table())
+        assert counters_transfer.export_columns(sel, site.fw).table() == doubled
+
+        with monkeypatch.context() as m:  # the id is taken by the time it is recorded
+            m.setattr(ImportedBundles, "seen", lambda self, bundle_id: False)
+            with pytest.raises(ImportFailed, match="rolled back") as err:
+                counters_transfer.import_columns(cols, "d1" * 16, site.fw)
+        assert err.value.report.rolled_back  # type: ignore[attr-defined]
+        assert counters_transfer.export_columns(sel, site.fw).table() == doubled
+    _no_pins_left(site.fw)
+
+
+def test_attach_adopts_the_carried_counts_of_an_older_build(hosts: Hosts) -> None:
+    """Older builds pinned carried counts as a hash, xfer_ctr_base: attach folds them into
+    the carried table once and removes the pin, so an upgrade loses no count."""
+    bcc = pytest.importorskip("bcc")
+    from xfer.ebpf.bpfsys import BpfMap
+
+    site = build_site(hosts, "vm", "fw")
+    pins = loader.pin_dir(DEV, site.fw)
+    old = pins / counters_device.OLD_CARRIED
+    carried = (1, 2, 3, 4, 5, 6)
+    try:
+        loader.ensure_bpffs()
+        pins.mkdir(parents=True, exist_ok=True)
+        with loader.source_file("xfer_maps.h") as header:
+            older = bcc.BPF(text=f"""#include "xfer_maps.h"
+BPF_TABLE_PINNED("hash", struct xfer_ctr_key, struct xfer_ctr_val, base, 65536, "{old}");
+""".encode(), cflags=[f"-I{header.parent}"])
+        older.cleanup()  # the pin keeps the map
+        with BpfMap.open_pinned(str(old)) as m:
+            m.update(counters.make_key(VM_MAC, VM_IP4), counters.VALUE.pack(*carried))
+        site.attach()
+        assert not old.exists()
+        site.ping(3)
+        counted = {**ZERO, "tx_packets": 3, "tx_bytes": 3 * 98, "rx_packets": 3, "rx_bytes": 3 * 98}
+        want = {f: counted[f] + n for f, n in zip(counters.FIELDS, carried, strict=True)}
+        assert site.totals()[(VM_MAC, VM_IP4)] == want
+        site.attach()  # again: nothing is added twice
+        assert site.totals()[(VM_MAC, VM_IP4)] == want
+    finally:
+        counters_device.detach(DEV, site.fw, unpin=True)
     _no_pins_left(site.fw)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from xfer import heap
 from xfer.errors import UsageError, XferError
 
 app = typer.Typer(
@@ -651,6 +652,8 @@ def bench_counters(
     keys_per_vm: Annotated[int, typer.Option("--keys-per-vm", help="2: IPv4 + IPv6 per VM; "
                                              "1: IPv4 only.")] = 2,
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/counters.json"),
+    datapath: Annotated[bool, typer.Option("--datapath/--no-datapath",
+                                           help="Also measure the datapath cost with iperf3.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Counters export+import (batch vs per key) and datapath cost (iperf3 with vs without).
@@ -660,7 +663,7 @@ def bench_counters(
     from xfer.bench import counters as bench
 
     result = bench.run(vms, repeat, seconds, out, echo=None if as_json else typer.echo,
-                       keys_per_vm=keys_per_vm)
+                       keys_per_vm=keys_per_vm, datapath=datapath)
     if as_json:
         _print_json(result)
 
@@ -1032,6 +1035,7 @@ _PAUSE_WINDOW = frozenset({"export", "import", "forget", "notify"})
 def main() -> None:
     """Console entry point: map errors to exit codes and one-line messages."""
     logging.basicConfig(level=logging.WARNING, format="xfer: %(message)s")
+    heap.keep_freed_memory()  # MB-sized buffers without page faults inside the pause window
     if len(sys.argv) > 1 and sys.argv[1] in _PAUSE_WINDOW:
         app.registered_groups = []
     try:

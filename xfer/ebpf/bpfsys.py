@@ -21,6 +21,8 @@ import errno
 import functools
 import os
 import platform
+import sys
+from array import array
 from types import TracebackType
 
 from xfer.errors import BPFLoadError, KernelError, PermissionDenied
@@ -34,7 +36,7 @@ MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 26, 27
 ANY, NOEXIST, EXIST = 0, 1, 2
 # Kernels or map types without batch support answer one of these: fall back per key.
 _NO_BATCH = {errno.EINVAL, errno.ENOTSUP, 524}  # 524: ENOTSUPP, the kernel-internal one
-_CHUNK = 16384  # entries per LOOKUP_BATCH call
+_FIRST_CHUNK = 4096  # entries asked of the first LOOKUP_BATCH call of a dump
 
 
 class _ElemAttr(ctypes.Structure):
@@ -82,6 +84,11 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
 
 def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
+
+
+def _c_view(buf: bytearray) -> ctypes.Array[ctypes.c_char]:
+    """A ctypes view of a bytearray (no copy; keep it alive while the kernel writes)."""
+    return (ctypes.c_char * len(buf)).from_buffer(buf)
 
 
 def _bytes_addr(data: bytes) -> int:
@@ -190,12 +197,10 @@ class BpfMap:
         return b"".join(keys), b"".join(values), len(keys)
 
     def _dump_batch(self) -> tuple[bytes, bytes, int] | None:
-        # Chunks of at most _CHUNK entries: an empty map costs a small buffer, not
-        # max_entries of them, and only the filled part is copied out.
-        chunk = max(1, min(self.max_entries, _CHUNK))
+        # Chunks start small (an empty map costs a small buffer, not max_entries of
+        # them) and grow fourfold per call: 20,000 entries take two calls. Entries
+        # land in bytearrays and are copied out once; a single chunk needs no join.
         ks, vs = self.key_size, self.value_size
-        keys = ctypes.create_string_buffer(chunk * ks)
-        values = ctypes.create_string_buffer(chunk * vs)
         # The batch cursor is opaque (a bucket index for hash maps); key_size bytes
         # is what the kernel documents as enough.
         cursor_in = ctypes.create_string_buffer(max(ks, 8))
@@ -203,25 +208,32 @@ class BpfMap:
         key_parts: list[bytes] = []
         value_parts: list[bytes] = []
         total = 0
+        chunk = max(1, min(self.max_entries, _FIRST_CHUNK))
         first = True
         while True:
+            keys, values = bytearray(chunk * ks), bytearray(chunk * vs)
+            key_buf, value_buf = _c_view(keys), _c_view(values)
             attr = _BatchAttr(in_batch=0 if first else _addr(cursor_in),
-                              out_batch=_addr(cursor_out), keys=_addr(keys),
-                              values=_addr(values), count=chunk, map_fd=self.fd)
+                              out_batch=_addr(cursor_out), keys=_addr(key_buf),
+                              values=_addr(value_buf), count=chunk, map_fd=self.fd)
             ret = _bpf(MAP_LOOKUP_BATCH, attr)
+            del key_buf, value_buf  # release the bytearrays' buffers before slicing them
             if ret < 0 and -ret in _NO_BATCH and first:
                 self.batch_ok = False
                 return None
             if ret < 0 and ret != -errno.ENOENT:
                 self._check(ret, "batch lookup")
             if attr.count:
-                key_parts.append(ctypes.string_at(keys, attr.count * ks))
-                value_parts.append(ctypes.string_at(values, attr.count * vs))
+                key_parts.append(bytes(memoryview(keys)[:attr.count * ks]))
+                value_parts.append(bytes(memoryview(values)[:attr.count * vs]))
                 total += attr.count
             if ret == -errno.ENOENT:
                 break
             first = False
             ctypes.memmove(cursor_in, cursor_out, len(cursor_out))
+            chunk = min(self.max_entries, chunk * 4)
+        if len(key_parts) == 1:
+            return key_parts[0], value_parts[0], total
         return b"".join(key_parts), b"".join(value_parts), total
 
     def update_many(self, keys: bytes, values: bytes, batch: bool = True,
@@ -239,12 +251,57 @@ class BpfMap:
             ret = _bpf(MAP_UPDATE_BATCH, attr)
             if ret >= 0:
                 return
-            if -ret not in _NO_BATCH or attr.count:
-                self._check(ret, f"batch update ({attr.count} of {n} stored)")
+            # The kernel writes count back only once it started; a refusal leaves n.
+            stored = 0 if attr.count == n else attr.count
+            if -ret not in _NO_BATCH or stored:
+                self._check(ret, f"batch update ({stored} of {n} stored)")
             self.batch_ok = False
         ks, vs = self.key_size, self.value_size
         for i in range(n):
             self.update(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs], flags)
+
+    # --- array slots -------------------------------------------------------------------
+
+    def read_slots(self, first: int, n: int, batch: bool = True) -> bytes:
+        """The values of array slots ``first`` .. ``first + n - 1``, concatenated.
+
+        One LOOKUP_BATCH (whose cursor is the slot before the first), else a
+        lookup per slot. For array maps, whose slots always exist.
+        """
+        if n <= 0:
+            return b""
+        if batch and self.batch_ok:
+            values = ctypes.create_string_buffer(n * self.value_size)
+            keys = ctypes.create_string_buffer(n * 4)
+            cursor_in = ctypes.c_uint32(first - 1)
+            cursor_out = ctypes.c_uint32()
+            attr = _BatchAttr(in_batch=ctypes.addressof(cursor_in) if first else 0,
+                              out_batch=ctypes.addressof(cursor_out), keys=_addr(keys),
+                              values=_addr(values), count=n, map_fd=self.fd)
+            ret = _bpf(MAP_LOOKUP_BATCH, attr)
+            if ret >= 0 or (ret == -errno.ENOENT and attr.count == n):
+                if attr.count != n:
+                    raise KernelError(errno.EIO, f"BPF map {self.name}: batch lookup of "
+                                      f"{n} slots returned {attr.count}")
+                return values.raw
+            if -ret not in _NO_BATCH:
+                self._check(ret, "batch lookup")
+            self.batch_ok = False
+        out = []
+        for slot in range(first, first + n):
+            value = self.lookup(slot.to_bytes(4, sys.byteorder))
+            if value is None:
+                raise KernelError(errno.ENOENT, f"BPF map {self.name}: no slot {slot}")
+            out.append(value)
+        return b"".join(out)
+
+    def write_slots(self, first: int, values: bytes, batch: bool = True) -> None:
+        """Store ``values`` (whole slots, concatenated) in array slots from ``first`` on."""
+        n = len(values) // self.value_size
+        if len(values) != n * self.value_size:
+            raise ValueError("values are not a whole number of slots")
+        keys = array("I", range(first, first + n)).tobytes()
+        self.update_many(keys, values, batch)
 
     def lookup_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         """The values of the keys present (the kernel has no batch lookup by key)."""

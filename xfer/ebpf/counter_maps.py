@@ -5,16 +5,17 @@ tests/test_counters_layout.py) and three wrappers:
 
 * ``LiveCounters``  ``xfer_ctr``: what the datapath counted. User space only reads
   and deletes (forget); it never writes a value the datapath increments.
-* ``CarriedCounters`` ``xfer_ctr_base``: counts brought in by imports. Only user space
-  writes it, so read-add-write cannot race a packet.
+* ``CarriedCounters`` ``xfer_ctr_carried`` + ``xfer_ctr_pages``: the table of counts
+  brought in by imports, double-buffered in pages (see ``xfer_maps.h``). Only user
+  space writes it, so read-add-write cannot race a packet.
 * ``ImportedBundles`` ``xfer_ctr_imported``: ids of bundles already imported.
 
 Every bulk operation takes ``batch=`` (default True) so benchmarks and old kernels
-can use the per-key path; ``BpfMap`` also falls back by itself when the kernel
-refuses a batch.
+can use the per-key (per-page) path; ``BpfMap`` also falls back by itself when
+the kernel refuses a batch.
 
     with CounterMaps.open(pin_dir("eth1", "fw-src")) as maps:
-        total = counters.add_columns(maps.live.read_columns(), maps.carried.read_columns())
+        total = counters.add_columns(maps.live.read_columns(), maps.carried.read())
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from xfer.ebpf import counters
 from xfer.ebpf.bpfsys import NOEXIST, BpfMap
 from xfer.errors import BPFLoadError, KernelError
 
-LIVE, CARRIED, IMPORTED = "xfer_ctr", "xfer_ctr_base", "xfer_ctr_imported"
-MAP_NAMES = (LIVE, CARRIED, IMPORTED)
+LIVE, CARRIED, PAGES, IMPORTED = "xfer_ctr", "xfer_ctr_carried", "xfer_ctr_pages", "xfer_ctr_imported"
+MAP_NAMES = (LIVE, CARRIED, PAGES, IMPORTED)
+PAGE = 65536          # XFER_CARRIED_PAGE
+CARRIED_VERSION = 1   # XFER_CARRIED_VERSION
 
 
 class CounterKey(ctypes.Structure):
@@ -49,14 +52,29 @@ class CounterValue(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in counters.FIELDS]
 
 
+class CarriedHeader(ctypes.Structure):
+    """``struct xfer_ctr_carried``."""
+
+    _fields_ = [("generation", ctypes.c_uint64), ("count", ctypes.c_uint32),
+                ("version", ctypes.c_uint32)]
+
+
+class CarriedPage(ctypes.Structure):
+    """``struct xfer_ctr_page``."""
+
+    _fields_ = [("data", ctypes.c_uint8 * PAGE)]
+
+
 class BundleId(ctypes.Structure):
     """``struct xfer_bundle_id``."""
 
     _fields_ = [("id", ctypes.c_uint8 * 16)]
 
 
-def _checked(m: BpfMap, key: type[ctypes.Structure], value: type[ctypes._SimpleCData] |
-             type[ctypes.Structure]) -> BpfMap:
+_CType = type[ctypes._SimpleCData] | type[ctypes.Structure]
+
+
+def _checked(m: BpfMap, key: _CType, value: _CType) -> BpfMap:
     # A map pinned by an older build with another layout must not be misread.
     if (m.key_size, m.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
         raise BPFLoadError(f"pinned map {m.name} has key/value sizes {m.key_size}/"
@@ -65,14 +83,14 @@ def _checked(m: BpfMap, key: type[ctypes.Structure], value: type[ctypes._SimpleC
     return m
 
 
-class CounterTable:
-    """Reads shared by both counter maps."""
+class LiveCounters:
+    """``xfer_ctr``: read and delete only."""
 
     def __init__(self, m: BpfMap) -> None:
         self.map = _checked(m, CounterKey, CounterValue)
 
     def read_columns(self, batch: bool = True) -> counters.Columns:
-        """Every entry (one batch syscall, or a per-key walk with ``batch=False``)."""
+        """Every entry (batch syscalls, or a per-key walk with ``batch=False``)."""
         keys, values, _ = self.map.dump(batch)
         return counters.Columns(keys, values)
 
@@ -85,16 +103,71 @@ class CounterTable:
         return self.map.delete_many(list(keys), batch)
 
 
-class LiveCounters(CounterTable):
-    """``xfer_ctr``: read and delete only."""
+class CarriedCounters:
+    """The table of counts carried in, as ``xfer_maps.h`` lays it out.
 
+    Writers (imports, forgets) hold the interface's lock exclusively, readers
+    shared (``counters_device.locked``): ``stage`` fills the idle half while
+    readers may be in the live one, ``commit`` switches with one element update.
 
-class CarriedCounters(CounterTable):
-    """``xfer_ctr_base``: the counts imports carried in."""
+        state = carried.state()
+        table = carried.read(state)
+        carried.commit(carried.stage(new_table, state))
+    """
 
-    def write(self, cols: counters.Columns, batch: bool = True) -> None:
-        """Store these entries (replacing their values)."""
-        self.map.update_many(cols.keys, cols.values, batch)
+    def __init__(self, header: BpfMap, pages: BpfMap) -> None:
+        self.header = _checked(header, ctypes.c_uint32, CarriedHeader)
+        self.pages = _checked(pages, ctypes.c_uint32, CarriedPage)
+        self.half = pages.max_entries // 2  # pages per half
+        self.capacity = self.half * PAGE // (counters.KEY.size + counters.VALUE.size)
+
+    def state(self) -> CarriedHeader:
+        """The header: which half is live and how many entries it holds."""
+        raw = self.header.lookup(bytes(4))
+        if raw is None:
+            raise BPFLoadError(f"BPF map {self.header.name} has no element 0")
+        state = CarriedHeader.from_buffer_copy(raw)
+        if state.version not in (0, CARRIED_VERSION) or state.count > self.capacity:
+            raise BPFLoadError(f"carried counters in {self.header.name} have layout "
+                               f"{state.version} and {state.count} entries; this xfer reads "
+                               f"layout {CARRIED_VERSION} up to {self.capacity}: detach, "
+                               "remove the pins, attach again")
+        return state
+
+    def read(self, state: CarriedHeader | None = None, batch: bool = True) -> counters.Columns:
+        """The live table (of ``state``, or of the header read now)."""
+        state = state if state is not None else self.state()
+        n = state.count
+        if not n:
+            return counters.Columns()
+        ks = n * counters.KEY.size
+        used = ks + n * counters.VALUE.size
+        raw = self.pages.read_slots(self._first(state.generation), -(-used // PAGE), batch)
+        return counters.Columns(raw[:ks], raw[ks:used])
+
+    def stage(self, cols: counters.Columns, state: CarriedHeader,
+              batch: bool = True) -> CarriedHeader:
+        """Write ``cols`` into the half ``state`` does not use; returns the header to commit.
+
+        Raises KernelError when the table exceeds the capacity (nothing is committed).
+        """
+        n = len(cols)
+        if n > self.capacity:
+            raise KernelError(errno.E2BIG, f"carried counters: {n} entries, room for "
+                              f"{self.capacity}")
+        nxt = CarriedHeader(state.generation + 1, n, CARRIED_VERSION)
+        if n:
+            pad = bytes(-(len(cols.keys) + len(cols.values)) % PAGE)
+            self.pages.write_slots(self._first(nxt.generation),
+                                   b"".join((cols.keys, cols.values, pad)), batch)
+        return nxt
+
+    def commit(self, state: CarriedHeader) -> None:
+        """Make ``state``'s half the live table (one element update: all or nothing)."""
+        self.header.update(bytes(4), bytes(state))
+
+    def _first(self, generation: int) -> int:
+        return (generation % 2) * self.half
 
 
 class ImportedBundles:
@@ -143,15 +216,16 @@ class CounterMaps:
         try:
             for name in MAP_NAMES:
                 opened.append(BpfMap.open_pinned(str(pins / name)))
-            return cls(LiveCounters(opened[0]), CarriedCounters(opened[1]),
-                       ImportedBundles(opened[2]), pins)
+            live, header, pages, imported = opened
+            return cls(LiveCounters(live), CarriedCounters(header, pages),
+                       ImportedBundles(imported), pins)
         except BaseException:
             for m in opened:
                 m.close()
             raise
 
     def close(self) -> None:
-        for m in (self.live.map, self.carried.map, self.imported.map):
+        for m in (self.live.map, self.carried.header, self.carried.pages, self.imported.map):
             m.close()
 
     def __enter__(self) -> CounterMaps:

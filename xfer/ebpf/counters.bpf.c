@@ -10,10 +10,13 @@
  * Maps (pinned by the loader under XFER_PIN_DIR, so counts survive detach,
  * re-attach and process restarts):
  *   xfer_ctr          what this datapath counted; written only here
- *   xfer_ctr_base     counts carried in by imports; written only by user space
+ *   xfer_ctr_carried  header of the counts carried in by imports (see xfer_maps.h)
+ *   xfer_ctr_pages    their table, in pages; both written only by user space
  *   xfer_ctr_imported bundle ids already imported (idempotent imports)
- * A VM's total is xfer_ctr + xfer_ctr_base: user space never read-modify-writes
- * a value the datapath is incrementing, so an import cannot lose a packet.
+ * A VM's total is its xfer_ctr entry + its carried entry: user space never
+ * read-modify-writes a value the datapath is incrementing, so an import cannot
+ * lose a packet. This program does not use the carried maps; it declares them so
+ * that attaching creates and pins them with the rest.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -37,8 +40,14 @@
 
 BPF_TABLE_PINNED("hash", struct xfer_ctr_key, struct xfer_ctr_val, xfer_ctr, XFER_CTR_MAX,
 		 XFER_PIN_DIR "/xfer_ctr");
-BPF_TABLE_PINNED("hash", struct xfer_ctr_key, struct xfer_ctr_val, xfer_ctr_base, XFER_CTR_MAX,
-		 XFER_PIN_DIR "/xfer_ctr_base");
+/* Pages per half: room for XFER_CTR_MAX carried entries. */
+#define XFER_CARRIED_HALF                                                                     \
+	((XFER_CTR_MAX * (sizeof(struct xfer_ctr_key) + sizeof(struct xfer_ctr_val)) +        \
+	  XFER_CARRIED_PAGE - 1) / XFER_CARRIED_PAGE)
+BPF_TABLE_PINNED("array", __u32, struct xfer_ctr_carried, xfer_ctr_carried, 1,
+		 XFER_PIN_DIR "/xfer_ctr_carried");
+BPF_TABLE_PINNED("array", __u32, struct xfer_ctr_page, xfer_ctr_pages, 2 * XFER_CARRIED_HALF,
+		 XFER_PIN_DIR "/xfer_ctr_pages");
 BPF_TABLE_PINNED("lru_hash", struct xfer_bundle_id, __u64, xfer_ctr_imported, 65536,
 		 XFER_PIN_DIR "/xfer_ctr_imported");
 

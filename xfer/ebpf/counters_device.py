@@ -15,9 +15,10 @@ import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 
-from xfer.ebpf import loader
+from xfer.ebpf import counters, loader
+from xfer.ebpf.bpfsys import BpfMap
 from xfer.ebpf.counter_maps import MAP_NAMES, CounterMaps
-from xfer.errors import UsageError
+from xfer.errors import BPFLoadError, UsageError
 
 # Priority 0xc000: after DHCP snooping / IP source guard (0x0d5c; a lower number
 # runs first), so frames the guard drops are not counted as the VM's traffic.
@@ -28,6 +29,8 @@ PROGRAM = loader.TcProgram(
     maps=MAP_NAMES,
 )
 LOCK_DIR = Path("/run/xfer/locks")
+# Older builds kept carried counts in this hash (keyed and valued like xfer_ctr).
+OLD_CARRIED = "xfer_ctr_base"
 
 
 def attach(dev: str, netns: str | None = None, root: Path = loader.PIN_ROOT) -> Path:
@@ -36,7 +39,30 @@ def attach(dev: str, netns: str | None = None, root: Path = loader.PIN_ROOT) -> 
     >>> attach("eth1", "fw-src")  # doctest: +SKIP
     PosixPath('/run/xfer/bpf/fw-src/eth1')
     """
-    return loader.attach(PROGRAM, dev, netns, root=root)
+    pins = loader.attach(PROGRAM, dev, netns, root=root)
+    _adopt_old_carried(pins)
+    return pins
+
+
+def _adopt_old_carried(pins: Path) -> None:
+    """Fold the carried counts an older build pinned as ``OLD_CARRIED`` into the table, once.
+
+    Without this an upgraded device would keep the pin but no longer read it: its
+    VMs' totals would drop by what imports had carried in. (A crash between the
+    commit and the unlink would add them a second time at the next attach.)
+    """
+    old = pins / OLD_CARRIED
+    if not old.exists():
+        return
+    with BpfMap.open_pinned(str(old)) as m, CounterMaps.open(pins) as maps, locked(maps):
+        if (m.key_size, m.value_size) != (counters.KEY.size, counters.VALUE.size):
+            raise BPFLoadError(f"{old} has key/value sizes {m.key_size}/{m.value_size}: "
+                               "not carried counts this xfer can read; remove it")
+        keys, values, _ = m.dump()
+        state = maps.carried.state()
+        total, _ = counters.merge(maps.carried.read(state), counters.Columns(keys, values))
+        maps.carried.commit(maps.carried.stage(total, state))
+    old.unlink()
 
 
 def detach(dev: str, netns: str | None = None, unpin: bool = False,
@@ -50,6 +76,7 @@ def detach(dev: str, netns: str | None = None, unpin: bool = False,
         return loader.detach(PROGRAM, dev, netns)
     finally:
         if unpin:
+            (loader.pin_dir(dev, netns, root) / OLD_CARRIED).unlink(missing_ok=True)
             loader.unpin(PROGRAM, dev, netns, root)
             _lock_path(loader.pin_dir(dev, netns, root)).unlink(missing_ok=True)
 
@@ -104,11 +131,16 @@ def _where(netns: str | None) -> str:
 
 
 @contextlib.contextmanager
-def locked(maps: CounterMaps) -> Iterator[None]:
-    """Serialize imports and forgets on one interface's maps (bpffs holds no plain files)."""
+def locked(maps: CounterMaps, shared: bool = False) -> Iterator[None]:
+    """Hold one interface's lock (bpffs holds no plain files, so it lives in LOCK_DIR).
+
+    Imports and forgets hold it exclusively: one writer of the carried table at a
+    time. Readers hold it ``shared``: a writer could otherwise rewrite the half
+    they are reading (its second commit after they read the header).
+    """
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(maps.pins), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(_lock_path(maps.pins), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
 
 

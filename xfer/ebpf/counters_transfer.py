@@ -3,11 +3,13 @@
 * export: the VM's total on the device (datapath counts + counts carried in
   earlier), summed over the interfaces that count, as one section.
 * import: ADDS the section's counts to what the destination already counted, in
-  ``xfer_ctr_base`` of its counting interface (``dev=`` or the only one). The
+  the carried table of its counting interface (``dev=`` or the only one): the
+  new table goes into the idle half and one header update commits it. The
   bundle id is recorded in ``xfer_ctr_imported``: importing a bundle twice adds
   once. A section naming another VM, or holding a (MAC, IP) that is not the
   bundle VM's, is refused with ForeignEntryError before anything changes.
-* forget: deletes the VM's entries (both maps) on every counting interface.
+* forget: deletes the VM's entries (datapath map and carried table) on every
+  counting interface.
 
 Options (``--kinds counters`` through ``xfer.transfer``): ``dev`` (interface),
 ``batch`` (False forces the per-key path; benchmarks use it), ``root`` (pin root).
@@ -24,7 +26,7 @@ from typing import Any
 from xfer import netns as xnetns
 from xfer.bundle import Bundle, Section
 from xfer.ebpf import counters, loader
-from xfer.ebpf.counter_maps import CounterMaps, CounterTable
+from xfer.ebpf.counter_maps import CarriedCounters, CounterMaps, LiveCounters
 from xfer.ebpf.counters_device import locked, open_all, open_maps
 from xfer.errors import ForeignEntryError, ImportFailed, NamespaceNotFound, XferError
 from xfer.model import Kind, KindReport, VmIdentity
@@ -35,19 +37,29 @@ def _check_ns(namespace: str | None) -> None:
         raise NamespaceNotFound(namespace)
 
 
-def _read(table: CounterTable, sel: counters.Selection | None, batch: bool) -> counters.Columns:
-    """Selected entries of one map: by key when few are known, else a filtered dump."""
+def _read_live(live: LiveCounters, sel: counters.Selection | None,
+               batch: bool) -> counters.Columns:
+    """Selected datapath entries: by key when few are known, else a filtered dump."""
     if sel is None:
-        return table.read_columns(batch)
+        return live.read_columns(batch)
     if sel.keys is not None:
-        return table.read_keys(sel.keys)
-    return table.read_columns(batch).select(sel)
+        return live.read_keys(sel.keys)
+    return live.read_columns(batch).select(sel)
+
+
+def _read_carried(carried: CarriedCounters, sel: counters.Selection | None,
+                  batch: bool) -> counters.Columns:
+    """Selected carried entries (the table is read whole: a header and a few pages)."""
+    table = carried.read(batch=batch)
+    return table if sel is None else table.select(sel)
 
 
 def read_totals(maps: CounterMaps, sel: counters.Selection | None,
                 batch: bool = True) -> counters.Columns:
     """Datapath + carried counts of one interface for ``sel`` (everything for None)."""
-    return counters.add_columns(_read(maps.live, sel, batch), _read(maps.carried, sel, batch))
+    with locked(maps, shared=True):
+        carried = _read_carried(maps.carried, sel, batch)
+    return counters.add_columns(_read_live(maps.live, sel, batch), carried)
 
 
 def export_columns(sel: counters.Selection | None, namespace: str | None = None, *,
@@ -107,7 +119,7 @@ def import_columns(incoming: counters.Columns, bundle_id: str, namespace: str | 
                    root: Path = loader.PIN_ROOT) -> KindReport:
     """Add already validated entries to the carried counts, once per ``bundle_id``.
 
-    All or nothing: on failure the carried counts are restored and ImportFailed raised.
+    All or nothing: on failure the carried counts are as before and ImportFailed is raised.
     """
     started = time.perf_counter()
     report = KindReport(Kind.COUNTERS)
@@ -124,30 +136,36 @@ def import_columns(incoming: counters.Columns, bundle_id: str, namespace: str | 
 
 def _add_carried(maps: CounterMaps, bundle_id: str, incoming: counters.Columns, batch: bool,
                  report: KindReport) -> None:
-    if len(incoming) <= counters.LOOKUP_LIMIT:
-        before = maps.carried.read_keys(incoming.key_list())
-    else:
-        carried = maps.carried.read_columns(batch)
-        # Usually empty: a VM is rarely carried into the same device twice.
-        wanted = frozenset(incoming.key_list()) if len(carried) else frozenset()
-        before = carried.select(counters.Selection(None, wanted, wanted.__contains__))
+    carried = maps.carried
+    before = carried.state()
     try:
-        maps.carried.write(counters.add_columns(before, incoming), batch)
-        if not maps.imported.record(bundle_id):
-            raise ImportFailed(f"bundle {bundle_id} was imported concurrently")
+        total, both = counters.merge(carried.read(before, batch), incoming)
+        carried.commit(carried.stage(total, before, batch))
     except XferError as exc:
-        _restore(maps, before, incoming)
+        report.failed = len(incoming)
+        raise ImportFailed(f"counters import failed, nothing changed: {exc}", report) from None
+    try:
+        recorded = maps.imported.record(bundle_id)
+        reason = "" if recorded else f"bundle {bundle_id} was imported concurrently"
+    except XferError as exc:
+        recorded, reason = False, str(exc)
+    if not recorded:
+        carried.commit(before)  # the old half is intact: we hold the lock, nobody wrote it
         report.failed = len(incoming)
         report.rolled_back = True
-        raise ImportFailed(f"counters import failed and was rolled back: {exc}", report) from None
-    report.updated = len(before)  # keys already carried (``before`` holds only those)
-    report.created = len(incoming) - report.updated
+        raise ImportFailed(f"counters import failed and was rolled back: {reason}", report)
+    report.updated = both  # keys already carried here
+    report.created = len(incoming) - both
 
 
-def _restore(maps: CounterMaps, before: counters.Columns, incoming: counters.Columns) -> None:
-    existed = set(before.key_list())
-    maps.carried.write(before)
-    maps.carried.delete([k for k in incoming.key_list() if k not in existed])
+def _forget_carried(carried: CarriedCounters, sel: counters.Selection, batch: bool) -> int:
+    """Drop the selected entries from the carried table; returns how many went."""
+    before = carried.state()
+    table = carried.read(before, batch)
+    rest = table.exclude(sel)
+    if len(rest) != len(table):
+        carried.commit(carried.stage(rest, before, batch))
+    return len(table) - len(rest)
 
 
 def forget(vm: VmIdentity, namespace: str | None = None, *, dev: str | None = None,
@@ -161,8 +179,9 @@ def forget(vm: VmIdentity, namespace: str | None = None, *, dev: str | None = No
     try:
         for maps in all_maps:
             with locked(maps):
-                for table in (maps.live, maps.carried):
-                    report.deleted += table.delete(_read(table, sel, batch).key_list(), batch)
+                live = _read_live(maps.live, sel, batch)
+                report.deleted += maps.live.delete(live.key_list(), batch)
+                report.deleted += _forget_carried(maps.carried, sel, batch)
     finally:
         for m in all_maps:
             m.close()
