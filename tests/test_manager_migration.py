@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.manager_fakes import URL, FakeDevices, topo
+from tests.manager_fakes import TOPOLOGY, URL, FakeDevices, topo
 from xfer.errors import UsageError
+from xfer.manager import topology
 from xfer.manager.journal import Journal
 from xfer.manager.messages import Message, parse
 from xfer.manager.migration import MigrationFailed, Migrator, Settings
@@ -215,3 +217,15 @@ def test_abort_during_cleanup_is_refused_and_after_age_out_commit_rolls_back(env
     assert journal.recent(1)[0].outcome == "aborted"
     with pytest.raises(UsageError, match="no migration of VM vm1 to abort"):
         asyncio.run(aged.abort("vm1"))
+
+
+def test_the_report_names_other_source_holders_that_were_not_moved(env) -> None:
+    devices, journal, store, _ = env
+    raw = json.loads(json.dumps(TOPOLOGY))
+    raw["devices"]["rt-a"] = {"type": "router", "kinds": ["conntrack"], "agent": "https://10.0.4.9:7443"}
+    m = Migrator(topology.parse(raw), devices, journal, store, Settings())
+    report = asyncio.run(run(m, out("relay")))
+    assert report["also_held_by"] == {"conntrack": ["rt-a"]}
+    # Only the nearest holder gave and was cleaned; the router was not touched.
+    assert not [c for c in devices.calls if c[1] == "https://10.0.4.9:7443"]
+    assert journal.recent(1)[0].plan["routes"][0]["also_held_by"] == ["rt-a"]

@@ -86,6 +86,8 @@ def _print_report(report: dict[str, Any]) -> None:
         typer.echo(f"  {p['name']:<8} {p['device']:<12} {kinds:<24} {p['outcome'] or '-':<8} {ms}")
     for kind, why in report.get("missing", {}).items():
         typer.echo(f"  not moved: {kind}: {why}", err=True)
+    for kind, devices in report.get("also_held_by", {}).items():
+        typer.echo(f"  also held by {', '.join(devices)}: {kind} (not moved, not cleaned there)", err=True)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
@@ -131,7 +133,9 @@ def topology_show(file: Annotated[Path, typer.Argument(help="Topology file (YAML
             _out(p.to_dict())
             return
         for r in p.routes:
-            typer.echo(f"{r.kind}: {r.source.id} -> {', '.join(d.id for d in r.destinations)}")
+            also = (f" (also held by {', '.join(d.id for d in r.also_held_by)}: not moved)"
+                    if r.also_held_by else "")
+            typer.echo(f"{r.kind}: {r.source.id} -> {', '.join(d.id for d in r.destinations)}{also}")
         for kind, why in p.missing.items():
             typer.echo(f"{kind}: NOT MOVED: {why}")
         return

@@ -308,11 +308,14 @@ class Migrator:
 
     def _plan_of(self, m: Migration) -> Plan:
         """Rebuild a journaled plan against the current topology's devices."""
-        plan = Plan(m.source, m.destination)
+        plan = Plan(m.source, m.destination,
+                    missing={Kind(k): why for k, why in m.plan.get("missing", {}).items()})
+        devices = self.topo.devices
         for r in m.plan.get("routes", []):
+            also = tuple(devices[d] for d in r.get("also_held_by", ()) if d in devices)
             try:
-                plan.routes.append(Route(Kind(r["kind"]), self.topo.devices[r["source"]],
-                                         tuple(self.topo.devices[d] for d in r["destinations"])))
+                plan.routes.append(Route(Kind(r["kind"]), devices[r["source"]],
+                                         tuple(devices[d] for d in r["destinations"]), also))
             except KeyError as exc:
                 raise UsageError(f"device {exc} of migration {m.id} is no longer in the topology") from None
         return plan
@@ -352,7 +355,8 @@ class Migrator:
                 "ms": None if ms is None else round(ms, 3), "budget_ms": m.budget_ms,
                 "over_budget": ms is not None and ms > m.budget_ms,
                 "device_ms": {d: round(v, 3) for d, v in per_device.items()},
-                "phases": phases, "missing": {k.value: w for k, w in plan.missing.items()}}
+                "phases": phases, "missing": {k.value: w for k, w in plan.missing.items()},
+                "also_held_by": {k.value: [d.id for d in devs] for k, devs in plan.also_held_by().items()}}
 
     def _status(self, vm: str) -> dict[str, Any]:
         for m in self.journal.recent(20):
