@@ -58,6 +58,10 @@ class ImportFailed(XferError):
         super().__init__(message)
 
 
+class StoreExpired(XferError):
+    """A bundle in the manager's store expired before the destination collected it."""
+
+
 class AuthError(XferError):
     """A peer failed authentication or a signature did not verify."""
 

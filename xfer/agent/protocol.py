@@ -19,6 +19,7 @@ from xfer.errors import (
     ForeignEntryError,
     ImportFailed,
     NamespaceNotFound,
+    StoreExpired,
     UsageError,
     XferError,
 )
@@ -37,6 +38,7 @@ _STATUS: tuple[tuple[type[XferError], int], ...] = (
     (ForeignEntryError, 422),
     (BundleError, 422),
     (ImportFailed, 409),
+    (StoreExpired, 410),
     (UsageError, 400),
     (NamespaceNotFound, 503),
     (AgentError, 502),
@@ -44,6 +46,7 @@ _STATUS: tuple[tuple[type[XferError], int], ...] = (
 # Errors a client re-raises as themselves, so a refusal reads the same end to end.
 _REBUILD: dict[str, type[XferError]] = {
     "AuthError": AuthError, "ForeignEntryError": ForeignEntryError, "BundleError": BundleError,
+    "StoreExpired": StoreExpired,
 }
 
 
@@ -129,16 +132,10 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """
     if not encoding:
         return body
-    if encoding != ZSTD:
-        raise BundleError(f"unknown bundle compression {encoding!r}")
+    size = packed_size(body, encoding, limit)
     import zstandard
 
     try:
-        size = zstandard.frame_content_size(body)
-        if size < 0:
-            raise BundleError("compressed bundle does not declare its size; refused")
-        if size > limit:
-            raise BundleError(f"bundle is {size} bytes, over this device's limit of {limit}")
         inflater = zstandard.ZstdDecompressor().decompressobj()
         data = inflater.decompress(body)
     except zstandard.ZstdError as exc:
@@ -146,3 +143,24 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     if len(data) != size or not inflater.eof or inflater.unused_data:
         raise BundleError("compressed bundle is truncated or has trailing bytes")
     return data
+
+
+def packed_size(body: bytes, encoding: str | None, limit: int) -> int:
+    """The size a compressed bundle declares; BundleError unless it is zstd and within ``limit``.
+
+    >>> packed_size(compress(b"x" * 1000)[0], ZSTD, 4096)
+    1000
+    """
+    if encoding != ZSTD:
+        raise BundleError(f"unknown bundle compression {encoding!r}")
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(body)
+    except zstandard.ZstdError as exc:
+        raise BundleError(f"compressed bundle is corrupted: {exc}") from None
+    if size < 0:
+        raise BundleError("compressed bundle does not declare its size; refused")
+    if size > limit:
+        raise BundleError(f"bundle is {size} bytes, over this device's limit of {limit}")
+    return int(size)

@@ -127,6 +127,11 @@ class Journal:
     def state(self, migration: int, state: str) -> None:
         self._db.execute("UPDATE migrations SET state = ? WHERE id = ?", (state, migration))
 
+    def resolve(self, migration: int, destination: str, plan: dict[str, Any]) -> None:
+        """Record the destination an "in" named for a migration whose "out" did not know it."""
+        self._db.execute("UPDATE migrations SET destination = ?, plan = ? WHERE id = ?",
+                         (destination, json.dumps(plan), migration))
+
     def finish(self, migration: int, outcome: str, error: str | None = None) -> None:
         self._db.execute("UPDATE migrations SET state = ?, outcome = ?, error = ?, ended = ? WHERE id = ?",
                          (outcome, outcome, error, time.time(), migration))
