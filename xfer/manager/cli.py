@@ -63,11 +63,11 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 def _send(body: dict[str, Any], manager: str, udp: str | None, interface: str | None, ca: Path | None,
-          cert: Path | None, key: Path | None, timeout: float) -> dict[str, Any]:
+          cert: Path | None, key: Path | None, timeout: float, copies: int = 1) -> dict[str, Any]:
     from xfer.manager import client
 
     if udp:
-        answer = client.send_udp(_hostport(udp), body, timeout, interface)
+        answer = client.send_udp(_hostport(udp), body, timeout, interface, copies=copies)
         assert answer is not None
         return answer
     return client.send_http(manager, body, _context(ca, cert, key), timeout)
@@ -179,20 +179,31 @@ def notify(
     udp: UdpOpt = None, interface: IfaceOpt = None,
     ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 30,
+    message_id: Annotated[str | None, typer.Option("--id", help="The message's id (default: a new "
+                                                   "one). Copies with one id are acted on once.")] = None,
+    copies: Annotated[int, typer.Option("--copies", min=1, help="With --udp: send the datagram this "
+                                        "many times.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Send one migration message (HTTPS, or a UDP datagram with --udp) and print the answer.
 
+    Store mode to the multicast group the agents join is the device-driven variant: the
+    devices deposit ("out") and collect ("in") themselves. An "out" without --to is
+    kept in the store until the destination's "in" (which names it with --to).
+
     Example: xfer notify --vm vm1 --indication not-running --direction out --from hv1 --to hv2
-    --udp 239.7.7.7:8702 --interface 10.0.4.20
+    --mode store --udp 239.7.7.7:8702 --interface 10.0.4.20
     """
+    import secrets
+
     body: dict[str, Any] = {"vm": vm, "indication": indication, "direction": direction,
-                            "source": source, "destination": destination}
+                            "source": source, "destination": destination,
+                            "id": message_id or secrets.token_hex(8)}
     if kinds:
         body["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
     if mode:
         body["mode"] = mode
-    report = _send(body, manager, udp, interface, ca, cert, key, timeout)
+    report = _send(body, manager, udp, interface, ca, cert, key, timeout, copies)
     _out(report) if as_json else _print_report(report)
 
 
