@@ -276,7 +276,8 @@ def bench_migrate(
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/migrate.json"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Migration message → every destination committed, each mode, vs a direct agent push (same run).
+    """Migration message → every destination committed, each mode and the device-driven variant,
+    vs a direct agent push (same run).
 
     Example: xfer bench migrate --flows 1000,20000 --repeat 5
     """
