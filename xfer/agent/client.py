@@ -25,6 +25,8 @@ from xfer.agent.protocol import (
     API,
     BUNDLE_TYPE,
     COMPRESSION_HEADER,
+    MIGRATION,
+    MIGRATION_HEADER,
     check_agent_url,
     compress,
     decompress,
@@ -104,10 +106,12 @@ class AgentClient:
         base = check_agent_url(url)
         await self.start()
         assert self._session is not None
-        headers: dict[str, str] | None = None
+        headers: dict[str, str] = {}
         if data is not None:
             data, headers = compress(data)
             headers["Content-Type"] = BUNDLE_TYPE
+        if MIGRATION.get():
+            headers[MIGRATION_HEADER] = MIGRATION.get()
         try:
             async with self._session.request(method, f"{base}{API}{path}", json=json_body, data=data,
                                              params=params, headers=headers) as resp:

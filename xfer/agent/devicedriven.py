@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xfer.agent.protocol import parse_request_vm
+from xfer.agent.protocol import MIGRATION, parse_request_vm
 from xfer.agent.service import AgentService, Trace
 from xfer.agent.upstream import Upstream
 from xfer.errors import AgentError, XferError
@@ -91,6 +91,9 @@ class DeviceDriven:
                 or (mid, role) in self._acting):
             return {"acted": False, "role": role, "migration": mid}
         self._acting[(mid, role)] = now
+        # This task's work belongs to that migration: a rollback the manager sends before the
+        # import gets here makes the service refuse it.
+        MIGRATION.set(str(part.get("token") or ""))
         trace = Trace()
         outcome, error, result = "ok", "", dict[str, Any]()
         try:

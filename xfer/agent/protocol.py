@@ -9,6 +9,7 @@ addresses are what its import checks against.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ from xfer.errors import (
     BundleError,
     ForeignEntryError,
     ImportFailed,
+    MigrationCancelled,
     NamespaceNotFound,
     StoreExpired,
     UsageError,
@@ -31,6 +33,13 @@ BUNDLE_TYPE = "application/octet-stream"
 # inflate them on its own, without our size limit).
 COMPRESSION_HEADER = "Xfer-Compression"
 ZSTD = "zstd"
+# The migration that device work belongs to (the manager's token for it). The client sends
+# it with every request made while it is set; an agent sets it while handling a request
+# that carried it, so a push's or pull's own requests carry it on. An agent that has
+# forgotten a migration's state refuses later imports of that migration: a rollback then
+# reaches work still on its way (an import the manager gave up waiting for).
+MIGRATION_HEADER = "Xfer-Migration"
+MIGRATION: ContextVar[str] = ContextVar("xfer_migration", default="")
 
 # Most precise first: ForeignEntryError is a BundleError.
 _STATUS: tuple[tuple[type[XferError], int], ...] = (
@@ -38,6 +47,7 @@ _STATUS: tuple[tuple[type[XferError], int], ...] = (
     (ForeignEntryError, 422),
     (BundleError, 422),
     (ImportFailed, 409),
+    (MigrationCancelled, 409),
     (StoreExpired, 410),
     (UsageError, 400),
     (NamespaceNotFound, 503),
@@ -46,7 +56,7 @@ _STATUS: tuple[tuple[type[XferError], int], ...] = (
 # Errors a client re-raises as themselves, so a refusal reads the same end to end.
 _REBUILD: dict[str, type[XferError]] = {
     "AuthError": AuthError, "ForeignEntryError": ForeignEntryError, "BundleError": BundleError,
-    "StoreExpired": StoreExpired,
+    "StoreExpired": StoreExpired, "MigrationCancelled": MigrationCancelled,
 }
 
 

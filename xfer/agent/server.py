@@ -46,6 +46,8 @@ from xfer.agent.protocol import (
     API,
     BUNDLE_TYPE,
     COMPRESSION_HEADER,
+    MIGRATION,
+    MIGRATION_HEADER,
     compress,
     decompress,
     error_body,
@@ -222,6 +224,9 @@ class AgentServer:
         op = request.path.rsplit("/", 1)[-1] or "root"
         peer = tls.peer_name(request.transport.get_extra_info("peercert") if request.transport else None)
         error, status = "", 500
+        # This request's task only (aiohttp runs each in its own): the service and the
+        # requests it makes to peers see the migration the work belongs to.
+        MIGRATION.set(request.headers.get(MIGRATION_HEADER, "")[:128])
         try:
             if self.config.allowed_peers and peer not in self.config.allowed_peers:
                 raise AuthError(f"peer {peer or '(no name)'} is not among this agent's allowed peers")

@@ -32,10 +32,11 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from xfer.agent.protocol import MIGRATION
 from xfer.errors import AgentError, StoreExpired, UsageError, XferError
 from xfer.manager import modes
 from xfer.manager.journal import Journal, Migration
@@ -253,7 +254,8 @@ class Migrator:
         ident = VmIdentity.from_dict(pending.vm_identity)
         step = self._stepper(pending.id)
         if pending.state == "committed":
-            await self._rollback(plan, ident, step, _all_destinations(plan))
+            with self._naming(pending.id):
+                await self._rollback(plan, ident, step, _all_destinations(plan))
         self.store.drop(pending.id)
         self.journal.finish(pending.id, "aborted", "aborted by request")
         return {"ok": True, "vm": vm, "aborted": True, "was": pending.state, "migration": pending.id}
@@ -275,6 +277,8 @@ class Migrator:
             raise UsageError("nothing to move: " + ("; ".join(plan.missing.values()) or "no kinds"))
         mid = self.journal.begin(msg.vm, ident.to_dict(), msg.source, msg.destination, mode,
                                  plan.to_dict(), budget_ms)
+        # This migration's task (and the tasks it starts) name it in every agent request.
+        MIGRATION.set(self.journal.token(mid))
         return ident, plan, mid
 
     async def _move(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
@@ -357,6 +361,7 @@ class Migrator:
         await self._after(entry)
         stored, plan = self._stored_for(entry.msg)
         mid, ident, step = stored.id, VmIdentity.from_dict(stored.vm_identity), self._stepper(stored.id)
+        MIGRATION.set(self.journal.token(mid))
         try:
             outcome = await self._guarded(mid, plan, ident, step, move(mid, plan, ident, step), entry.msg.vm)
         finally:
@@ -412,7 +417,7 @@ class Migrator:
     def _open_round(self, entry: Entry, mid: int, direction: str, ident: VmIdentity,
                     expected: dict[Key, tuple[Kind, ...]]) -> Round:
         """Await reports from the devices, and let them learn their part (``role``)."""
-        rnd = Round(mid, direction, ident, expected)
+        rnd = Round(mid, direction, ident, expected, self.journal.token(mid))
         self.rounds[mid] = rnd
         entry.round = rnd
         entry.ready.set()
@@ -526,23 +531,25 @@ class Migrator:
                 self.journal.finish(m.id, "failed", f"cannot recover: {exc}")
                 done.append({"migration": m.id, "vm": m.vm, "action": "failed", "error": str(exc)})
                 continue
-            ident = VmIdentity.from_dict(m.vm_identity)
-            step = self._stepper(m.id)
-            if m.state == "committed":
-                if self.settings.cleanup == "delete":
-                    await self._cleanup(m.id, plan, ident)
-                else:
-                    self.journal.finish(m.id, "committed")
-                action = "finished cleanup"
-            elif m.state == "stored" and self.store.devices(m.id):
-                action = "kept stored bundles"
-            else:
-                errors = await self._rollback(plan, ident, step, _all_destinations(plan))
-                self.store.drop(m.id)
-                self.journal.finish(m.id, "rolled-back", "; ".join(["manager restarted", *errors]))
-                action = "rolled back"
+            with self._naming(m.id):
+                action = await self._recover_one(m, plan)
             done.append({"migration": m.id, "vm": m.vm, "was": m.state, "action": action})
         return done
+
+    async def _recover_one(self, m: Migration, plan: Plan) -> str:
+        ident = VmIdentity.from_dict(m.vm_identity)
+        if m.state == "committed":
+            if self.settings.cleanup == "delete":
+                await self._cleanup(m.id, plan, ident)
+            else:
+                self.journal.finish(m.id, "committed")
+            return "finished cleanup"
+        if m.state == "stored" and self.store.devices(m.id):
+            return "kept stored bundles"
+        errors = await self._rollback(plan, ident, self._stepper(m.id), _all_destinations(plan))
+        self.store.drop(m.id)
+        self.journal.finish(m.id, "rolled-back", "; ".join(["manager restarted", *errors]))
+        return "rolled back"
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -559,6 +566,15 @@ class Migrator:
             except KeyError as exc:
                 raise UsageError(f"device {exc} of migration {m.id} is no longer in the topology") from None
         return plan
+
+    @contextlib.contextmanager
+    def _naming(self, mid: int) -> Iterator[None]:
+        """Agent requests made meanwhile, from this task, name migration ``mid``."""
+        token = MIGRATION.set(self.journal.token(mid))
+        try:
+            yield
+        finally:
+            MIGRATION.reset(token)
 
     def _stepper(self, mid: int) -> modes.Step:
         journal = self.journal

@@ -35,15 +35,19 @@ Key = tuple[str, str]   # (source device, destination device or "")
 class Round:
     """The reports one device-driven half of a migration waits for (see the module docstring)."""
 
-    def __init__(self, migration: int, direction: str, vm: VmIdentity, expected: dict[Key, tuple[Kind, ...]]):
-        self.migration, self.direction, self.vm = migration, direction, vm
+    def __init__(self, migration: int, direction: str, vm: VmIdentity, expected: dict[Key, tuple[Kind, ...]],
+                 token: str = ""):
+        # token: the migration's name in agent requests (protocol.MIGRATION): the agent's own
+        # import carries it, so the manager's rollback refuses it if it comes late.
+        self.migration, self.direction, self.vm, self.token = migration, direction, vm, token
         self.kinds = dict(expected)
         loop = asyncio.get_running_loop()
         self.waiting: dict[Key, asyncio.Future[dict[str, Any]]] = {k: loop.create_future() for k in expected}
 
     def role_of(self, device: str) -> dict[str, Any]:
         """What ``device`` has to do in this round (the agent's ``role`` answer)."""
-        head = {"migration": self.migration, "vm": vm_spec(self.vm), "direction": self.direction}
+        head = {"migration": self.migration, "token": self.token, "vm": vm_spec(self.vm),
+                "direction": self.direction}
         if self.direction == "out":
             key = (device, "")
             if key not in self.kinds:
