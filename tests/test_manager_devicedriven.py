@@ -240,11 +240,22 @@ def test_an_expired_stored_bundle_is_a_clear_error_and_nothing_is_imported(tmp_p
 
 def test_abort_stops_waiting_for_the_devices_at_once(tmp_path: Path) -> None:
     async def scenario(env: Lab) -> None:
+        abort = {"vm": "vm1", "indication": "abort"}
+        # While waiting for the deposit (the source never acts): nothing stored, source untouched.
+        out = env.heard({**OUT, "id": "first"})   # its own id: the "out" below is a new message
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        assert (await env.server.handle(abort, "http"))["aborted"] and time.monotonic() - started < 2
+        with pytest.raises(MigrationFailed, match="was aborted; nothing stored"):
+            await out
+        first = env.server.migrator.journal.recent(1)[0]
+        assert first.outcome == "aborted" and env.server.migrator.store.devices(first.id) == set()
+        # While waiting for the destinations' imports: every destination rolled back.
         mid = await env.stored()
         into = env.heard(IN)                     # the destinations never act
         await asyncio.sleep(0.1)
         started = time.monotonic()
-        answer = await env.server.handle({"vm": "vm1", "indication": "abort"}, "http")
+        answer = await env.server.handle(abort, "http")
         assert answer["aborted"] and time.monotonic() - started < 2
         with pytest.raises(MigrationFailed, match="aborted"):
             await into

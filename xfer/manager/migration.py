@@ -327,7 +327,8 @@ class Migrator:
                 raise _Aborted("aborted by request")
         except BaseException as exc:
             self.store.drop(mid)
-            aborted = isinstance(exc, asyncio.CancelledError | _Aborted)
+            # An abort also shows as the devices' reports failing with its reason.
+            aborted = isinstance(exc, asyncio.CancelledError | _Aborted) or msg.vm in self._aborting
             self.journal.finish(mid, "aborted" if aborted else "failed", str(exc) or "aborted")
             if not isinstance(exc, XferError) or isinstance(exc, asyncio.CancelledError):
                 raise
