@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS migrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     vm TEXT NOT NULL, vm_identity TEXT NOT NULL, source TEXT NOT NULL, destination TEXT NOT NULL,
     mode TEXT NOT NULL, plan TEXT NOT NULL, budget_ms REAL NOT NULL,
-    state TEXT NOT NULL,            -- started | transferred | committed | cleaned | rolled-back | failed
+    state TEXT NOT NULL,            -- started | stored | committed, then the outcome
     started REAL NOT NULL, ended REAL, outcome TEXT, error TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
