@@ -20,15 +20,18 @@ from xfer.lab.traffic import Peer, conversation_continues
 needs_all_kinds = pytest.mark.skipif(
     not (kind_available("xfer.ebpf.counters_device") and kind_available("xfer.dhcpsnoop.device")),
     reason="counters or DHCP snooping are not in this build")
-TRANSFER_PHASES = ("export", "import", "push", "pull")
+# Device operations that move state (the device-driven variant's deposit and collect included).
+TRANSFER_PHASES = ("export", "import", "push", "pull", "deposit", "collect")
 
 
-def running_lab(monkeypatch: pytest.MonkeyPatch) -> Iterator[ManagerLab]:
-    """The body of each test module's ``lab`` fixture: the lab up, agents and manager running."""
+def running_lab(monkeypatch: pytest.MonkeyPatch, **options: Any) -> Iterator[ManagerLab]:
+    """The body of each test module's ``lab`` fixture: the lab up, agents and manager running.
+
+    ``options``: the manager's ``store_ttl_s`` and ``device_timeout_s``."""
     with tempfile.TemporaryDirectory(prefix="xfer-manager-") as tmp:
         # Snooping databases in the temp dir (agents inherit the environment).
         monkeypatch.setenv("XFER_DHCP_STATE_DIR", str(Path(tmp) / "dhcp"))
-        with ManagerLab(f"m{os.getpid() % 10000}", Path(tmp)) as lab:
+        with ManagerLab(f"m{os.getpid() % 10000}", Path(tmp), **options) as lab:
             lab.up()
             lab.start_agents()
             lab.start_manager()

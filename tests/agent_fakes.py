@@ -43,10 +43,13 @@ class FakeTransfer:
     forgotten: list[tuple[VmIdentity, tuple[Kind, ...]]] = field(default_factory=list)
     exported: list[tuple[VmIdentity, tuple[Kind, ...]]] = field(default_factory=list)
     on_import: Any = None
+    on_export: Any = None
     options: list[Any] = field(default_factory=list)
 
     def export_bundle(self, vm: VmIdentity, kinds: Sequence[Kind], namespace: str | None = None, *,
                       device: str | None = None, options: Any = None) -> Bundle:
+        if self.on_export:
+            self.on_export()
         self.exported.append((vm, tuple(kinds)))
         return make_bundle(vm, kinds)
 

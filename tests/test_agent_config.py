@@ -73,6 +73,17 @@ def test_defaults() -> None:
     assert cfg.bundle_key_file is None
 
 
+def test_manager_section_for_the_device_driven_variant() -> None:
+    up = {"url": "https://10.0.4.9:8700", "group": "239.7.7.7:8702", "interface": "10.0.4.1"}
+    cfg = parse(_raw(manager=up))
+    assert cfg.manager is not None
+    assert (cfg.manager.url, cfg.manager.group, cfg.manager.interface) == (
+        "https://10.0.4.9:8700", ("239.7.7.7", 8702), "10.0.4.1")
+    assert cfg.manager.device == "d", "the topology id defaults to device.id"
+    assert parse(_raw(manager={**up, "device": "fw-a"})).manager.device == "fw-a"  # type: ignore[union-attr]
+    assert parse(_raw()).manager is None
+
+
 def test_ipv6_listen_url() -> None:
     assert parse(_raw(listen={"address": "fd00:4::1"})).url == "https://[fd00:4::1]:7443"
 
@@ -90,6 +101,19 @@ def test_ipv6_listen_url() -> None:
     (_raw(device={"kinds": ["counters"]}), "counters.interfaces is empty"),
     (_raw(device={"kinds": ["dhcp"]}, dhcp={"trusted": "up0"}), "dhcp.trusted/untrusted"),
     ({**_raw(), "extra": {}}, "unknown section(s) extra"),
+    (_raw(manager={"group": "239.7.7.7:8702", "interface": "10.0.4.1"}), "manager.url is required"),
+    (_raw(manager={"url": "http://10.0.4.9:8700", "group": "239.7.7.7:8702", "interface": "10.0.4.1"}),
+     "manager.url: agent URL 'http://10.0.4.9:8700' must look like https://HOST:PORT"),
+    (_raw(manager={"url": "https://10.0.4.9:8700", "group": "10.0.4.9:8702", "interface": "10.0.4.1"}),
+     "'10.0.4.9' is not an IPv4 multicast address"),
+    (_raw(manager={"url": "https://10.0.4.9:8700", "group": "239.7.7.7", "interface": "10.0.4.1"}),
+     "manager.group must be ADDRESS:PORT"),
+    (_raw(manager={"url": "https://10.0.4.9:8700", "group": "239.7.7.7:8702"}),
+     "manager.interface is required"),
+    (_raw(manager={"url": "https://10.0.4.9:8700", "group": "239.7.7.7:8702", "interface": "ag0"}),
+     "manager.interface 'ag0' is not an IP address"),
+    (_raw(manager={"url": "https://m:1", "group": "239.7.7.7:1", "interface": "10.0.4.1", "grp": 1}),
+     "unknown key(s) in [manager]: grp"),
     ({**_raw(), "device": "fw"}, "[device] must be a table"),
 ])
 def test_defects_are_named(raw: dict[str, Any], message: str) -> None:

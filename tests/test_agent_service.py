@@ -4,6 +4,7 @@ undo of a half-refused multi-kind import, push/pull that never delete at the sou
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import pytest
 from tests.agent_fakes import OTHER_VM, VM, FakePeers, FakeTransfer, bundle_bytes, config
 from xfer import bundle as bundle_mod
 from xfer.agent.journal import Journal
+from xfer.agent.protocol import MIGRATION
 from xfer.agent.service import AgentService, Trace
-from xfer.errors import AuthError, BundleError, ForeignEntryError, UsageError
+from xfer.errors import AuthError, BundleError, ForeignEntryError, MigrationCancelled, UsageError
 from xfer.model import Kind
 
 KEY = b"k" * 32
@@ -161,3 +163,29 @@ def test_capabilities(tmp_path: Path) -> None:
     caps = svc.capabilities()
     assert caps["device"] == "dev" and caps["kinds"] == ["conntrack"]
     assert caps["operations"] == ["export", "import", "forget", "push", "pull"]
+
+
+def test_after_a_migrations_state_is_forgotten_its_late_imports_are_refused(tmp_path: Path) -> None:
+    """A rollback reaches work still on its way: the forget of migration m7 refuses m7's imports
+    queued or sent after it, and no other migration's."""
+    svc, fake = _service(tmp_path)
+
+    async def scenario() -> None:
+        MIGRATION.set("j1-7")
+        # An import of m7 under way when the forget comes finishes first; the forget then undoes it.
+        fake.on_import = lambda kind: time.sleep(0.2)
+        under_way = asyncio.ensure_future(svc.import_(bundle_bytes(), VM, None, Trace()))
+        await asyncio.sleep(0.05)
+        await svc.forget(VM, [Kind.CONNTRACK], Trace())
+        assert (await under_way).kinds and fake.imported == [Kind.CONNTRACK]
+        fake.on_import = None
+        with pytest.raises(MigrationCancelled, match="migration j1-7 was rolled back on device dev"):
+            await svc.import_(bundle_bytes(), VM, None, Trace())
+        with pytest.raises(MigrationCancelled):
+            await svc.pull(VM, [Kind.CONNTRACK], "https://10.0.4.1:7443", Trace())
+        MIGRATION.set("j1-8")
+        await svc.import_(bundle_bytes(), VM, None, Trace())
+
+    asyncio.run(scenario())
+    assert fake.imported == [Kind.CONNTRACK, Kind.CONNTRACK]
+    assert len(fake.forgotten) == 1

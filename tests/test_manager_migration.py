@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.manager_fakes import URL, FakeDevices, topo
+from tests.manager_fakes import TOPOLOGY, URL, FakeDevices, topo
 from xfer.errors import UsageError
+from xfer.manager import topology
 from xfer.manager.journal import Journal
 from xfer.manager.messages import Message, parse
 from xfer.manager.migration import MigrationFailed, Migrator, Settings
@@ -181,10 +183,16 @@ def test_message_parsing_refuses_bad_input() -> None:
     good = {"vm": "vm1", "indication": "not-running", "direction": "out", "source": "a", "destination": "b"}
     assert parse(good).mode is None
     for bad, why in [({**good, "indication": "paused"}, "indication"), ({**good, "mode": "x"}, "mode"),
-                     ({**good, "destination": ""}, "destination"), ({**good, "kinds": ["nope"]}, "nope"),
+                     ({**good, "destination": "", "mode": "push"}, "only deposit into the store"),
+                     ({**good, "source": ""}, "must name its source"),
+                     ({**good, "direction": "in", "destination": ""}, "must name its destination"),
+                     ({**good, "kinds": ["nope"]}, "nope"), ({**good, "id": "a b"}, "id must be"),
                      ({**good, "vm": ""}, "no vm"), ([], "JSON object")]:
         with pytest.raises(UsageError, match=why):
             parse(bad)
+    # A libvirt source does not know the destination; the destination's "in" may not know the source.
+    assert parse({**good, "destination": ""}).destination == ""
+    assert parse({**good, "direction": "in", "source": ""}).source == ""
 
 
 def test_budget_overrun_is_reported(env) -> None:
@@ -215,3 +223,41 @@ def test_abort_during_cleanup_is_refused_and_after_age_out_commit_rolls_back(env
     assert journal.recent(1)[0].outcome == "aborted"
     with pytest.raises(UsageError, match="no migration of VM vm1 to abort"):
         asyncio.run(aged.abort("vm1"))
+
+
+def test_the_report_names_other_source_holders_that_were_not_moved(env) -> None:
+    devices, journal, store, _ = env
+    raw = json.loads(json.dumps(TOPOLOGY))
+    raw["devices"]["rt-a"] = {"type": "router", "kinds": ["conntrack"], "agent": "https://10.0.4.9:7443"}
+    m = Migrator(topology.parse(raw), devices, journal, store, Settings())
+    report = asyncio.run(run(m, out("relay")))
+    assert report["also_held_by"] == {"conntrack": ["rt-a"]}
+    # Only the nearest holder gave and was cleaned; the router was not touched.
+    assert not [c for c in devices.calls if c[1] == "https://10.0.4.9:7443"]
+    assert journal.recent(1)[0].plan["routes"][0]["also_held_by"] == ["rt-a"]
+
+
+def test_an_out_without_destination_is_stored_and_the_destinations_in_completes_it(env) -> None:
+    """libvirt: the source does not know where the VM goes; the destination's "in" names itself."""
+    devices, journal, *_ = env
+    m = migrator(env)           # default mode relay: without a destination only the store can take it
+    stored = asyncio.run(run(m, Message("vm1", "not-running", "out", "hv1", "", None, None)))
+    assert stored["state"] == "stored" and stored["destination"] == ""
+    assert devices.ops("import") == []
+    assert journal.get(stored["migration"]).plan["routes"][0]["destinations"] == []
+    with pytest.raises(UsageError, match="came from hv1, not hv3"):
+        asyncio.run(run(m, Message("vm1", "starting", "in", "hv3", "hv2")))
+    report = asyncio.run(run(m, Message("vm1", "starting", "in", "", "hv2")))
+    assert report["state"] == "committed" and report["destination"] == "hv2"
+    assert devices.has("fw-b", Kind.CONNTRACK) and devices.has("sw-b", Kind.DHCP)
+    assert not devices.has("fw-a", Kind.CONNTRACK), "not cleaned after commit"
+    assert journal.get(stored["migration"]).destination == "hv2"
+
+
+def test_an_in_for_another_destination_than_announced_is_refused(env) -> None:
+    devices, *_ = env
+    m = migrator(env)
+    asyncio.run(run(m, out("store")))
+    with pytest.raises(UsageError, match="announced to hv2, not hv3"):
+        asyncio.run(run(m, Message("vm1", "starting", "in", "hv1", "hv3")))
+    assert devices.ops("import") == []

@@ -40,8 +40,9 @@ def _setup(tmp_path: Path) -> tuple[ManagerConfig, Any]:
     return cfg, tls.client_context(p / "ca.pem", p / "hv1.pem", p / "hv1.key")
 
 
-def msg(direction: str = "out", mode: str | None = None, indication: str = "not-running") -> MigrationMessage:
-    return MigrationMessage("vm1", indication, direction, "hv1", "hv2", None, mode)
+def msg(direction: str = "out", mode: str | None = None, indication: str = "not-running",
+        ident: str | None = None) -> MigrationMessage:
+    return MigrationMessage("vm1", indication, direction, "hv1", "hv2", None, mode, ident)
 
 
 def test_the_hooks_client_moves_state_and_the_journal_lists_it(tmp_path: Path) -> None:
@@ -113,12 +114,18 @@ def test_udp_store_out_then_in_and_the_hooks_abort(tmp_path: Path) -> None:
             assert got and got["state"] == "committed"
             await server.migrator.wait_background()
             assert devices.has("fw-b", Kind.CONNTRACK) and not devices.has("fw-a", Kind.CONNTRACK)
-            # A second "out" deposit, then the hook cancels the migration: its abort drops it.
+            # The same datagrams again (no id: same content, within the window) change nothing.
+            calls = len(devices.calls)
+            again = await asyncio.to_thread(client.send_udp, addr, msg("in", "store", "starting"))
+            assert again["duplicate"] and again["migration"] == got["migration"]
+            assert len(devices.calls) == calls
+            # A new "out" (its own id) deposits, then the hook cancels the migration: its abort drops it.
             devices.put("fw-a", ALL)
-            assert (await asyncio.to_thread(client.send_udp, addr, msg(mode="store")))["state"] == "stored"
+            second = await asyncio.to_thread(client.send_udp, addr, msg(mode="store", ident="m2-out"))
+            assert second["state"] == "stored" and second["migration"] != out["migration"]
             await hook.tell_abort(hook.HookOptions("vm1", server.url, "hv1", "hv2", ssl_context=ctx))
             with pytest.raises(MigrationMessageError, match="no stored bundles"):
-                await asyncio.to_thread(client.send_udp, addr, msg("in", "store", "starting"))
+                await asyncio.to_thread(client.send_udp, addr, msg("in", "store", "starting", "m2-in"))
 
     asyncio.run(scenario())
     assert all(devices.has("fw-a", k) for k in ALL)

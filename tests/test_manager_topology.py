@@ -47,6 +47,31 @@ def test_a_kind_without_holder_on_one_side_is_reported_not_dropped() -> None:
     assert "hv3's uplink path" in back.missing[Kind.DHCP]
 
 
+def test_a_kind_held_by_several_source_devices_names_the_others() -> None:
+    raw = _raw()
+    raw["devices"]["rt-a"] = {"type": "router", "kinds": ["conntrack"], "agent": "https://10.0.4.9:7443"}
+    p = plan.select(topology.parse(raw), "hv1", "hv2")
+    ct = next(r for r in p.routes if r.kind is Kind.CONNTRACK)
+    # The nearest holder gives; the router's copy is reported, not moved and not silently ignored.
+    assert ct.source.id == "fw-a" and [d.id for d in ct.also_held_by] == ["rt-a"]
+    assert {k: [d.id for d in v] for k, v in p.also_held_by().items()} == {Kind.CONNTRACK: ["rt-a"]}
+    assert p.to_dict()["routes"][0]["also_held_by"] == ["rt-a"]
+    assert "also_held_by" not in p.to_dict()["routes"][1]
+
+
+def test_a_plan_without_destination_is_resolved_when_the_destination_announces_itself() -> None:
+    t = topo()
+    half = plan.select(t, "hv1", "")
+    assert half.destination == "" and half.kinds() == (Kind.CONNTRACK, Kind.DHCP, Kind.COUNTERS)
+    assert all(r.destinations == () for r in half.routes) and half.missing == {}
+    assert plan.resolve(half, t, "hv2").pairs() == plan.select(t, "hv1", "hv2").pairs()
+    # hv3 has no switch or counter: those kinds are reported as lost, conntrack still moves.
+    to3 = plan.resolve(half, t, "hv3")
+    assert to3.kinds() == (Kind.CONNTRACK,) and "lost" in to3.missing[Kind.DHCP]
+    with pytest.raises(TopologyError, match="same server"):
+        plan.resolve(half, t, "hv1")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda r: r["devices"]["fw-a"].update(type="toaster"), "type 'toaster'"),
     (lambda r: r["devices"]["fw-a"].update(kinds=["conntrack", "bogus"]), "unknown kind 'bogus'"),

@@ -53,6 +53,11 @@ def test_optional_keys_are_left_out() -> None:
         "vm": "vm1", "indication": "starting", "direction": "in", "source": "a", "destination": "b"}
 
 
+def test_a_source_that_does_not_know_the_destination_sends_only_out() -> None:
+    assert [m.direction for m in messages_for("vm1", "hv1", "", mode="store")] == ["out"]
+    assert MigrationMessage("vm1", "starting", "in", "a", "b", id="x1").to_json()["id"] == "x1"
+
+
 def test_a_refusal_is_an_error_with_the_managers_reason() -> None:
     with pytest.raises(MigrationMessageError, match="answered 500: stand-in manager told to fail"):
         send(StubManager(fail_status=500))

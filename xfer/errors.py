@@ -58,6 +58,14 @@ class ImportFailed(XferError):
         super().__init__(message)
 
 
+class MigrationCancelled(XferError):
+    """The migration a request belongs to was rolled back meanwhile: nothing was done."""
+
+
+class StoreExpired(XferError):
+    """A bundle in the manager's store expired before the destination collected it."""
+
+
 class AuthError(XferError):
     """A peer failed authentication or a signature did not verify."""
 

@@ -1,4 +1,4 @@
-"""The agent client: the CLI's verbs, an agent's push and pull, and (later) the manager.
+"""The agent client: the CLI's verbs, an agent's push and pull, the manager's requests.
 
 One ``aiohttp`` session per client, so repeated requests to an agent reuse their
 TLS connection (a fresh handshake costs a few milliseconds of the pause window).
@@ -25,6 +25,8 @@ from xfer.agent.protocol import (
     API,
     BUNDLE_TYPE,
     COMPRESSION_HEADER,
+    MIGRATION,
+    MIGRATION_HEADER,
     check_agent_url,
     compress,
     decompress,
@@ -95,16 +97,21 @@ class AgentClient:
             await self._session.close()
             self._session = None
 
-    async def _request(self, method: str, url: str, path: str, *, json_body: Any = None,
+    async def request(self, method: str, url: str, path: str, *, json_body: Any = None,
                        data: bytes | None = None, params: dict[str, str] | None = None,
                        want_bytes: bool = False) -> Any:
+        """One request to ``url`` + /v1 + ``path`` over mutual TLS: JSON in, JSON (or, with
+        ``want_bytes``, an inflated bundle) out; bundle bodies (``data``) travel compressed.
+        Agents and the manager speak this way; non-200 answers raise their error."""
         base = check_agent_url(url)
         await self.start()
         assert self._session is not None
-        headers: dict[str, str] | None = None
+        headers: dict[str, str] = {}
         if data is not None:
             data, headers = compress(data)
             headers["Content-Type"] = BUNDLE_TYPE
+        if MIGRATION.get():
+            headers[MIGRATION_HEADER] = MIGRATION.get()
         try:
             async with self._session.request(method, f"{base}{API}{path}", json=json_body, data=data,
                                              params=params, headers=headers) as resp:
@@ -137,17 +144,17 @@ class AgentClient:
 
     async def health(self, url: str) -> dict[str, Any]:
         """The agent's device, type, kinds and operations."""
-        result: dict[str, Any] = await self._request("GET", url, "/health")
+        result: dict[str, Any] = await self.request("GET", url, "/health")
         return result
 
     async def status(self, url: str) -> dict[str, Any]:
         """Capabilities plus per-kind counts and unfinished imports."""
-        result: dict[str, Any] = await self._request("GET", url, "/status")
+        result: dict[str, Any] = await self.request("GET", url, "/status")
         return result
 
     async def export(self, url: str, vm: VmIdentity, kinds: Sequence[Kind]) -> bytes:
         """Bundle bytes of the VM's state of ``kinds`` on that agent's device."""
-        result: bytes = await self._request("POST", url, "/export", want_bytes=True,
+        result: bytes = await self.request("POST", url, "/export", want_bytes=True,
                                             json_body={"vm": vm_spec(vm), "kinds": kinds_text(kinds)})
         return result
 
@@ -157,24 +164,24 @@ class AgentClient:
         params = {"vm": vm_spec(vm)}
         if kinds:
             params["kinds"] = kinds_text(kinds)
-        result: dict[str, Any] = await self._request("POST", url, "/import", data=data, params=params)
+        result: dict[str, Any] = await self.request("POST", url, "/import", data=data, params=params)
         return result
 
     async def forget(self, url: str, vm: VmIdentity, kinds: Sequence[Kind]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._request(
+        result: dict[str, Any] = await self.request(
             "POST", url, "/forget", json_body={"vm": vm_spec(vm), "kinds": kinds_text(kinds)})
         return result
 
     async def push(self, url: str, vm: VmIdentity, kinds: Sequence[Kind], destination: str) -> dict[str, Any]:
         """Ask the agent at ``url`` to send the VM's state straight to ``destination``."""
-        result: dict[str, Any] = await self._request(
+        result: dict[str, Any] = await self.request(
             "POST", url, "/push", json_body={"vm": vm_spec(vm), "kinds": kinds_text(kinds),
                                              "destination": destination})
         return result
 
     async def pull(self, url: str, vm: VmIdentity, kinds: Sequence[Kind], source: str) -> dict[str, Any]:
         """Ask the agent at ``url`` to fetch the VM's state straight from ``source``."""
-        result: dict[str, Any] = await self._request(
+        result: dict[str, Any] = await self.request(
             "POST", url, "/pull", json_body={"vm": vm_spec(vm), "kinds": kinds_text(kinds),
                                              "source": source})
         return result

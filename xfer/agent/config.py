@@ -32,6 +32,12 @@ Example (``/etc/xfer/agent.toml``)::
     [dhcp]
     trusted = "up0"                 # attached when the device holds dhcp
     untrusted = ["vm0"]
+
+    [manager]                       # optional: the device-driven variant
+    url = "https://10.0.4.9:8700"   # the manager (mutual TLS, this agent's certificate)
+    group = "239.7.7.7:8702"        # the multicast group migration messages are sent to
+    interface = "10.0.4.1"          # address of the interface to join it on
+    device = "fw-src-1"             # this device's id in the manager's topology (default: device.id)
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from xfer import tomlfile
+from xfer.agent.protocol import check_agent_url
 from xfer.errors import UsageError
 from xfer.model import Kind, parse_kinds
 
@@ -59,6 +66,16 @@ class TlsFiles:
     cert: Path
     key: Path
     ca: Path
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """The manager this agent works with in the device-driven variant, and the group it joins."""
+
+    url: str
+    group: tuple[str, int]
+    interface: str
+    device: str
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class AgentConfig:
     counter_interfaces: tuple[str, ...] = ()
     dhcp_trusted: str | None = None
     dhcp_untrusted: tuple[str, ...] = ()
+    manager: UpstreamConfig | None = None
 
     @property
     def url(self) -> str:
@@ -102,7 +120,7 @@ def load(path: Path) -> AgentConfig:
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     """Build an AgentConfig from parsed TOML; relative paths are taken from ``base``."""
-    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp"}
+    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"agent config: unknown section(s) {', '.join(unknown)}")
@@ -161,7 +179,27 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         bundle_key_file=path_of(state, "bundle_key_file", "state.bundle_key_file", False),
         counter_interfaces=tuple(str(i) for i in interfaces),
         dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),
+        manager=_upstream(_table(raw, "manager"), device_id),
     )
+
+
+def _upstream(table: Mapping[str, Any], device_id: str) -> UpstreamConfig | None:
+    """The [manager] section: all of url, group and interface, or none of them."""
+    if not table:
+        return None
+    unknown = sorted(set(table) - {"url", "group", "interface", "device"})
+    if unknown:
+        raise UsageError(f"agent config: unknown key(s) in [manager]: {', '.join(unknown)}")
+    try:
+        url = check_agent_url(_str(table, "manager.url", required=True, key="url"))
+    except UsageError as exc:
+        raise UsageError(f"agent config: manager.url: {exc}") from None
+    group = _hostport(_str(table, "manager.group", required=True, key="group"), "manager.group")
+    if ipaddress.ip_address(group[0]).version != 4 or not ipaddress.ip_address(group[0]).is_multicast:
+        raise UsageError(f"agent config: manager.group {group[0]!r} is not an IPv4 multicast address")
+    interface = _str(table, "manager.interface", required=True, key="interface")
+    _check_ip(interface, "manager.interface")
+    return UpstreamConfig(url, group, interface, _str(table, "manager.device", key="device") or device_id)
 
 
 def _table(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:

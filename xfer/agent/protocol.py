@@ -9,6 +9,7 @@ addresses are what its import checks against.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,7 +19,9 @@ from xfer.errors import (
     BundleError,
     ForeignEntryError,
     ImportFailed,
+    MigrationCancelled,
     NamespaceNotFound,
+    StoreExpired,
     UsageError,
     XferError,
 )
@@ -30,6 +33,13 @@ BUNDLE_TYPE = "application/octet-stream"
 # inflate them on its own, without our size limit).
 COMPRESSION_HEADER = "Xfer-Compression"
 ZSTD = "zstd"
+# The migration that device work belongs to (the manager's token for it). The client sends
+# it with every request made while it is set; an agent sets it while handling a request
+# that carried it, so a push's or pull's own requests carry it on. An agent that has
+# forgotten a migration's state refuses later imports of that migration: a rollback then
+# reaches work still on its way (an import the manager gave up waiting for).
+MIGRATION_HEADER = "Xfer-Migration"
+MIGRATION: ContextVar[str] = ContextVar("xfer_migration", default="")
 
 # Most precise first: ForeignEntryError is a BundleError.
 _STATUS: tuple[tuple[type[XferError], int], ...] = (
@@ -37,6 +47,8 @@ _STATUS: tuple[tuple[type[XferError], int], ...] = (
     (ForeignEntryError, 422),
     (BundleError, 422),
     (ImportFailed, 409),
+    (MigrationCancelled, 409),
+    (StoreExpired, 410),
     (UsageError, 400),
     (NamespaceNotFound, 503),
     (AgentError, 502),
@@ -44,6 +56,7 @@ _STATUS: tuple[tuple[type[XferError], int], ...] = (
 # Errors a client re-raises as themselves, so a refusal reads the same end to end.
 _REBUILD: dict[str, type[XferError]] = {
     "AuthError": AuthError, "ForeignEntryError": ForeignEntryError, "BundleError": BundleError,
+    "StoreExpired": StoreExpired, "MigrationCancelled": MigrationCancelled,
 }
 
 
@@ -129,16 +142,10 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """
     if not encoding:
         return body
-    if encoding != ZSTD:
-        raise BundleError(f"unknown bundle compression {encoding!r}")
+    size = packed_size(body, encoding, limit)
     import zstandard
 
     try:
-        size = zstandard.frame_content_size(body)
-        if size < 0:
-            raise BundleError("compressed bundle does not declare its size; refused")
-        if size > limit:
-            raise BundleError(f"bundle is {size} bytes, over this device's limit of {limit}")
         inflater = zstandard.ZstdDecompressor().decompressobj()
         data = inflater.decompress(body)
     except zstandard.ZstdError as exc:
@@ -146,3 +153,24 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     if len(data) != size or not inflater.eof or inflater.unused_data:
         raise BundleError("compressed bundle is truncated or has trailing bytes")
     return data
+
+
+def packed_size(body: bytes, encoding: str | None, limit: int) -> int:
+    """The size a compressed bundle declares; BundleError unless it is zstd and within ``limit``.
+
+    >>> packed_size(compress(b"x" * 1000)[0], ZSTD, 4096)
+    1000
+    """
+    if encoding != ZSTD:
+        raise BundleError(f"unknown bundle compression {encoding!r}")
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(body)
+    except zstandard.ZstdError as exc:
+        raise BundleError(f"compressed bundle is corrupted: {exc}") from None
+    if size < 0:
+        raise BundleError("compressed bundle does not declare its size; refused")
+    if size > limit:
+        raise BundleError(f"bundle is {size} bytes, over this device's limit of {limit}")
+    return int(size)

@@ -11,6 +11,9 @@ Endpoints (under /v1; JSON unless said otherwise)::
     POST /pull    {vm, kinds, source}       export there, import here
     GET  /metrics                      Prometheus text (also on the optional plain listener)
 
+With a ``[manager]`` section the agent also joins the multicast group migration
+messages are sent to and acts on them itself (``devicedriven.py``).
+
     async with AgentServer(config) as server:   # binds, recovers the journal, serves
         await server.wait_stopped()
 """
@@ -37,11 +40,14 @@ from xfer.agent import device, tls
 from xfer.agent import status as status_mod
 from xfer.agent.client import AgentClient
 from xfer.agent.config import AgentConfig
+from xfer.agent.devicedriven import DeviceDriven, Heard
 from xfer.agent.metrics import CONTENT_TYPE, AgentMetrics
 from xfer.agent.protocol import (
     API,
     BUNDLE_TYPE,
     COMPRESSION_HEADER,
+    MIGRATION,
+    MIGRATION_HEADER,
     compress,
     decompress,
     error_body,
@@ -50,8 +56,10 @@ from xfer.agent.protocol import (
     status_of,
 )
 from xfer.agent.service import AgentService, Trace
+from xfer.agent.upstream import Upstream
 from xfer.errors import AuthError, BundleError, UsageError, XferError
 from xfer.model import Kind
+from xfer.udp import multicast_socket
 
 log = logging.getLogger("xfer.agent")
 
@@ -93,6 +101,8 @@ class AgentServer:
         self._runners: list[web.AppRunner] = []
         self._stopped = asyncio.Event()
         self._dhcp: device.DhcpKeeper | None = None
+        self._device_driven: DeviceDriven | None = None
+        self._group: asyncio.DatagramTransport | None = None
         self.port = config.port
 
     @property
@@ -113,10 +123,12 @@ class AgentServer:
         cfg = self.config
         try:
             server_ctx = tls.server_context(cfg.tls)
-            if self._service is None:
+            if self._service is None or cfg.manager:
+                # Other agents and the manager are reached with this agent's own certificate.
                 self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
                                            namespace=cfg.netns, max_bundle_bytes=cfg.max_bundle_bytes)
                 await self._client.start()
+            if self._service is None:
                 self._service = AgentService(cfg, peers=self._client,
                                              key=bundle_mod.load_key(cfg.bundle_key_file))
             attached = await asyncio.to_thread(device.bring_up, cfg)
@@ -147,11 +159,27 @@ class AgentServer:
                 plain = web.Application()
                 plain.add_routes([web.get("/metrics", self._metrics)])
                 await self._site(plain, bind_socket(*cfg.metrics, cfg.netns), None)
+            if cfg.manager:
+                await self._join_group()
         except BaseException:
             await self.stop()
             raise
         _emit({"event": "listening", "device": cfg.device_id, "url": self.url,
-               "kinds": [k.value for k in cfg.kinds], "netns": cfg.netns})
+               "kinds": [k.value for k in cfg.kinds], "netns": cfg.netns,
+               **({"group": "{}:{}".format(*cfg.manager.group), "manager": cfg.manager.url}
+                  if cfg.manager else {})})
+
+    async def _join_group(self) -> None:
+        """The device-driven variant: hear migration messages on the group, act on them."""
+        up = self.config.manager
+        assert up is not None and self._client is not None
+        acting = DeviceDriven(self.service, Upstream(self._client, up.url, up.device), _emit,
+                              self.metrics.observe)
+        self._device_driven = acting
+        sock = multicast_socket(*up.group, up.interface, self.config.netns)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: Heard(acting.heard), sock=sock)
+        self._group = transport
 
     async def _site(self, app: web.Application, sock: socket.socket, ctx: Any) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
@@ -166,6 +194,12 @@ class AgentServer:
 
     async def stop(self) -> None:
         """Stop listening, finish the requests under way, close the peer client."""
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+        if self._device_driven is not None:
+            await self._device_driven.stop()
+            self._device_driven = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -190,6 +224,9 @@ class AgentServer:
         op = request.path.rsplit("/", 1)[-1] or "root"
         peer = tls.peer_name(request.transport.get_extra_info("peercert") if request.transport else None)
         error, status = "", 500
+        # This request's task only (aiohttp runs each in its own): the service and the
+        # requests it makes to peers see the migration the work belongs to.
+        MIGRATION.set(request.headers.get(MIGRATION_HEADER, "")[:128])
         try:
             if self.config.allowed_peers and peer not in self.config.allowed_peers:
                 raise AuthError(f"peer {peer or '(no name)'} is not among this agent's allowed peers")

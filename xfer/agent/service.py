@@ -11,7 +11,11 @@ the event loop keeps answering. Rules (DESIGN.md, reliability and security):
   a later kind of a multi-kind import is refused, the kinds already committed by
   that request are forgotten again;
 - an import interrupted by the agent's death is rolled back at restart (journal);
-- the source never deletes on its own initiative: push and pull only copy.
+- the source never deletes on its own initiative: push and pull only copy;
+- once a migration's state was forgotten here (``protocol.MIGRATION`` names the
+  migration of the work under way), a later import of that migration is refused:
+  a rollback reaches imports still on their way. One under way when the forget
+  comes finishes first (the kernel lock), and the forget then undoes it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from typing import Any, Protocol
 from xfer import bundle as bundle_mod
 from xfer.agent.config import AgentConfig
 from xfer.agent.journal import Journal
-from xfer.agent.protocol import check_agent_url
+from xfer.agent.protocol import MIGRATION, check_agent_url
 from xfer.bundle import Bundle
-from xfer.errors import BundleError, ForeignEntryError, UsageError
+from xfer.errors import BundleError, ForeignEntryError, MigrationCancelled, UsageError
 from xfer.model import Kind, KindReport, VmIdentity
 from xfer.transfer import ImportReport, Options
+
+# How long a forgotten migration is remembered: far beyond any request's timeout.
+FORGOTTEN_MEMORY_S = 3600.0
 
 
 class TransferApi(Protocol):
@@ -103,6 +110,7 @@ class AgentService:
         # One import or forget at a time: the journal then names at most one
         # request under way, and two pushes of one VM cannot interleave.
         self._kernel_lock = asyncio.Lock()
+        self._forgotten: dict[str, float] = {}   # migration -> when its state was forgotten here
 
     # --- validation ------------------------------------------------------------------------
 
@@ -163,6 +171,8 @@ class AgentService:
             bundle, wanted = self.decode(data, vm, kinds)
         trace.about(vm, wanted)
         async with self._kernel_lock:
+            # Under the lock: a forget received before this import got it has been recorded.
+            self.check_live()
             with trace.phase("import"):
                 report = await asyncio.to_thread(self._import_journaled, bundle, vm, wanted)
         for kind, r in report.kinds.items():
@@ -199,12 +209,25 @@ class AgentService:
         """Delete the VM's state of ``kinds`` here (asked for once the destination committed)."""
         kinds = self.held(kinds)
         trace.about(vm, kinds)
+        migration = MIGRATION.get()
+        if migration:
+            # Before waiting for the lock: imports of this migration queued behind it are refused.
+            now = time.monotonic()
+            self._forgotten = {m: t for m, t in self._forgotten.items() if now - t < FORGOTTEN_MEMORY_S}
+            self._forgotten[migration] = now
         async with self._kernel_lock:
             with trace.phase("forget"):
                 reports = await asyncio.to_thread(self.transfer.forget, vm, kinds, self.config.netns)
         for kind, r in reports.items():
             trace.entries[kind.value] = r.deleted
         return reports
+
+    def check_live(self) -> None:
+        """Refuse work of a migration whose state was forgotten here since (rolled back)."""
+        migration = MIGRATION.get()
+        if migration and migration in self._forgotten:
+            raise MigrationCancelled(f"migration {migration} was rolled back on device "
+                                     f"{self.config.device_id}; nothing imported")
 
     def _peers(self) -> Peers:
         if self.peers is None:
@@ -217,6 +240,8 @@ class AgentService:
         destination = check_agent_url(destination)
         peers = self._peers()
         bundle, data = await self.export(vm, kinds, trace)
+        # The destination checks the migration too (the header travels on): a rollback
+        # there since the manager asked is not overtaken by this import.
         with trace.phase("send"):
             report = await peers.import_(destination, data, vm, tuple(bundle.sections))
         return {"destination": destination, "bundle": bundle.id, "bytes": len(data),
@@ -230,6 +255,7 @@ class AgentService:
         source = check_agent_url(source)
         kinds = self.held(kinds)
         peers = self._peers()
+        self.check_live()
         with trace.phase("fetch"):
             data = await peers.export(source, vm, kinds)
         return await self.import_(data, vm, kinds, trace)

@@ -11,6 +11,10 @@ a separate firewall and snooping switch), fills the source with the VM's
   relay, pull, push, store
                 migration message → the manager's answer, which it gives once every
                 destination device has committed (store: "out" then "in")
+  devices       the device-driven variant: "out" then "in" as datagrams to the multicast
+                group the agents and the manager join (sent from the manager's namespace);
+                the source agent deposits, the destination agents collect and report, the
+                manager answers "in" once both committed
 
 Contenders take turns at running first. Connections to the manager and agents are
 opened before each timed message (the hook does the same before the window). The
@@ -24,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -40,12 +46,14 @@ from xfer.bench.common import Echo, median, write_results
 from xfer.bench.conntrack import fill
 from xfer.hypervisor.notify import ManagerLink, messages_for
 from xfer.lab.agents import OPERATOR
-from xfer.lab.manager_lab import DESTINATION, SOURCE, VM_MAC, ManagerLab
+from xfer.lab.manager_lab import DESTINATION, MANAGER_IP, MCAST_GROUP, MCAST_PORT, SOURCE, VM_MAC, ManagerLab
 from xfer.lab.topology import GW_IP, VM_IP, VM_IP6
+from xfer.manager import messages
 from xfer.model import Kind, parse_vm
 
 MODES = ("relay", "pull", "push", "store")
-CONTENDERS = ("direct_push", *MODES)
+VARIANTS = (*MODES, "devices")    # "devices": store mode, device-driven (multicast)
+CONTENDERS = ("direct_push", *VARIANTS)
 TARGET_OVERHEAD_S = 0.020
 TARGET_TOTAL_1K_S = 0.050
 VM = parse_vm(f"{VM_IP},{VM_IP6},{VM_MAC}", {})
@@ -91,7 +99,7 @@ async def _rounds(lab: ManagerLab, flows: int, repeat: int, say: Echo) -> dict[s
     ctx = tls.client_context(pki / "ca.pem", pki / f"{OPERATOR}.pem", pki / f"{OPERATOR}.key")
     urls = {name: agent.url for name, agent in lab.agents.items()}
     runs: dict[str, list[float]] = {c: [] for c in CONTENDERS}
-    reports: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    reports: dict[str, list[dict[str, Any]]] = {m: [] for m in VARIANTS}
 
     async with AgentClient(ctx) as agents:
         async def direct_push() -> Callable[[], Awaitable[Any]]:
@@ -119,7 +127,36 @@ async def _rounds(lab: ManagerLab, flows: int, repeat: int, say: Echo) -> dict[s
                 return go
             return prepare
 
-        prepare = {"direct_push": direct_push, **{m: by_manager(m) for m in MODES}}
+        rounds = iter(range(1_000_000))
+
+        async def by_group() -> Callable[[], Awaitable[Any]]:
+            # Datagrams leave from the manager's address, as `xfer notify --udp GROUP` would;
+            # each round's messages have their own ids (copies of one message act once).
+            n = next(rounds)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((MANAGER_IP, 0))
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(MANAGER_IP))
+            sock.setblocking(False)
+            msgs = [m.to_json() | {"id": f"bench-{os.getpid()}-{n}-{m.direction}"}
+                    for m in messages_for("vm1", SOURCE, DESTINATION, None, "store")]
+
+            async def go() -> Any:
+                loop = asyncio.get_running_loop()
+                answers = []
+                try:
+                    for body in msgs:
+                        await loop.sock_sendto(sock, messages.encode(body), (MCAST_GROUP, MCAST_PORT))
+                        data, _ = await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), 30)
+                        answers.append(json.loads(data))
+                        if not answers[-1].get("ok"):
+                            raise RuntimeError(f"device-driven migration failed: {answers[-1].get('error')}")
+                finally:
+                    sock.close()
+                reports["devices"].append(answers[-1])
+                return answers
+            return go
+
+        prepare = {"direct_push": direct_push, **{m: by_manager(m) for m in MODES}, "devices": by_group}
         for n in range(repeat + 1):
             order = list(CONTENDERS[n % len(CONTENDERS):] + CONTENDERS[:n % len(CONTENDERS)])
             times: dict[str, float] = {}
@@ -178,7 +215,7 @@ def run(flow_counts: tuple[int, ...] = (1000, 20000), repeat: int = 5,
             with xnetns.entered(lab.ns["mg"]):
                 figures = asyncio.run(_rounds(lab, flows, repeat, say))
         runs = figures["runs"]
-        scenarios = {m: _scenario(runs, m, flows) for m in MODES}
+        scenarios = {m: _scenario(runs, m, flows) for m in VARIANTS}
         by_flows[str(flows)] = {
             "flows": flows, "direct_push_s": median(runs["direct_push"]), "scenarios": scenarios,
             "manager_phases_ms": {m: _phase_medians(r) for m, r in figures["reports"].items()},

@@ -46,6 +46,9 @@ class MigrationMessage:
     destination: str
     kinds: tuple[str, ...] | None = None
     mode: str | None = None
+    # Optional: copies of one message carry the same id, so the manager acts on it once
+    # (a datagram may arrive twice, and a sender may resend when no answer came).
+    id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
@@ -53,8 +56,9 @@ class MigrationMessage:
             del body["kinds"]
         else:
             body["kinds"] = list(self.kinds)
-        if self.mode is None:
-            del body["mode"]
+        for key in ("mode", "id"):
+            if body[key] is None:
+                del body[key]
         return body
 
 
@@ -64,7 +68,9 @@ def messages_for(vm: str, source: str, destination: str, kinds: tuple[str, ...] 
 
     "out" always; "in" as well in ``store`` mode, where the destination devices
     collect only on "in" and must have done so before the guest resumes (with a
-    hook that owns the window nobody else can send "in" in time).
+    hook that owns the window nobody else can send "in" in time). A source that
+    does not know the destination sends "out" only: the manager keeps the state
+    in its store until the destination server sends "in" naming itself.
 
     >>> [m.direction for m in messages_for("vm1", "hv1", "hv2", mode="store")]
     ['out', 'in']
@@ -72,7 +78,7 @@ def messages_for(vm: str, source: str, destination: str, kinds: tuple[str, ...] 
     if mode not in (None, "relay", "pull", "push", "store"):
         raise UsageError(f"unknown mode {mode!r} (relay, pull, push, store)")
     out = [MigrationMessage(vm, "not-running", "out", source, destination, kinds, mode)]
-    if mode == "store":
+    if mode == "store" and destination:
         out.append(MigrationMessage(vm, "starting", "in", source, destination, kinds, mode))
     return out
 

@@ -9,7 +9,8 @@ snooping switch and firewall at the destination, agents and the manager as proce
                       (bridge, DHCP snooping)   (firewall, counters)
 
     management        ag0 in fwsrc (10.0.4.1), fwdst (.2), swdst (.3) ── bridge in [mg],
-                      where the manager listens (10.0.4.9)
+                      where the manager listens (10.0.4.9); the agents and the manager join
+                      the multicast group 239.7.7.7:8702 there (the device-driven variant)
 
 The VM has two interfaces with one MAC; ``move_vm`` takes eth0 down and brings
 eth1 up with the VM's addresses (its sockets stay), and points the server at the
@@ -72,10 +73,12 @@ vms:
 class ManagerLab:
     """Build, run and tear down the manager lab (namespaces ``{prefix}-vm`` ...) in ``workdir``."""
 
-    def __init__(self, prefix: str, workdir: Path, cleanup: str = "delete") -> None:
+    def __init__(self, prefix: str, workdir: Path, cleanup: str = "delete", store_ttl_s: float = 60,
+                 device_timeout_s: float = 10) -> None:
         self.hosts = Hosts(prefix)
         self.workdir = workdir
         self.cleanup = cleanup
+        self.store_ttl_s, self.device_timeout_s = store_ttl_s, device_timeout_s
         self.ns = {short: self.hosts.name(short) for short in ("vm", "fwsrc", "rtsrc", "swdst", "fwdst",
                                                                 "srv", "mg")}
         self.agents: dict[str, AgentProcess] = {}
@@ -167,17 +170,20 @@ class ManagerLab:
 
     # --- processes ----------------------------------------------------------------------------
 
-    def start_agents(self) -> dict[str, AgentProcess]:
-        """Agents on the three devices that hold state (the router has none); a static binding
-        for the VM at the source's snooper."""
+    def start_agents(self, device_driven: bool = True) -> dict[str, AgentProcess]:
+        """Agents on the three devices that hold state (the router has none), in the multicast
+        group unless ``device_driven`` is False; a static binding for the VM at the source's
+        snooper."""
         self.lab_agents = agents = LabAgents(self.hosts, self.workdir)
-        dhcp_src = device_toml(["vm0"], "up0", ["vm0"])
-        self.agents["fw-src"] = agents.start("fw-src", self.ns["fwsrc"], AGENT_IPS["fw-src"],
-                                             ["conntrack", "dhcp", "counters"], extra=dhcp_src)
-        self.agents["fw-dst"] = agents.start("fw-dst", self.ns["fwdst"], AGENT_IPS["fw-dst"],
-                                             ["conntrack", "counters"], extra=device_toml(["vm0"]))
-        self.agents["sw-dst"] = agents.start("sw-dst", self.ns["swdst"], AGENT_IPS["sw-dst"], ["dhcp"],
-                                             extra=device_toml((), "up0", ["vm0"]))
+        all_kinds = ["conntrack", "dhcp", "counters"]
+        devices = (("fw-src", "fwsrc", all_kinds, device_toml(["vm0"], "up0", ["vm0"])),
+                   ("fw-dst", "fwdst", ["conntrack", "counters"], device_toml(["vm0"])),
+                   ("sw-dst", "swdst", ["dhcp"], device_toml((), "up0", ["vm0"])))
+        for name, short, kinds, extra in devices:
+            if device_driven:
+                extra += (f'\n[manager]\nurl = "https://{MANAGER_IP}:{MANAGER_PORT}"\n'
+                          f'group = "{MCAST_GROUP}:{MCAST_PORT}"\ninterface = "{AGENT_IPS[name]}"\n')
+            self.agents[name] = agents.start(name, self.ns[short], AGENT_IPS[name], kinds, extra=extra)
         from xfer.dhcpsnoop.device import add_static
         from xfer.dhcpsnoop.model import Binding
 
@@ -197,6 +203,8 @@ journal = "{self.journal}"
 mode = "{mode}"
 cleanup = "{self.cleanup}"
 budget_ms = 300
+store_ttl_s = {self.store_ttl_s}
+device_timeout_s = {self.device_timeout_s}
 
 [listen]
 address = "{MANAGER_IP}"
@@ -235,6 +243,17 @@ ca = "pki/ca.pem"
             raise LabError(f"xfer migrate failed: {out.stderr.strip()}")
         report: dict[str, Any] = json.loads(out.stdout)
         return report
+
+    def notify(self, direction: str, *extra: str, sender: str = "fwsrc", target: str = "multicast",
+               mode: str = "store", destination: str = DESTINATION) -> subprocess.CompletedProcess[str]:
+        """``xfer notify`` as a datagram from a device's management address (default: the source
+        firewall) to the multicast group (or ``target`` "udp": the manager), store mode."""
+        addr = f"{MCAST_GROUP}:{MCAST_PORT}" if target == "multicast" else f"{MANAGER_IP}:{UDP_PORT}"
+        name = {"fwsrc": "fw-src", "fwdst": "fw-dst", "swdst": "sw-dst"}[sender]
+        indication = "not-running" if direction == "out" else "starting"
+        return self.xfer("notify", "--vm", "vm1", "--indication", indication, "--direction", direction,
+                         "--from", SOURCE, "--to", destination, "--mode", mode, "--udp", addr,
+                         "--interface", AGENT_IPS[name], "--json", *extra, ns=sender)
 
     def migrations(self) -> list[dict[str, Any]]:
         out = self.xfer("migrations", "--journal", str(self.journal), "--json")

@@ -63,11 +63,11 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 def _send(body: dict[str, Any], manager: str, udp: str | None, interface: str | None, ca: Path | None,
-          cert: Path | None, key: Path | None, timeout: float) -> dict[str, Any]:
+          cert: Path | None, key: Path | None, timeout: float, copies: int = 1) -> dict[str, Any]:
     from xfer.manager import client
 
     if udp:
-        answer = client.send_udp(_hostport(udp), body, timeout, interface)
+        answer = client.send_udp(_hostport(udp), body, timeout, interface, copies=copies)
         assert answer is not None
         return answer
     return client.send_http(manager, body, _context(ca, cert, key), timeout)
@@ -86,6 +86,8 @@ def _print_report(report: dict[str, Any]) -> None:
         typer.echo(f"  {p['name']:<8} {p['device']:<12} {kinds:<24} {p['outcome'] or '-':<8} {ms}")
     for kind, why in report.get("missing", {}).items():
         typer.echo(f"  not moved: {kind}: {why}", err=True)
+    for kind, devices in report.get("also_held_by", {}).items():
+        typer.echo(f"  also held by {', '.join(devices)}: {kind} (not moved, not cleaned there)", err=True)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
@@ -131,7 +133,9 @@ def topology_show(file: Annotated[Path, typer.Argument(help="Topology file (YAML
             _out(p.to_dict())
             return
         for r in p.routes:
-            typer.echo(f"{r.kind}: {r.source.id} -> {', '.join(d.id for d in r.destinations)}")
+            also = (f" (also held by {', '.join(d.id for d in r.also_held_by)}: not moved)"
+                    if r.also_held_by else "")
+            typer.echo(f"{r.kind}: {r.source.id} -> {', '.join(d.id for d in r.destinations)}{also}")
         for kind, why in p.missing.items():
             typer.echo(f"{kind}: NOT MOVED: {why}")
         return
@@ -175,20 +179,31 @@ def notify(
     udp: UdpOpt = None, interface: IfaceOpt = None,
     ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 30,
+    message_id: Annotated[str | None, typer.Option("--id", help="The message's id (default: a new "
+                                                   "one). Copies with one id are acted on once.")] = None,
+    copies: Annotated[int, typer.Option("--copies", min=1, help="With --udp: send the datagram this "
+                                        "many times.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Send one migration message (HTTPS, or a UDP datagram with --udp) and print the answer.
 
+    Store mode to the multicast group the agents join is the device-driven variant: the
+    devices deposit ("out") and collect ("in") themselves. An "out" without --to is
+    kept in the store until the destination's "in" (which names it with --to).
+
     Example: xfer notify --vm vm1 --indication not-running --direction out --from hv1 --to hv2
-    --udp 239.7.7.7:8702 --interface 10.0.4.20
+    --mode store --udp 239.7.7.7:8702 --interface 10.0.4.20
     """
+    import secrets
+
     body: dict[str, Any] = {"vm": vm, "indication": indication, "direction": direction,
-                            "source": source, "destination": destination}
+                            "source": source, "destination": destination,
+                            "id": message_id or secrets.token_hex(8)}
     if kinds:
         body["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
     if mode:
         body["mode"] = mode
-    report = _send(body, manager, udp, interface, ca, cert, key, timeout)
+    report = _send(body, manager, udp, interface, ca, cert, key, timeout, copies)
     _out(report) if as_json else _print_report(report)
 
 
@@ -261,7 +276,8 @@ def bench_migrate(
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/migrate.json"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Migration message → every destination committed, each mode, vs a direct agent push (same run).
+    """Migration message → every destination committed, each mode and the device-driven variant,
+    vs a direct agent push (same run).
 
     Example: xfer bench migrate --flows 1000,20000 --repeat 5
     """

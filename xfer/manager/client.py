@@ -35,10 +35,12 @@ def send_http(url: str, msg: Message | dict[str, Any], ssl_context: ssl.SSLConte
 
 
 def send_udp(address: tuple[str, int], msg: Message | dict[str, Any], timeout: float = 5.0,
-             interface: str | None = None, wait: bool = True) -> dict[str, Any] | None:
+             interface: str | None = None, wait: bool = True, copies: int = 1) -> dict[str, Any] | None:
     """Send one datagram (unicast or to a multicast group) and wait for the first answer.
 
     ``interface``: the local address multicast leaves from (and the source of the datagram).
+    ``copies``: send it that many times back to back (a lossy network's remedy; the manager
+    and the agents act on one of them when the message has an id).
     """
     data = messages.encode(msg)
     sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_DGRAM)
@@ -47,7 +49,8 @@ def send_udp(address: tuple[str, int], msg: Message | dict[str, Any], timeout: f
             sock.bind((interface, 0))
             if _is_multicast(address[0]):
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface))
-        sock.sendto(data, address)
+        for _ in range(max(1, copies)):
+            sock.sendto(data, address)
         if not wait:
             return None
         sock.settimeout(timeout)

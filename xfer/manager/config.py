@@ -7,6 +7,7 @@
     cleanup = "delete"                # delete | age-out
     budget_ms = 300
     store_ttl_s = 60
+    device_timeout_s = 10             # device-driven variant: how long to wait for the devices
     netns = ""                        # optional: reach the agents from this namespace
 
     [listen]
@@ -34,7 +35,7 @@ from typing import Any
 from xfer import tomlfile
 from xfer.agent.config import TlsFiles, _check_ip, _hostport, _port
 from xfer.errors import UsageError
-from xfer.manager.migration import Settings
+from xfer.manager.migration import DEFAULT_DEVICE_TIMEOUT_S, Settings
 
 DEFAULT_PORT = 8700
 DEFAULT_JOURNAL = Path("/var/lib/xfer/manager.db")
@@ -85,7 +86,14 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
     budget = mgr.get("budget_ms", 300)
     if not isinstance(budget, int | float) or budget <= 0:
         raise UsageError("manager config: manager.budget_ms must be a positive number")
-    settings = Settings(str(mgr.get("mode", "relay")), str(mgr.get("cleanup", "delete")), float(budget))
+    timeout = mgr.get("device_timeout_s", DEFAULT_DEVICE_TIMEOUT_S)
+    if not isinstance(timeout, int | float) or timeout <= 0:
+        raise UsageError("manager config: manager.device_timeout_s must be a positive number")
+    ttl = mgr.get("store_ttl_s", 60)
+    if not isinstance(ttl, int | float) or ttl <= 0:
+        raise UsageError("manager config: manager.store_ttl_s must be a positive number")
+    settings = Settings(str(mgr.get("mode", "relay")), str(mgr.get("cleanup", "delete")), float(budget),
+                        float(timeout))
     address = str(listen.get("address", "127.0.0.1"))
     _check_ip(address, "listen.address")
     peers = tls.get("allowed_peers", [])
@@ -100,7 +108,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
         tls=TlsFiles(*(base / str(tls[k]) for k in ("cert", "key", "ca"))),
         settings=settings,
         journal=base / str(mgr.get("journal", DEFAULT_JOURNAL)),
-        store_ttl_s=float(mgr.get("store_ttl_s", 60)),
+        store_ttl_s=float(ttl),
         netns=str(mgr.get("netns") or "") or None,
         address=address, port=_port(listen.get("port", DEFAULT_PORT), "listen.port"),
         metrics=hostport("metrics"), udp=hostport("udp"), multicast=hostport("multicast"),

@@ -16,6 +16,7 @@ them so the restarted manager finishes or rolls them back (``recovery.py``).
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ CREATE TABLE IF NOT EXISTS migrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     vm TEXT NOT NULL, vm_identity TEXT NOT NULL, source TEXT NOT NULL, destination TEXT NOT NULL,
     mode TEXT NOT NULL, plan TEXT NOT NULL, budget_ms REAL NOT NULL,
-    state TEXT NOT NULL,            -- started | transferred | committed | cleaned | rolled-back | failed
+    state TEXT NOT NULL,            -- started | stored | committed, then the outcome
     started REAL NOT NULL, ended REAL, outcome TEXT, error TEXT
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS phases (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     migration INTEGER NOT NULL REFERENCES migrations(id),
@@ -104,6 +106,13 @@ class Journal:
         # NORMAL with WAL is durable against a process crash (the case the journal is for).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (secrets.token_hex(6),))
+        self.id = str(self._db.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0])
+
+    def token(self, migration: int) -> str:
+        """The name agents know a migration by: unique to this journal, the same after a restart
+        (a recovering manager's rollback must reach work of the migration it names)."""
+        return f"{self.id}-{migration}"
 
     def __enter__(self) -> Journal:
         return self
@@ -126,6 +135,11 @@ class Journal:
 
     def state(self, migration: int, state: str) -> None:
         self._db.execute("UPDATE migrations SET state = ? WHERE id = ?", (state, migration))
+
+    def resolve(self, migration: int, destination: str, plan: dict[str, Any]) -> None:
+        """Record the destination an "in" named for a migration whose "out" did not know it."""
+        self._db.execute("UPDATE migrations SET destination = ?, plan = ? WHERE id = ?",
+                         (destination, json.dumps(plan), migration))
 
     def finish(self, migration: int, outcome: str, error: str | None = None) -> None:
         self._db.execute("UPDATE migrations SET state = ?, outcome = ?, error = ?, ended = ? WHERE id = ?",

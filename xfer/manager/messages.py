@@ -3,12 +3,17 @@
 The message is the hypervisor hook's (``xfer.hypervisor.notify.MigrationMessage``)::
 
     {"vm", "indication": "not-running"|"starting"|"abort", "direction": "out"|"in",
-     "source", "destination", "kinds"?, "mode"?}
+     "source", "destination", "kinds"?, "mode"?, "id"?}
 
 ``"indication": "abort"`` is the HTTP (and UDP) form of ``xfer migrate --abort VM``:
 the hook sends it after cancelling a migration. Over UDP the same JSON travels as
 one datagram, to the manager or to a multicast group it joins; the manager answers
 the sender with one datagram holding the report (best effort: UDP may lose it).
+
+"out" names its source; its destination may be "" (a libvirt source does not know
+it): then the state can only go to the store, and "in" — which names its
+destination — completes it. Copies of a message (same ``id``; without an id, the
+same datagram within ``DUPLICATE_WINDOW_S``) are one message: ``dedupe_key``.
 
     msg = parse({"vm": "vm1", "indication": "not-running", "direction": "out",
                  "source": "hv1", "destination": "hv2"})
@@ -17,6 +22,7 @@ the sender with one datagram holding the report (best effort: UDP may lose it).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from xfer.errors import UsageError
@@ -27,6 +33,12 @@ from xfer.model import Kind, parse_kinds
 Message = MigrationMessage
 INDICATIONS = ("not-running", "starting", "abort")
 MAX_DATAGRAM = 8192
+# Copies of a datagram without an id arrive within milliseconds; a genuinely new message
+# with the same content (the VM came back and leaves again) cannot come this soon.
+DUPLICATE_WINDOW_S = 10.0
+# How long a message id is remembered: a sender's resend comes within its own timeout.
+ID_MEMORY_S = 600.0
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def parse(body: Any) -> Message:
@@ -47,18 +59,41 @@ def parse(body: Any) -> Message:
     if direction not in ("out", "in"):
         raise UsageError(f"direction must be out or in, not {direction!r}")
     source, destination = str(body.get("source") or ""), str(body.get("destination") or "")
-    if indication != "abort" and (not source or not destination):
-        # NOTE: libvirt sources do not know the destination (docs/hypervisor.md); not resolved here.
-        raise UsageError("migration message needs both source and destination servers")
     mode = body.get("mode")
     if mode is not None and mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if indication != "abort":
+        if direction == "out" and not source:
+            raise UsageError("an \"out\" message must name its source server")
+        if direction == "in" and not destination:
+            raise UsageError("an \"in\" message must name its destination server")
+        if direction == "out" and not destination and mode not in (None, "store"):
+            # A libvirt source does not know the destination: only the store can take the state.
+            raise UsageError(f"an \"out\" without destination can only deposit into the store "
+                             f"(mode store), not run mode {mode}")
+    ident = body.get("id")
+    if ident is not None and (not isinstance(ident, str) or not _ID.fullmatch(ident)):
+        raise UsageError("id must be 1-64 characters of letters, digits and ._:-")
     kinds = body.get("kinds")
     if kinds is not None:
         if not isinstance(kinds, list):
             raise UsageError("kinds must be a list")
         kinds = tuple(k.value for k in parse_kinds([str(k) for k in kinds]))
-    return Message(vm, indication, direction, source, destination, kinds, mode)
+    return Message(vm, indication, direction, source, destination, kinds, mode, ident)
+
+
+def dedupe_key(msg: Message, transport: str) -> tuple[str, float] | None:
+    """What makes copies of a message one message, and how long to remember it; None: every
+    copy counts (HTTP without an id: TCP does not duplicate, and a resend is deliberate).
+
+    >>> dedupe_key(parse({"vm": "v", "indication": "abort", "id": "a1"}), "http")
+    ('id:a1', 600.0)
+    """
+    if msg.id:
+        return f"id:{msg.id}", ID_MEMORY_S
+    if transport == "http":
+        return None
+    return "datagram:" + json.dumps(msg.to_json(), sort_keys=True), DUPLICATE_WINDOW_S
 
 
 def kinds_of(msg: Message) -> tuple[Kind, ...] | None:

@@ -10,9 +10,18 @@ Rules (DESIGN.md, reliability):
 - each step is a journal phase, so a restarted manager knows what was under way
   (``recover``).
 
+A message is acted on by an ``Entry``: its task, and for the device-driven
+variant (store semantics, message heard on the multicast group) the ``Round`` of
+device reports it waits for. Copies of a message (``messages.dedupe_key``) join
+the entry of the first instead of acting again. Store semantics apply to "out"
+in store mode and to an "out" without destination; "in" collects whatever the
+VM has in the store, whatever the mode. Who does the work of each half follows
+from how that half's message came: over HTTP or unicast UDP the manager drives
+the devices; heard on the multicast group, the devices act themselves.
+
     migrator = Migrator(topo, client, journal, store, Settings())
-    report = await migrator.handle({"vm": "vm1", "indication": "not-running", "direction": "out",
-                                    "source": "hv1", "destination": "hv2", "mode": "relay"})
+    report = await migrator.handle(parse({"vm": "vm1", "indication": "not-running", "direction": "out",
+                                          "source": "hv1", "destination": "hv2", "mode": "relay"}))
 """
 
 from __future__ import annotations
@@ -21,16 +30,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from xfer.errors import UsageError, XferError
+from xfer.agent.protocol import MIGRATION
+from xfer.errors import AgentError, StoreExpired, UsageError, XferError
 from xfer.manager import modes
 from xfer.manager.journal import Journal, Migration
-from xfer.manager.messages import Message, kinds_of
-from xfer.manager.plan import Plan, Route, select
+from xfer.manager.messages import Message, dedupe_key, kinds_of
+from xfer.manager.plan import Plan, Route, resolve, select
+from xfer.manager.rounds import Key, Round
 from xfer.manager.store import Store
 from xfer.manager.topology import Device, Topology
 from xfer.model import Kind, VmIdentity
@@ -40,6 +52,8 @@ DEFAULT_BUDGET_MS = 300.0   # QEMU's default downtime limit
 # A late abort (the hook gave up on a migration the manager then committed) comes
 # within seconds; an older commit is where the VM runs now and must not be undone.
 ABORT_WINDOW_S = 60.0
+# How long the device-driven variant waits for the devices' own deposits and imports.
+DEFAULT_DEVICE_TIMEOUT_S = 10.0
 
 
 class MigrationFailed(XferError):
@@ -51,7 +65,8 @@ class MigrationFailed(XferError):
 
 
 class Conflict(UsageError):
-    """A migration of that VM is already under way."""
+    """A migration of that VM is already under way, or a device's request (device-driven
+    variant) does not fit where its migration stands."""
 
 
 @dataclass(frozen=True)
@@ -59,12 +74,33 @@ class Settings:
     mode: str = "relay"
     cleanup: str = "delete"          # delete | age-out
     budget_ms: float = DEFAULT_BUDGET_MS
+    device_timeout_s: float = DEFAULT_DEVICE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.mode not in modes.MODES:
             raise UsageError(f"mode {self.mode!r} is not one of {', '.join(modes.MODES)}")
         if self.cleanup not in ("delete", "age-out"):
             raise UsageError(f"cleanup {self.cleanup!r} must be delete or age-out")
+        if not self.device_timeout_s > 0:
+            raise UsageError("device_timeout_s must be a positive number of seconds")
+
+
+@dataclass(eq=False)
+class Entry:
+    """One message being acted on (or lately acted on); copies of the message join it."""
+
+    msg: Message
+    work: str                       # deposit | collect | move
+    driver: str                     # manager | devices
+    started: float                  # perf_counter when the message came: the report's ms count from it
+    prior: Entry | None = None      # the deposit under way that this collect waits for
+    task: asyncio.Task[dict[str, Any]] | None = None
+    round: Round | None = None      # device-driven: the reports awaited
+    # Set once devices can be told their part (at once for work the manager drives).
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    key: str = ""
+    memory_s: float = 0.0
+    forget_at: float = math.inf     # monotonic; after it a copy counts as a new message
 
 
 class Migrator:
@@ -74,7 +110,9 @@ class Migrator:
                  settings: Settings, on_record: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.topo, self.devices, self.journal, self.store, self.settings = (
             topo, devices, journal, store, settings)
-        self.active: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self.active: dict[str, Entry] = {}      # VM -> the entry acting on it now
+        self.rounds: dict[int, Round] = {}      # migration -> device reports awaited now
+        self._seen: dict[str, Entry] = {}       # dedupe key -> entry (copies join it)
         self._background: set[asyncio.Task[Any]] = set()
         self._cleaning: set[int] = set()   # migrations whose source is being cleaned
         self._aborting: set[str] = set()   # VMs whose migration under way was asked to abort
@@ -83,22 +121,87 @@ class Migrator:
 
     # --- entry points ----------------------------------------------------------------------
 
-    async def handle(self, msg: Message, budget_ms: float | None = None) -> dict[str, Any]:
-        """Act on one migration message; returns the report (raises MigrationFailed, UsageError)."""
-        mode = msg.mode or self.settings.mode
+    async def handle(self, msg: Message, budget_ms: float | None = None,
+                     transport: str = "http") -> dict[str, Any]:
+        """Act on one migration message; returns the report (raises MigrationFailed, UsageError).
+
+        ``transport``: http | udp | multicast (heard on the group the agents join: the
+        device-driven variant). A copy of a message already acted on gets that message's
+        answer, marked ``"duplicate": true``, and changes nothing.
+        """
         if msg.indication == "abort":
             return await self.abort(msg.vm)
-        if mode == "store":
-            run = self._deposit if msg.direction == "out" else self._collect
-        elif msg.direction == "out":
-            run = self._move
-        else:
-            # "in" in the other modes: the move happened on "out"; say where it stands.
+        entry, copy = self.accept(msg, budget_ms, transport)
+        if entry is None:
+            # "in" with nothing stored, outside store mode: the move happened on "out".
             return self._status(msg.vm)
-        if msg.vm in self.active:
+        report = await self._answer(entry)
+        return {**report, "duplicate": True} if copy else report
+
+    def accept(self, msg: Message, budget_ms: float | None, transport: str) -> tuple[Entry | None, bool]:
+        """The entry acting on ``msg`` and whether ``msg`` is a copy; starts it when new.
+
+        Synchronous on purpose: copies arriving together (a datagram and an agent's
+        role request for it) must find each other.
+        """
+        now = time.monotonic()
+        for key in [k for k, e in self._seen.items() if e.forget_at < now]:
+            del self._seen[key]
+        dedupe = dedupe_key(msg, transport)
+        if dedupe is not None and dedupe[0] in self._seen:
+            return self._seen[dedupe[0]], True
+        entry = self._entry(msg, transport)
+        if entry is None:
+            return None, False
+        run = {("move", "manager"): self._move, ("deposit", "manager"): self._deposit,
+               ("deposit", "devices"): self._deposit_by_devices,
+               ("collect", "manager"): self._collect, ("collect", "devices"): self._collect_by_devices,
+               }[(entry.work, entry.driver)]
+        task = asyncio.ensure_future(run(entry, budget_ms or self.settings.budget_ms))
+        entry.task = task
+        self.active[msg.vm] = entry
+        if dedupe is not None:
+            entry.key, entry.memory_s = dedupe
+            self._seen[entry.key] = entry
+        task.add_done_callback(lambda _: self._finished(entry))
+        return entry, False
+
+    def _entry(self, msg: Message, transport: str) -> Entry | None:
+        """What a new message asks for (None: nothing to do); Conflict when the VM is busy."""
+        mode = msg.mode or self.settings.mode
+        current = self.active.get(msg.vm)
+        prior = None
+        if msg.direction == "out":
+            work = "deposit" if mode == "store" or not msg.destination else "move"
+        else:
+            # "in" collects what the VM has in the store, whatever the mode (a libvirt
+            # destination does not know how the source sent it).
+            prior = current if current is not None and current.work == "deposit" else None
+            if prior is None and self.journal.latest(msg.vm, ("stored",)) is None:
+                if mode == "store":
+                    raise UsageError(f"no stored bundles of VM {msg.vm}: was \"out\" sent (store mode)?")
+                return None
+            work = "collect"
+        if current is not None and current is not prior:
             raise Conflict(f"a migration of VM {msg.vm} is already under way")
-        task = asyncio.ensure_future(run(msg, mode, budget_ms or self.settings.budget_ms))
-        self.active[msg.vm] = task
+        # The device-driven variant is the store's: other modes heard on the group are the manager's.
+        driver = "devices" if transport == "multicast" and work != "move" else "manager"
+        entry = Entry(msg, work, driver, time.perf_counter(), prior)
+        if driver == "manager":
+            entry.ready.set()
+        return entry
+
+    def _finished(self, entry: Entry) -> None:
+        if self.active.get(entry.msg.vm) is entry:
+            del self.active[entry.msg.vm]
+        entry.forget_at = time.monotonic() + entry.memory_s
+        assert entry.task is not None
+        if not entry.task.cancelled():
+            entry.task.exception()   # retrieved: an entry nobody awaits (a role request's) must not warn
+
+    async def _answer(self, entry: Entry) -> dict[str, Any]:
+        task, vm = entry.task, entry.msg.vm
+        assert task is not None
         try:
             # Shielded: a client that hangs up does not cancel a migration; abort does.
             return await asyncio.shield(task)
@@ -106,14 +209,9 @@ class Migrator:
             current = asyncio.current_task()
             if task.cancelled() and not (current and current.cancelling()):
                 # Aborted by someone else: the sender of the message gets an answer, not a hang-up.
-                raise MigrationFailed(f"migration of VM {msg.vm} was aborted; its destinations were "
-                                      "rolled back", {"ok": False, "vm": msg.vm, "aborted": True}) from None
+                raise MigrationFailed(f"migration of VM {vm} was aborted; its destinations were "
+                                      "rolled back", {"ok": False, "vm": vm, "aborted": True}) from None
             raise
-        finally:
-            if task.done():
-                self.active.pop(msg.vm, None)
-            else:
-                task.add_done_callback(lambda _: self.active.pop(msg.vm, None))
 
     async def abort(self, vm: str) -> dict[str, Any]:
         """Stop a migration of ``vm``: roll back its destinations, leave its source as it was.
@@ -123,9 +221,15 @@ class Migrator:
         be overtaken by the import it meant to undo), then it rolls back instead of
         committing. Only after ``abort_grace_s`` is it cancelled outright.
         """
-        task = self.active.get(vm)
-        if task is not None:
+        entry = self.active.get(vm)
+        if entry is not None and entry.task is not None:
+            task = entry.task
             self._aborting.add(vm)
+            # Device reports are not requests of ours that an abort could overtake: stop
+            # waiting for them now (a destination reporting later is told to undo its import).
+            for e in (entry, entry.prior):
+                if e is not None and e.round is not None:
+                    e.round.abort(_Aborted("aborted by request"))
             try:
                 await asyncio.wait_for(asyncio.shield(task), self.abort_grace_s)
             except TimeoutError:
@@ -150,7 +254,8 @@ class Migrator:
         ident = VmIdentity.from_dict(pending.vm_identity)
         step = self._stepper(pending.id)
         if pending.state == "committed":
-            await self._rollback(plan, ident, step, _all_destinations(plan))
+            with self._naming(pending.id):
+                await self._rollback(plan, ident, step, _all_destinations(plan))
         self.store.drop(pending.id)
         self.journal.finish(pending.id, "aborted", "aborted by request")
         return {"ok": True, "vm": vm, "aborted": True, "was": pending.state, "migration": pending.id}
@@ -172,47 +277,188 @@ class Migrator:
             raise UsageError("nothing to move: " + ("; ".join(plan.missing.values()) or "no kinds"))
         mid = self.journal.begin(msg.vm, ident.to_dict(), msg.source, msg.destination, mode,
                                  plan.to_dict(), budget_ms)
+        # This migration's task (and the tasks it starts) name it in every agent request.
+        MIGRATION.set(self.journal.token(mid))
         return ident, plan, mid
 
-    async def _move(self, msg: Message, mode: str, budget_ms: float) -> dict[str, Any]:
-        started = time.perf_counter()
+    async def _move(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
+        msg = entry.msg
+        mode = msg.mode or self.settings.mode
         ident, plan, mid = self._prepare(msg, mode, budget_ms)
         step = self._stepper(mid)
         move = {"relay": modes.relay, "push": modes.push, "pull": modes.pull}[mode]
         outcome = await self._guarded(mid, plan, ident, step, move(self.devices, plan, ident, step),
                                       msg.vm)
-        return self._commit(mid, plan, ident, outcome, started)
+        return self._commit(mid, plan, ident, outcome, entry.started)
 
-    async def _deposit(self, msg: Message, mode: str, budget_ms: float) -> dict[str, Any]:
-        started = time.perf_counter()
-        ident, plan, mid = self._prepare(msg, mode, budget_ms)
-        step = self._stepper(mid)
-        try:
+    # Store semantics: "out" fills the store (deposit), "in" empties it (collect); each half
+    # is driven by the manager or by the devices themselves.
+
+    async def _deposit(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
+        async def by_manager(mid: int, plan: Plan, ident: VmIdentity, step: modes.Step) -> dict[str, int]:
             bundles = await modes.export_all(self.devices, plan, ident, step)
-        except BaseException as exc:
-            self.journal.finish(mid, "failed" if isinstance(exc, Exception) else "aborted", str(exc))
-            raise
-        for device, data in bundles.items():
-            self.store.put(mid, device, data)
-        self.journal.state(mid, "stored")
-        return {**self._report(mid, plan, started), "stored": {d: len(b) for d, b in bundles.items()}}
+            for device, data in bundles.items():
+                self.store.put(mid, device, data)
+            return {d: len(b) for d, b in bundles.items()}
 
-    async def _collect(self, msg: Message, mode: str, budget_ms: float) -> dict[str, Any]:
-        started = time.perf_counter()
+        return await self._fill_store(entry, budget_ms, by_manager)
+
+    async def _deposit_by_devices(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
+        async def by_devices(mid: int, plan: Plan, ident: VmIdentity, step: modes.Step) -> dict[str, int]:
+            rnd = self._open_round(entry, mid, "out", ident,
+                                   {(d.id, ""): tuple(k) for d, k in plan.by_source().items()})
+            results = await self._await_round(rnd, step, "deposit")
+            failed = [str(r) for r in results.values() if isinstance(r, BaseException)]
+            if failed:
+                raise XferError("; ".join(failed))
+            return {src: int(r.get("bytes", 0)) for (src, _), r in results.items() if isinstance(r, dict)}
+
+        return await self._fill_store(entry, budget_ms, by_devices)
+
+    async def _fill_store(self, entry: Entry, budget_ms: float,
+                          fill: Callable[[int, Plan, VmIdentity, modes.Step], Awaitable[dict[str, int]]],
+                          ) -> dict[str, Any]:
+        """Journal the migration, let ``fill`` put each source device's bundle in the store."""
+        msg = entry.msg
+        ident, plan, mid = self._prepare(msg, "store", budget_ms)
+        try:
+            sizes = await fill(mid, plan, ident, self._stepper(mid))
+            if msg.vm in self._aborting:
+                raise _Aborted("aborted by request")
+        except BaseException as exc:
+            self.store.drop(mid)
+            # An abort also shows as the devices' reports failing with its reason.
+            aborted = isinstance(exc, asyncio.CancelledError | _Aborted) or msg.vm in self._aborting
+            self.journal.finish(mid, "aborted" if aborted else "failed", str(exc) or "aborted")
+            if not isinstance(exc, XferError) or isinstance(exc, asyncio.CancelledError):
+                raise
+            what = "was aborted" if aborted else f"failed: {exc}"
+            raise MigrationFailed(f"migration {mid} of VM {msg.vm} {what}; nothing stored, the source "
+                                  "keeps its state", self._report(mid, plan, None)) from None
+        finally:
+            self._close_round(mid)
+        self.journal.state(mid, "stored")
+        return {**self._report(mid, plan, entry.started), "stored": sizes, "driven_by": entry.driver}
+
+    async def _collect(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
+        def by_manager(mid: int, plan: Plan, ident: VmIdentity, step: modes.Step) -> Awaitable[modes.Outcome]:
+            return modes.import_all(self.devices, plan, ident, self.store.get(mid), step)
+
+        return await self._empty_store(entry, by_manager)
+
+    async def _collect_by_devices(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
+        async def by_devices(mid: int, plan: Plan, ident: VmIdentity, step: modes.Step) -> modes.Outcome:
+            pairs = modes.pairs(plan)
+            rnd = self._open_round(entry, mid, "in", ident, {(s.id, d.id): k for s, d, k in pairs})
+            results = await self._await_round(rnd, step, "collect")
+            return modes.outcome_of(pairs, [results[(s.id, d.id)] for s, d, _ in pairs])
+
+        return await self._empty_store(entry, by_devices)
+
+    async def _empty_store(self, entry: Entry,
+                           move: Callable[[int, Plan, VmIdentity, modes.Step], Awaitable[modes.Outcome]],
+                           ) -> dict[str, Any]:
+        """Once the deposit is in, import the stored bundles at the destinations (``move``), commit."""
+        await self._after(entry)
+        stored, plan = self._stored_for(entry.msg)
+        mid, ident, step = stored.id, VmIdentity.from_dict(stored.vm_identity), self._stepper(stored.id)
+        MIGRATION.set(self.journal.token(mid))
+        try:
+            outcome = await self._guarded(mid, plan, ident, step, move(mid, plan, ident, step), entry.msg.vm)
+        finally:
+            self._close_round(mid)
+        self.store.drop(mid)
+        return self._commit(mid, plan, ident, outcome, entry.started)
+
+    async def _after(self, entry: Entry) -> None:
+        """Wait for the deposit that ``entry`` (a collect) follows, if it is still under way."""
+        prior = entry.prior
+        if prior is None or prior.task is None:
+            return
+        try:
+            await asyncio.shield(prior.task)
+        except XferError as exc:
+            raise UsageError(f"nothing to collect: the \"out\" of VM {entry.msg.vm} failed: {exc}") from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            raise UsageError(f"nothing to collect: the \"out\" of VM {entry.msg.vm} was aborted") from None
+
+    def _stored_for(self, msg: Message) -> tuple[Migration, Plan]:
+        """The VM's stored migration that "in" completes, its plan resolved to the destination.
+
+        Refuses an "in" that contradicts the "out" (another source or destination), and
+        fails the migration when its bundles expired.
+        """
         stored = self.journal.latest(msg.vm, ("stored",))
         if stored is None:
             raise UsageError(f"no stored bundles of VM {msg.vm}: was \"out\" sent (store mode)?")
-        mid, plan = stored.id, self._plan_of(stored)
-        ident = VmIdentity.from_dict(stored.vm_identity)
-        bundles = self.store.get(mid)
-        if set(bundles) != set(d.id for d in plan.by_source()):
-            self.journal.finish(mid, "failed", "stored bundles expired")
-            raise UsageError(f"the stored bundles of VM {msg.vm} expired; nothing imported")
-        step = self._stepper(mid)
-        outcome = await self._guarded(mid, plan, ident, step,
-                                      modes.import_all(self.devices, plan, ident, bundles, step), msg.vm)
-        self.store.drop(mid)
-        return self._commit(mid, plan, ident, outcome, started)
+        if msg.source and msg.source != stored.source:
+            raise UsageError(f"the stored bundles of VM {msg.vm} came from {stored.source}, not {msg.source}")
+        plan = self._plan_of(stored)
+        if not plan.destination:
+            # The source did not know the destination (libvirt): "in" names it.
+            plan = resolve(plan, self.topo, msg.destination)
+            self.journal.resolve(stored.id, msg.destination, plan.to_dict())
+        elif msg.destination != plan.destination:
+            raise UsageError(f"VM {msg.vm} was announced to {plan.destination}, not {msg.destination}")
+        needed = {r.source.id for r in plan.routes}
+        if not needed <= self.store.devices(stored.id):
+            self.journal.finish(stored.id, "failed", "stored bundles expired")
+            raise StoreExpired(f"the stored bundles of VM {msg.vm} expired ({self.store.ttl_s:g} s after "
+                               "\"out\"); nothing imported, the source keeps its state")
+        if not plan.routes:
+            self.journal.finish(stored.id, "failed", "nothing to import")
+            raise UsageError("nothing to import: " + "; ".join(plan.missing.values()))
+        return stored, plan
+
+    # --- the device-driven variant: rounds of device reports -------------------------------------
+
+    def _open_round(self, entry: Entry, mid: int, direction: str, ident: VmIdentity,
+                    expected: dict[Key, tuple[Kind, ...]]) -> Round:
+        """Await reports from the devices, and let them learn their part (``role``)."""
+        rnd = Round(mid, direction, ident, expected, self.journal.token(mid))
+        self.rounds[mid] = rnd
+        entry.round = rnd
+        entry.ready.set()
+        if entry.msg.vm in self._aborting:
+            rnd.abort(_Aborted("aborted by request"))
+        return rnd
+
+    def _close_round(self, mid: int) -> None:
+        rnd = self.rounds.pop(mid, None)
+        if rnd is not None:
+            rnd.close()
+
+    async def _await_round(self, rnd: Round, step: modes.Step, phase: str) -> dict[Key, Any]:
+        """Each awaited report (a journal phase per device) or the error instead: a device's
+        own failure, or not reporting within ``device_timeout_s``."""
+        timeout = self.settings.device_timeout_s
+
+        async def one(key: Key) -> Any:
+            return await step(phase, self.topo.devices[key[1] or key[0]], rnd.kinds[key],
+                              lambda: rnd.waiting[key])
+
+        tasks = {key: asyncio.ensure_future(one(key)) for key in rnd.waiting}
+        try:
+            await asyncio.wait(tasks.values(), timeout=timeout)
+        finally:
+            for t in tasks.values():
+                t.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        results: dict[Key, Any] = {}
+        for key, t in tasks.items():
+            device = key[1] or key[0]
+            if t.cancelled():
+                what = "deposit its bundle" if phase == "deposit" else f"import {key[0]}'s bundle"
+                results[key] = AgentError(f"{device} did not {what} within {timeout:g} s (is its agent "
+                                          "in the multicast group, with [manager] configured?)")
+            elif t.exception() is not None:
+                results[key] = AgentError(f"{device}: {t.exception()}")
+            else:
+                results[key] = t.result()
+        return results
 
     async def _guarded(self, mid: int, plan: Plan, ident: VmIdentity, step: modes.Step,
                        work: Awaitable[modes.Outcome], vm: str) -> modes.Outcome:
@@ -286,36 +532,50 @@ class Migrator:
                 self.journal.finish(m.id, "failed", f"cannot recover: {exc}")
                 done.append({"migration": m.id, "vm": m.vm, "action": "failed", "error": str(exc)})
                 continue
-            ident = VmIdentity.from_dict(m.vm_identity)
-            step = self._stepper(m.id)
-            if m.state == "committed":
-                if self.settings.cleanup == "delete":
-                    await self._cleanup(m.id, plan, ident)
-                else:
-                    self.journal.finish(m.id, "committed")
-                action = "finished cleanup"
-            elif m.state == "stored" and self.store.get(m.id):
-                action = "kept stored bundles"
-            else:
-                errors = await self._rollback(plan, ident, step, _all_destinations(plan))
-                self.store.drop(m.id)
-                self.journal.finish(m.id, "rolled-back", "; ".join(["manager restarted", *errors]))
-                action = "rolled back"
+            with self._naming(m.id):
+                action = await self._recover_one(m, plan)
             done.append({"migration": m.id, "vm": m.vm, "was": m.state, "action": action})
         return done
+
+    async def _recover_one(self, m: Migration, plan: Plan) -> str:
+        ident = VmIdentity.from_dict(m.vm_identity)
+        if m.state == "committed":
+            if self.settings.cleanup == "delete":
+                await self._cleanup(m.id, plan, ident)
+            else:
+                self.journal.finish(m.id, "committed")
+            return "finished cleanup"
+        if m.state == "stored" and self.store.devices(m.id):
+            return "kept stored bundles"
+        errors = await self._rollback(plan, ident, self._stepper(m.id), _all_destinations(plan))
+        self.store.drop(m.id)
+        self.journal.finish(m.id, "rolled-back", "; ".join(["manager restarted", *errors]))
+        return "rolled back"
 
     # --- helpers --------------------------------------------------------------------------------
 
     def _plan_of(self, m: Migration) -> Plan:
         """Rebuild a journaled plan against the current topology's devices."""
-        plan = Plan(m.source, m.destination)
+        plan = Plan(m.source, m.destination,
+                    missing={Kind(k): why for k, why in m.plan.get("missing", {}).items()})
+        devices = self.topo.devices
         for r in m.plan.get("routes", []):
+            also = tuple(devices[d] for d in r.get("also_held_by", ()) if d in devices)
             try:
-                plan.routes.append(Route(Kind(r["kind"]), self.topo.devices[r["source"]],
-                                         tuple(self.topo.devices[d] for d in r["destinations"])))
+                plan.routes.append(Route(Kind(r["kind"]), devices[r["source"]],
+                                         tuple(devices[d] for d in r["destinations"]), also))
             except KeyError as exc:
                 raise UsageError(f"device {exc} of migration {m.id} is no longer in the topology") from None
         return plan
+
+    @contextlib.contextmanager
+    def _naming(self, mid: int) -> Iterator[None]:
+        """Agent requests made meanwhile, from this task, name migration ``mid``."""
+        token = MIGRATION.set(self.journal.token(mid))
+        try:
+            yield
+        finally:
+            MIGRATION.reset(token)
 
     def _stepper(self, mid: int) -> modes.Step:
         journal = self.journal
@@ -352,7 +612,8 @@ class Migrator:
                 "ms": None if ms is None else round(ms, 3), "budget_ms": m.budget_ms,
                 "over_budget": ms is not None and ms > m.budget_ms,
                 "device_ms": {d: round(v, 3) for d, v in per_device.items()},
-                "phases": phases, "missing": {k.value: w for k, w in plan.missing.items()}}
+                "phases": phases, "missing": {k.value: w for k, w in plan.missing.items()},
+                "also_held_by": {k.value: [d.id for d in devs] for k, devs in plan.also_held_by().items()}}
 
     def _status(self, vm: str) -> dict[str, Any]:
         for m in self.journal.recent(20):

@@ -10,8 +10,9 @@ that means (commit, rollback, cleanup) is ``migration.py``'s.
   each destination device the kinds routed to it;
 - push:  each source device sends straight to each destination device (agent /push);
 - pull:  each destination device fetches straight from its source device (agent /pull);
-- store: ``deposit`` exports into the manager's store on "out"; ``collect``
-  imports from it on "in".
+- store: the manager exports into its store on "out" and imports from it on "in"
+  (``export_all``, ``import_all``), or — the device-driven variant — the devices
+  deposit and collect themselves (``rounds.py``).
 """
 
 from __future__ import annotations
@@ -79,10 +80,17 @@ def report_error(report: dict[str, Any]) -> str:
     return "; ".join(errors) or f"{report.get('failed', 0)} entries failed"
 
 
-async def _gather(items: list[tuple[Device, Device, tuple[Kind, ...]]],
-                  call: Callable[[Device, Device, tuple[Kind, ...]], Awaitable[dict[str, Any]]],
-                  ) -> Outcome:
+Pair = tuple[Device, Device, tuple[Kind, ...]]
+
+
+async def _gather(items: list[Pair], call: Callable[[Device, Device, tuple[Kind, ...]],
+                                                    Awaitable[dict[str, Any]]]) -> Outcome:
     results = await asyncio.gather(*(call(s, d, k) for s, d, k in items), return_exceptions=True)
+    return outcome_of(items, results)
+
+
+def outcome_of(items: list[Pair], results: Sequence[dict[str, Any] | BaseException]) -> Outcome:
+    """Which (source, destination) imports committed, from each one's import report or error."""
     outcome = Outcome()
     for (src, dst, kinds), result in zip(items, results, strict=True):
         if isinstance(result, BaseException):
@@ -96,7 +104,8 @@ async def _gather(items: list[tuple[Device, Device, tuple[Kind, ...]]],
     return outcome
 
 
-def _pairs(plan: Plan) -> list[tuple[Device, Device, tuple[Kind, ...]]]:
+def pairs(plan: Plan) -> list[Pair]:
+    """(source, destination, kinds) of every import the plan needs."""
     return [(s, d, tuple(k)) for (s, d), k in plan.pairs().items()]
 
 
@@ -121,7 +130,7 @@ async def import_all(devices: Devices, plan: Plan, vm: VmIdentity, bundles: dict
             "import", dst, kinds, lambda: devices.import_(dst.agent, bundles[src.id], vm, kinds))
         return result
 
-    return await _gather(_pairs(plan), one)
+    return await _gather(pairs(plan), one)
 
 
 async def relay(devices: Devices, plan: Plan, vm: VmIdentity, step: Step) -> Outcome:
@@ -135,7 +144,7 @@ async def push(devices: Devices, plan: Plan, vm: VmIdentity, step: Step) -> Outc
         report: dict[str, Any] = result.get("report", {})
         return report
 
-    return await _gather(_pairs(plan), one)
+    return await _gather(pairs(plan), one)
 
 
 async def pull(devices: Devices, plan: Plan, vm: VmIdentity, step: Step) -> Outcome:
@@ -144,7 +153,7 @@ async def pull(devices: Devices, plan: Plan, vm: VmIdentity, step: Step) -> Outc
                                             lambda: devices.pull(dst.agent, vm, kinds, src.agent))
         return result
 
-    return await _gather(_pairs(plan), one)
+    return await _gather(pairs(plan), one)
 
 
 async def forget(devices: Devices, targets: dict[Device, set[Kind]], vm: VmIdentity, step: Step,

@@ -7,8 +7,16 @@ Endpoints (JSON)::
     GET  /v1/migrations?limit=N                the journal, newest first
     GET  /metrics                              Prometheus text (also on the optional plain listener)
 
+    The devices' own requests (device-driven variant, ``desk.py``); only the
+    certificate named DEVICE may make them:
+    POST /v1/devices/DEVICE/role                      the message it heard -> its part
+    PUT  /v1/devices/DEVICE/deposits/MIGRATION        its bundle (zstd) into the store
+    GET  /v1/devices/DEVICE/collect/MIGRATION/SOURCE  SOURCE's stored bundle (zstd)
+    POST /v1/devices/DEVICE/reports/MIGRATION         {"source", "report"} | {"source"?, "error"}
+
 Datagrams (``[listen] udp`` and ``multicast``) carry the same message; the
-answer goes back to the sender as one datagram.
+answer goes back to the sender as one datagram. A store-mode message heard on
+the multicast group is the device-driven variant: the agents there heard it too.
 
     async with ManagerServer(config) as server:   # recovers the journal, then listens
         await server.wait_stopped()
@@ -22,7 +30,6 @@ import json
 import logging
 import signal
 import socket
-import struct
 import time
 from types import TracebackType
 from typing import Any, cast
@@ -31,18 +38,20 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from xfer import netns as xnetns
 from xfer.agent import tls
 from xfer.agent.client import AgentClient
-from xfer.agent.protocol import error_body, status_of
+from xfer.agent.protocol import BUNDLE_TYPE, COMPRESSION_HEADER, ZSTD, error_body, packed_size, status_of
 from xfer.agent.server import bind_socket
-from xfer.errors import AuthError, UsageError, XferError
+from xfer.bundle import DEFAULT_MAX_SIZE
+from xfer.errors import AuthError, BundleError, UsageError, XferError
 from xfer.manager import messages, topology
 from xfer.manager.config import API_PATH, ManagerConfig
+from xfer.manager.desk import DeviceDesk
 from xfer.manager.journal import Journal
 from xfer.manager.migration import Conflict, MigrationFailed, Migrator
 from xfer.manager.modes import Devices
 from xfer.manager.store import Store
+from xfer.udp import multicast_socket, udp_socket
 
 log = logging.getLogger("xfer.manager")
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -90,6 +99,7 @@ class ManagerServer:
         self._journal: Journal | None = None
         self._store: Store | None = None
         self._migrator: Migrator | None = None
+        self._desk: DeviceDesk | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -126,6 +136,7 @@ class ManagerServer:
             self._store = Store(cfg.journal, cfg.store_ttl_s)
             self._migrator = Migrator(topo, devices, self._journal, self._store, cfg.settings,
                                       on_record=self.metrics.record)
+            self._desk = DeviceDesk(self._migrator)
             # Before listening: no message may meet the remains of a crashed run.
             for item in await self.migrator.recover():
                 emit({"event": "recovered", **item})
@@ -134,6 +145,10 @@ class ManagerServer:
                 web.post(API_PATH, self._message), web.post("/migrations", self._message),
                 web.post(f"{API_PATH}/abort", self._abort), web.get(API_PATH, self._list),
                 web.get("/metrics", self._metrics),
+                web.post("/v1/devices/{device}/role", self._role),
+                web.put("/v1/devices/{device}/deposits/{migration:\\d+}", self._deposit),
+                web.get("/v1/devices/{device}/collect/{migration:\\d+}/{source}", self._collect),
+                web.post("/v1/devices/{device}/reports/{migration:\\d+}", self._report),
             ])
             sock = bind_socket(cfg.address, cfg.port, cfg.netns)
             self.port = sock.getsockname()[1]
@@ -145,9 +160,10 @@ class ManagerServer:
             if cfg.udp:
                 udp = udp_socket(*cfg.udp, cfg.netns)
                 self.udp_port = udp.getsockname()[1]
-                await self._listen_udp(udp)
+                await self._listen_udp(udp, "udp")
             if cfg.multicast:
-                await self._listen_udp(multicast_socket(*cfg.multicast, cfg.multicast_interface, cfg.netns))
+                await self._listen_udp(multicast_socket(*cfg.multicast, cfg.multicast_interface, cfg.netns),
+                                       "multicast")
         except BaseException:
             await self.stop()
             raise
@@ -160,9 +176,9 @@ class ManagerServer:
         self._runners.append(runner)
         await web.SockSite(runner, sock, ssl_context=ctx).start()
 
-    async def _listen_udp(self, sock: socket.socket) -> None:
+    async def _listen_udp(self, sock: socket.socket, name: str) -> None:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self), sock=sock)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self, name), sock=sock)
         self._udp.append(transport)
 
     async def stop(self) -> None:
@@ -200,7 +216,7 @@ class ManagerServer:
             record = {"vm": msg.vm, "indication": msg.indication, "direction": msg.direction,
                       "mode": msg.mode or self.config.settings.mode}
             budget = min(self.config.settings.budget_ms, deadline_ms) if deadline_ms else None
-            report = await self.migrator.handle(msg, budget)
+            report = await self.migrator.handle(msg, budget, transport)
             record.update({k: report.get(k) for k in ("migration", "state", "over_budget", "device_ms")})
             return report
         except XferError as exc:
@@ -215,7 +231,12 @@ class ManagerServer:
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         peer = tls.peer_name(request.transport.get_extra_info("peercert") if request.transport else None)
         try:
-            if self.config.allowed_peers and peer not in self.config.allowed_peers:
+            device = request.match_info.get("device")
+            if device is not None:
+                # A device acts for itself only: its certificate names it.
+                if peer != device:
+                    raise AuthError(f"peer {peer or '(no name)'} may not act for device {device}")
+            elif self.config.allowed_peers and peer not in self.config.allowed_peers:
                 raise AuthError(f"peer {peer or '(no name)'} may not send migration messages")
             response: web.StreamResponse = await handler(request)
             return response
@@ -251,14 +272,44 @@ class ManagerServer:
         assert self._journal is not None
         return web.json_response([m.to_dict() for m in self._journal.recent(limit)])
 
+    # --- the devices' own requests (device-driven variant) ------------------------------------
+
+    @property
+    def desk(self) -> DeviceDesk:
+        assert self._desk is not None, "start() first"
+        return self._desk
+
+    async def _role(self, request: web.Request) -> web.StreamResponse:
+        device = request.match_info["device"]
+        answer = await self.desk.role(device, await self._json(request))
+        emit({"event": "role", "device": device, **{k: answer.get(k) for k in ("vm", "migration", "role")}})
+        return web.json_response(answer)
+
+    async def _deposit(self, request: web.Request) -> web.StreamResponse:
+        packed = await _read_limited(request, DEFAULT_MAX_SIZE)
+        size = packed_size(packed, request.headers.get(COMPRESSION_HEADER), DEFAULT_MAX_SIZE)
+        return web.json_response(self.desk.deposit(int(request.match_info["migration"]),
+                                                   request.match_info["device"], packed, size))
+
+    async def _collect(self, request: web.Request) -> web.StreamResponse:
+        packed = self.desk.stored_bundle(int(request.match_info["migration"]), request.match_info["source"],
+                                         request.match_info["device"])
+        return web.Response(body=packed, content_type=BUNDLE_TYPE, headers={COMPRESSION_HEADER: ZSTD})
+
+    async def _report(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.desk.report(int(request.match_info["migration"]),
+                                                  request.match_info["device"], await self._json(request)))
+
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def datagram(self, data: bytes, addr: tuple[str, int], transport: asyncio.DatagramTransport) -> None:
+    def datagram(self, data: bytes, addr: tuple[str, int], transport: asyncio.DatagramTransport,
+                 name: str = "udp") -> None:
+        """One datagram, heard on the unicast socket (``name`` udp) or the group (multicast)."""
         async def run() -> None:
             try:
-                answer: dict[str, Any] = await self.handle(json.loads(data), "udp")
+                answer: dict[str, Any] = await self.handle(json.loads(data), name)
             except ValueError:
                 answer = {"ok": False, "error": "datagram is not JSON"}
             except XferError as exc:
@@ -275,8 +326,8 @@ class ManagerServer:
 
 
 class _Datagrams(asyncio.DatagramProtocol):
-    def __init__(self, server: ManagerServer) -> None:
-        self.server = server
+    def __init__(self, server: ManagerServer, name: str) -> None:
+        self.server, self.name = server, name
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -284,33 +335,20 @@ class _Datagrams(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.transport is not None
-        self.server.datagram(data, addr, self.transport)
+        self.server.datagram(data, addr, self.transport, self.name)
 
 
-def udp_socket(address: str, port: int, namespace: str | None) -> socket.socket:
-    """A UDP socket bound inside ``namespace`` (CAP_SYS_ADMIN to enter it)."""
-    with xnetns.entered(namespace):
-        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on udp {address}:{port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def multicast_socket(group: str, port: int, interface: str, namespace: str | None) -> socket.socket:
-    """A UDP socket on ``port`` that joined IPv4 ``group`` on the interface owning ``interface``."""
-    sock = udp_socket("0.0.0.0", port, namespace)
-    try:
-        mreq = struct.pack("4s4s", socket.inet_aton(group), socket.inet_aton(interface))
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot join multicast group {group} on {interface}: {exc.strerror}") from None
-    return sock
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """A request body of at most ``limit`` bytes (the API's small client_max_size is for JSON)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BundleError(f"bundle is over the manager's limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise BundleError(f"bundle is over the manager's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def emit(record: dict[str, Any]) -> None:

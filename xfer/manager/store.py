@@ -9,6 +9,10 @@ a copy of its firewall state around for ever).
     store = Store(Path("/var/lib/xfer/manager.db"), ttl_s=60)
     store.put(7, "fw-a", b"...")
     store.get(7) -> {"fw-a": b"..."}
+
+In the device-driven variant bundles arrive from the agents already compressed and
+leave the same way: ``put_raw``/``get_raw`` keep them as they travel (the agents,
+not the manager, check what is inside).
 """
 
 from __future__ import annotations
@@ -40,8 +44,24 @@ class Store:
         self._db.close()
 
     def put(self, migration: int, device: str, data: bytes) -> None:
+        self.put_raw(migration, device, compress(data)[0])
+
+    def put_raw(self, migration: int, device: str, packed: bytes) -> None:
+        """Store a bundle as it travels (zstd), for ``ttl_s``."""
         self._db.execute("INSERT OR REPLACE INTO store VALUES (?, ?, ?, ?)",
-                         (migration, device, compress(data)[0], time.time() + self.ttl_s))
+                         (migration, device, packed, time.time() + self.ttl_s))
+
+    def get_raw(self, migration: int, device: str) -> bytes | None:
+        """One unexpired bundle as it travels (zstd), or None."""
+        row = self._db.execute("SELECT data FROM store WHERE migration = ? AND device = ? AND expires > ?",
+                               (migration, device, time.time())).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def devices(self, migration: int) -> set[str]:
+        """The source devices whose bundle of ``migration`` is here and unexpired."""
+        rows = self._db.execute("SELECT device FROM store WHERE migration = ? AND expires > ?",
+                                (migration, time.time())).fetchall()
+        return {str(r[0]) for r in rows}
 
     def get(self, migration: int) -> dict[str, bytes]:
         """The unexpired bundles of a migration, by source device ({} when none or expired)."""
