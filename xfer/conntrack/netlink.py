@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import os
 import queue
 import socket
 import struct
@@ -93,7 +94,7 @@ class CtNetlink:
 
     # --- dumps -------------------------------------------------------------------
 
-    def _stream(self, request: bytes, what: str) -> Stream:
+    def _stream(self, request: bytes, what: str, sent: threading.Event | None = None) -> Stream:
         """Send a dump request; the entry messages of the answer as the kernel sent them.
 
         Receive buffers are kept whole (only the closing NLMSG_DONE is cut off):
@@ -101,7 +102,11 @@ class CtNetlink:
         Messages are located a run of equal lengths at a time (``same_length_run``):
         a run of messages longer than NLMSG_DONE and NLMSG_ERROR holds entries only.
         """
-        self.sock.send(request)
+        try:
+            self.sock.send(request)
+        finally:
+            if sent is not None:
+                sent.set()
         recv = self.sock.recv
         unpack = _NLMSG.unpack_from
         parts: list[bytes] = []
@@ -133,14 +138,18 @@ class CtNetlink:
             parts.append(buf)
             base += end
 
-    def dump_stream(self, family: int, **selectors: object) -> Stream:
-        """Entries of one family, filtered in the kernel; ``selectors`` as in ``wire.dump_request``."""
+    def dump_stream(self, family: int, *, sent: threading.Event | None = None,
+                    **selectors: object) -> Stream:
+        """Entries of one family, filtered in the kernel; ``selectors`` as in ``wire.dump_request``.
+
+        ``sent`` is set once the request is handed over (see ``dump_many``).
+        """
         request = wire.dump_request(family, self.next_seq(), **selectors)  # type: ignore[arg-type]
-        return self._stream(request, f"conntrack dump (family {family})")
+        return self._stream(request, f"conntrack dump (family {family})", sent)
 
     def dump(self, family: int, **selectors: object) -> Iterator[bytes]:
         """Attribute bytes of each entry of ``dump_stream``."""
-        for entry in stream.entries(self.dump_stream(family, **selectors)):
+        for entry in stream.entries(self.dump_stream(family, **selectors)):  # type: ignore[arg-type]
             yield entry.blob
 
     def dump_all(self, **selectors: object) -> Stream:
@@ -260,17 +269,37 @@ def dump_many(namespace: str | None, requests: Sequence[tuple[int, dict[str, obj
 
     The kernel walks the whole table for every filtered dump, inside recv(2) and
     without the GIL; on separate cores the walks overlap, so two dumps of a
-    200k-entry table cost little more than one.
+    200k-entry table cost little more than one. Two things keep them overlapping:
+
+    - NOTE: ctnetlink runs a dump's first batch inside send(2) under the
+      subsystem's mutex, and a dump that matches little fills its first batch
+      only at the end of its walk: sent while another dump is still starting, it
+      holds that one back for its whole walk. The requests go out in the order
+      given, each once the one before has been handed over; callers put first
+      the dump likely to match most.
+    - Each thread is pinned to a core of its own: left to the scheduler, two
+      fresh threads often start on the same core and the walks run one after
+      the other.
     """
-    def one(request: tuple[int, dict[str, object]]) -> Stream:
-        family, selectors = request
-        with CtNetlink(namespace) as ct:
-            return ct.dump_stream(family, **selectors)
+    cpus = sorted(os.sched_getaffinity(0))
+    handed_over = [threading.Event() for _ in requests]
+
+    def one(job: tuple[int, tuple[int, dict[str, object]]]) -> Stream:
+        index, (family, selectors) = job
+        if len(requests) > 1 and len(cpus) > 1:
+            os.sched_setaffinity(0, {cpus[index % len(cpus)]})  # this thread only
+        if index:
+            handed_over[index - 1].wait()
+        try:
+            with CtNetlink(namespace) as ct:
+                return ct.dump_stream(family, sent=handed_over[index], **selectors)
+        finally:
+            handed_over[index].set()  # also when the socket or the send failed
 
     if len(requests) <= 1:
-        return [one(r) for r in requests]
+        return [one(job) for job in enumerate(requests)]
     with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="ctnetlink-dump") as pool:
-        return list(pool.map(one, requests))
+        return list(pool.map(one, enumerate(requests)))
 
 
 def table_size(namespace: str | None) -> int:

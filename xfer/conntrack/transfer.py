@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, NoReturn
 
 from xfer.bundle import Bundle, Section
@@ -378,10 +378,12 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
             undone = len(sent) - len(_delete(ct, plan, sent))
             raise BundleError(f"conntrack entry {exc.sent} is malformed ({exc.__cause__}); "
                               f"rolled back {undone} created entries") from None
-        created = [i for i in range(count) if base + i not in failures]
-        existing = [i for i in range(count) if failures.get(base + i) == errno.EEXIST]
-        hard = {i: err for i in range(count)
-                if (err := failures.get(base + i, 0)) and err != errno.EEXIST}
+        # failures are few (keyed by sequence number): walk them, not every entry
+        failed = {seq - base: err for seq, err in failures.items() if 0 <= seq - base < count}
+        created: Sequence[int] = (range(count) if not failed
+                                  else [i for i in range(count) if i not in failed])
+        existing = sorted(i for i, err in failed.items() if err == errno.EEXIST)
+        hard = {i: err for i, err in failed.items() if err != errno.EEXIST}
         report.created = len(created)
         if existing and replace:
             ubase = ct.reserve(len(existing))
@@ -410,7 +412,7 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
     return report
 
 
-def _delete(ct: CtNetlink, plan: _Plan, indices: list[int]) -> dict[int, int]:
+def _delete(ct: CtNetlink, plan: _Plan, indices: Sequence[int]) -> dict[int, int]:
     """Delete the entries at ``indices`` from a table they were imported into (a rollback)."""
     base = ct.reserve(len(indices))
     return ct.batch((base + j, wire.delete_message(e.family, wire.split(e.blob), base + j,
