@@ -150,9 +150,8 @@ def test_export_selects_exactly_the_vms_entries(hosts: Hosts, pair: tuple[str, s
     assert ports == [6001, 6002, 6003, 6004]
 
 
-def test_malformed_entry_midway_rolls_back_what_went_in(hosts: Hosts, pair: tuple[str, str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from xfer.conntrack import netlink, transfer
+def test_malformed_entry_is_refused_before_anything_goes_in(hosts: Hosts, pair: tuple[str, str]) -> None:
+    from xfer.conntrack import transfer
     from xfer.errors import BundleError
     from xfer.model import parse_vm
 
@@ -161,11 +160,36 @@ def test_malformed_entry_midway_rolls_back_what_went_in(hosts: Hosts, pair: tupl
         _insert(hosts, src, VM, "10.0.9.1", port)
     vm = parse_vm(VM, {})
     entries = transfer.export_entries(vm, src)
-    # Ownership checks pass (the tuples are fine); a truncated trailing attribute
-    # only shows when the create message is built, after earlier chunks went in.
+    # a truncated trailing attribute: the check reads every attribute, as the kernel would
     entries[40] = RawEntry(entries[40].family, entries[40].blob + b"\x02\x00\x05\x00")
     section = export_section_from(entries)
-    monkeypatch.setattr(netlink, "SEND_CHUNK", 2048)  # several chunks before entry 40
+    with pytest.raises(BundleError, match=r"entry 40 is malformed"):
+        transfer.import_section(section, bundle.Bundle(vm, {}, {section.kind: section}), dst)
+    assert _count(hosts, dst) == 0
+
+
+def test_entry_failing_midway_rolls_back_what_went_in(hosts: Hosts, pair: tuple[str, str]) -> None:
+    """An entry that passes the checks but cannot be turned into a request (a NATed
+    entry whose reply tuple has no addresses) stops the batch after the entries
+    before it went in; they are deleted again."""
+    from xfer.conntrack import transfer
+    from xfer.errors import BundleError
+    from xfer.model import parse_vm
+
+    src, dst = pair
+    hosts.check(dst, ["nft", "add table ip nat; add chain ip nat post "
+                             "{ type nat hook postrouting priority 100 ; }"])
+    for port in range(7000, 7050):
+        _insert(hosts, src, VM, "10.0.9.1", port)
+    vm = parse_vm(VM, {})
+    entries = transfer.export_entries(vm, src)
+    attrs = wire.split(entries[40].blob)
+    status = int.from_bytes(attrs[c.CTA_STATUS][4:8], "big") | c.IPS_SRC_NAT
+    attrs[c.CTA_STATUS] = wire.nla(c.CTA_STATUS, status.to_bytes(4, "big"))
+    proto = {k: v for k, v in wire.split(attrs[c.CTA_TUPLE_REPLY][4:]).items() if k != c.CTA_TUPLE_IP}
+    attrs[c.CTA_TUPLE_REPLY] = wire.nest(c.CTA_TUPLE_REPLY, *proto.values())
+    entries[40] = RawEntry(entries[40].family, b"".join(attrs.values()))
+    section = export_section_from(entries)
     with pytest.raises(BundleError, match=r"entry 40 is malformed.*rolled back 40"):
         transfer.import_section(section, bundle.Bundle(vm, {}, {section.kind: section}), dst)
     assert _count(hosts, dst) == 0

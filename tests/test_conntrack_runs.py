@@ -132,3 +132,28 @@ def test_a_second_source_address_in_a_tuple_is_what_counts() -> None:
     assert layout.learn(stream.message(smuggled), 0) is None
     with pytest.raises(ForeignEntryError):
         _validated(bundle_of(VM, [honest] * 10 + [smuggled]).sections[Kind.CONNTRACK], VM)
+
+
+def test_a_repeated_original_tuple_is_what_counts() -> None:
+    """The kernel keeps the last CTA_TUPLE_ORIG of a message: so must the ownership check."""
+    honest = tcp_entry("10.0.1.2", "10.0.9.1")
+    foreign = wire.encode_tuple(c.CTA_TUPLE_ORIG, CtTuple("10.0.1.99", "10.0.9.1", c.IPPROTO_TCP, 1, 80))
+    smuggled = stream.RawEntry(2, honest.blob + foreign)
+    assert wire.endpoint_sources(smuggled.blob, trusted=False)[0] == bytes([10, 0, 1, 99])
+    with pytest.raises(ForeignEntryError):
+        _validated(bundle_of(VM, [honest] * 3 + [smuggled]).sections[Kind.CONNTRACK], VM)
+
+
+def test_batches_side_by_side_leave_the_gil_switch_interval_as_it_was() -> None:
+    import sys
+
+    from xfer.conntrack.netlink import GIL_SWITCH_INTERVAL, _short_gil_switches
+
+    before = sys.getswitchinterval()
+    outer = _short_gil_switches()
+    outer.__enter__()
+    with _short_gil_switches():
+        assert sys.getswitchinterval() == min(before, GIL_SWITCH_INTERVAL)
+    assert sys.getswitchinterval() == min(before, GIL_SWITCH_INTERVAL)  # the other still runs
+    outer.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before

@@ -37,6 +37,35 @@ _LONGEST_CONTROL = 36  # NLMSG_ERROR with NETLINK_CAP_ACK; NLMSG_DONE is 20
 QUEUED_CHUNKS = 16  # built ahead of the sender: 4 MB at most
 
 
+_switches_lock = threading.Lock()
+_switches_users = 0
+_switches_saved = 0.0
+
+
+@contextlib.contextmanager
+def _short_gil_switches() -> Iterator[None]:
+    """A short GIL switch interval while a batch is being built beside its sender.
+
+    The sender needs the GIL for a moment after each send(2); at the default 5 ms
+    interval it waits on the producer that long, chunk after chunk (20k entries:
+    60 ms against 50 ms of kernel work, with 0.5 ms). The interval is
+    process-wide: the first batch in lowers it, the last one out restores it.
+    """
+    global _switches_users, _switches_saved
+    with _switches_lock:
+        if _switches_users == 0:
+            _switches_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switches_saved, GIL_SWITCH_INTERVAL))
+        _switches_users += 1
+    try:
+        yield
+    finally:
+        with _switches_lock:
+            _switches_users -= 1
+            if _switches_users == 0:
+                sys.setswitchinterval(_switches_saved)
+
+
 class BatchInterrupted(XferError):
     """Building a batch failed part way: the first ``sent`` requests reached the kernel."""
 
@@ -209,23 +238,17 @@ class CtNetlink:
                     errors.append(exc)
 
         thread = threading.Thread(target=sender, name="ctnetlink-batch")
-        # The sender needs the GIL for a moment after each send(2); at the default
-        # 5 ms switch interval it waits on the producer that long, chunk after
-        # chunk (20k entries: 60 ms against 50 ms of kernel work with 0.5 ms).
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, GIL_SWITCH_INTERVAL))
         thread.start()
         produced = 0
         try:
-            for chunk, count in chunks:
-                queued.put(chunk)
-                produced += count
+            with _short_gil_switches():
+                for chunk, count in chunks:
+                    queued.put(chunk)
+                    produced += count
         except Exception as exc:
             queued.put(None)
             thread.join()
             raise BatchInterrupted(produced, failures, exc) from exc
-        finally:
-            sys.setswitchinterval(interval)
         queued.put(None)
         thread.join()
         if errors:

@@ -274,7 +274,8 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
             layouts.append(None if status & nat_bits else lay)  # NAT: see create_message
         else:
             try:
-                orig_src, reply_src, status = wire.endpoint_sources(payload[pos + HDR:pos + length])
+                orig_src, reply_src, status = wire.endpoint_sources(payload[pos + HDR:pos + length],
+                                                                    trusted=False)
             except (ValueError, KeyError, IndexError, struct.error):
                 raise BundleError(f"conntrack entry {len(offsets)} is malformed") from None
             if orig_src not in owned and reply_src not in owned:
@@ -324,7 +325,8 @@ def _create_requests(plan: _Plan, base: int, age: int
             continue
         start = offsets[i]
         j = i
-        while j < count and layouts[j] is not None and offsets[j] - start < SEND_CHUNK:
+        while (j < count and layouts[j] is not None and offsets[j] - start < SEND_CHUNK
+               and (j == i or not _run_starts(layouts, j))):
             j += 1
         stop = offsets[j] if j < count else len(payload)
         chunk = bytearray(payload[start:stop])
@@ -333,6 +335,12 @@ def _create_requests(plan: _Plan, base: int, age: int
                   payload[offsets[k] + 16], base + k, age)
         yield chunk, j - i
         i = j
+
+
+def _run_starts(layouts: list[Layout | None], j: int) -> bool:
+    """Whether a run long enough to be patched column by column starts at ``j``."""
+    first = layouts[j]
+    return j + _RUN_AFTER <= len(layouts) and all(layouts[x] is first for x in range(j + 1, j + _RUN_AFTER))
 
 
 def _patched_run(payload: bytes, start: int, lay: Layout, k: int, seq: int, age: int
