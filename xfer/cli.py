@@ -24,6 +24,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    # With a callback the app stays a group even when main() leaves it one command.
+    pass
+
+
 bundle_app = typer.Typer(help="Inspect bundles.", no_args_is_help=True)
 conntrack_app = typer.Typer(help="Look at a device's conntrack table.", no_args_is_help=True)
 lab_app = typer.Typer(help="The network-namespace lab: two firewalls, a VM and a server.",
@@ -1027,8 +1035,8 @@ _register_manager()
 
 
 # Commands a hypervisor hook runs inside the pause window. typer inspects the
-# signature of every registered command at start (~70 ms for all groups), so for
-# these only the top-level commands are built.
+# signature of every registered command at start (~70 ms for all of them), so for
+# these only the command itself is built (``_root`` keeps it a subcommand).
 _PAUSE_WINDOW = frozenset({"export", "import", "forget", "notify"})
 
 
@@ -1038,6 +1046,7 @@ def main() -> None:
     heap.keep_freed_memory()  # MB-sized buffers without page faults inside the pause window
     if len(sys.argv) > 1 and sys.argv[1] in _PAUSE_WINDOW:
         app.registered_groups = []
+        app.registered_commands = [c for c in app.registered_commands if c.name == sys.argv[1]]
     try:
         app()
     except UsageError as exc:
