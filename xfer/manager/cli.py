@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,7 +40,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def _out(data: Any) -> None:
-    from xfer.cli import _print_json
+    from xfer.cli.common import print_json as _print_json
 
     _print_json(data)
 
@@ -155,15 +153,11 @@ def manager_serve(config: Annotated[Path, typer.Option("--config", "-c", help="M
     """
     import asyncio
 
+    from xfer.cli.common import log_lines_to_stderr
     from xfer.manager import config as config_mod
     from xfer.manager import server
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    mlog = logging.getLogger("xfer.manager")
-    mlog.addHandler(handler)
-    mlog.setLevel(logging.INFO)
-    mlog.propagate = False
+    log_lines_to_stderr("xfer.manager")
     asyncio.run(server.serve(config_mod.load(config)))
 
 

@@ -1,0 +1,5 @@
+"""``python -m xfer.cli``."""
+
+from xfer.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""``xfer bench ...``: benchmarks against the baseline tools, measured in the same run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from xfer.cli.common import (
+    JsonOpt,
+    app,
+    print_json,
+)
+
+bench_app = typer.Typer(help="Benchmarks against the baseline tools, measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("conntrack")
+def bench_conntrack(
+    total: Annotated[int, typer.Option(help="Entries in the source table.")] = 200_000,
+    vm_flows: Annotated[int, typer.Option("--vm-flows", help="Of which the VM's.")] = 20_000,
+    repeat: Annotated[int, typer.Option(help="Runs of each contender (median reported).")] = 3,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/conntrack.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Export+import of a VM's conntrack entries vs `conntrack -L ... -o save | conntrack -R -`.
+
+    Example: xfer bench conntrack --total 200000 --vm-flows 20000
+    """
+    from xfer.bench import conntrack as bench
+
+    result = bench.run(total, vm_flows, repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)
+
+
+@bench_app.command("agents")
+def bench_agents(
+    vm_flows: Annotated[int, typer.Option("--vm-flows", help="The VM's conntrack entries.")] = 20_000,
+    total: Annotated[int, typer.Option(help="Entries in the source table.")] = 20_000,
+    repeat: Annotated[int, typer.Option(help="Rounds after the cold one (median reported).")] = 5,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/agents.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Push and pull between two agents (mutual TLS) vs in-process export+import, same run.
+
+    Example: xfer bench agents --vm-flows 20000 --json
+    """
+    from xfer.bench import agents as bench
+
+    result = bench.run(vm_flows, max(total, vm_flows), repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)
+
+
+@bench_app.command("counters")
+def bench_counters(
+    vms: Annotated[int, typer.Option("--vms", help="VMs whose counters move in bulk.")] = 10_000,
+    repeat: Annotated[int, typer.Option(help="Runs of each contender (median reported).")] = 5,
+    seconds: Annotated[float, typer.Option(help="Length of each iperf3 run.")] = 3.0,
+    keys_per_vm: Annotated[int, typer.Option("--keys-per-vm", help="2: IPv4 + IPv6 per VM; "
+                                             "1: IPv4 only.")] = 2,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/counters.json"),
+    datapath: Annotated[bool, typer.Option("--datapath/--no-datapath",
+                                           help="Also measure the datapath cost with iperf3.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Counters export+import (batch vs per key) and datapath cost (iperf3 with vs without).
+
+    Example: xfer bench counters --vms 10000 --json
+    """
+    from xfer.bench import counters as bench
+
+    result = bench.run(vms, repeat, seconds, out, echo=None if as_json else typer.echo,
+                       keys_per_vm=keys_per_vm, datapath=datapath)
+    if as_json:
+        print_json(result)
+
+
+@bench_app.command("qemu")
+def bench_qemu(
+    repeat: Annotated[int, typer.Option(help="Migrations of each contender (median reported).")] = 10,
+    transfer_ms: Annotated[float, typer.Option("--transfer-ms", help="Time the stand-in manager "
+                                               "takes in the second hooked scenario.")] = 50.0,
+    memory_mb: Annotated[int, typer.Option("--memory-mb", help="Guest memory.")] = 64,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/qemu.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Extra guest downtime the QEMU hook causes (window held minus the transfer), real QEMU.
+
+    Baseline: the same migration without the hook, in the same run. Target: under 5 ms.
+
+    Example: xfer bench qemu --repeat 10 --json
+    """
+    from xfer.bench import qemu as bench
+
+    result = bench.run(repeat, transfer_ms, out, echo=None if as_json else typer.echo,
+                       memory_mb=memory_mb)
+    if as_json:
+        print_json(result)
+
+
+@bench_app.command("dhcp")
+def bench_dhcp(
+    repeat: Annotated[int, typer.Option(help="Runs of each measurement (median reported).")] = 20,
+    seconds: Annotated[float, typer.Option(help="Seconds per iperf3 run.")] = 3.0,
+    rounds: Annotated[int, typer.Option(help="iperf3 on/off rounds per traffic kind.")] = 4,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/dhcp.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """ACK-to-enforceable latency, export+import of one binding, iperf3 with guard on vs off.
+
+    Example: xfer bench dhcp --json
+    """
+    from xfer.bench import dhcp as bench
+
+    result = bench.run(repeat, seconds, out, echo=None if as_json else typer.echo,
+                       rounds=rounds)
+    if as_json:
+        print_json(result)

@@ -1,0 +1,218 @@
+"""``xfer export|import|forget``, ``xfer bundle show``, ``xfer conntrack ls``: state on a device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from xfer.cli.common import (
+    JsonOpt,
+    KeyOpt,
+    KindsOpt,
+    MarkOpt,
+    MaskOpt,
+    NetnsOpt,
+    VmOpt,
+    ZoneOpt,
+    app,
+    fail,
+    print_json,
+)
+
+bundle_app = typer.Typer(help="Inspect bundles.", no_args_is_help=True)
+conntrack_app = typer.Typer(help="Look at a device's conntrack table.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(conntrack_app, name="conntrack")
+
+
+def _ct_options(zone: int | None, mark: int | None, mask: int) -> dict[str, Any]:
+    from xfer.conntrack.transfer import Selectors
+
+    return {"selectors": Selectors(zone, mark, mask)}
+
+
+@app.command("export")
+def export_cmd(
+    vm: VmOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle file to write.")],
+    kinds: KindsOpt = "conntrack",
+    netns: NetnsOpt = None,
+    zone: ZoneOpt = None,
+    mark: MarkOpt = None,
+    mask: MaskOpt = 0xFFFFFFFF,
+    key_file: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a VM's state from a device into a bundle file.
+
+    Example: xfer export --vm 10.0.0.2 --kinds conntrack --netns fw-src --out vm.xfer
+    """
+    from xfer import bundle as bundle_mod
+    from xfer import transfer
+    from xfer.model import Kind, parse_kinds, parse_vm
+
+    ident = parse_vm(vm)
+    kind_list = parse_kinds(kinds)
+    options = {Kind.CONNTRACK: _ct_options(zone, mark, mask)}
+    b = transfer.export_bundle(ident, kind_list, netns, options=options)
+    size = bundle_mod.write(out, b, bundle_mod.load_key(key_file))
+    counts = {k.value: s.count for k, s in b.sections.items()}
+    if as_json:
+        print_json({"file": str(out), "bytes": size, "id": b.id, "counts": counts})
+    else:
+        moved = ", ".join(f"{n} {k}" for k, n in counts.items())
+        typer.echo(f"exported {moved} for {ident.id} to {out} ({size} bytes)")
+
+
+@app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="Bundle file.")],
+    netns: NetnsOpt = None,
+    vm: Annotated[str | None, typer.Option("--vm", help="Refuse the bundle unless it is for "
+                                           "this VM.")] = None,
+    kinds: Annotated[str | None, typer.Option("--kinds", help="Import only these kinds.")] = None,
+    no_replace: Annotated[bool, typer.Option("--no-replace", help="Skip (and count) entries that "
+                                             "already exist instead of updating them.")] = False,
+    partial: Annotated[bool, typer.Option("--partial", help="Keep what succeeded when some "
+                                          "entries fail (default: roll back).")] = False,
+    dev: Annotated[str | None, typer.Option("--dev", help="Counting interface that receives "
+                                            "imported counters, where the device has several.",
+                                            metavar="IFACE")] = None,
+    key_file: KeyOpt = None,
+    max_size: Annotated[int, typer.Option("--max-size", help="Refuse bundles larger than this "
+                                          "many bytes.")] = 256 * 1024 * 1024,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a bundle into a device; prints created/updated/skipped/failed counts.
+
+    Example: xfer import vm.xfer --netns fw-dst
+    """
+    from xfer import bundle as bundle_mod
+    from xfer import transfer
+    from xfer.model import Kind, parse_kinds, parse_vm
+
+    b = bundle_mod.read(file, bundle_mod.load_key(key_file), max_size)
+    ident = parse_vm(vm) if vm else None
+    options: dict[Kind, dict[str, Any]] = {
+        Kind.CONNTRACK: {"replace": not no_replace, "partial": partial}}
+    if dev:
+        options[Kind.COUNTERS] = {"dev": dev}
+    report = transfer.import_bundle(b, netns, vm=ident,
+                                    kinds=parse_kinds(kinds) if kinds else None, options=options)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        for kind, r in report.kinds.items():
+            typer.echo(f"{kind}: created {r.created}, updated {r.updated}, skipped {r.skipped}, "
+                       f"failed {r.failed} ({r.seconds * 1000:.1f} ms)"
+                       + (" — rolled back" if r.rolled_back else ""))
+            for w in r.warnings:
+                typer.echo(f"  warning: {w}", err=True)
+    if not report.ok:
+        reasons = "; ".join(f"{k}: {m}" for k, m in report.errors.items()) or "some entries failed"
+        fail(f"import failed: {reasons}")
+
+
+@app.command("forget")
+def forget_cmd(
+    vm: VmOpt,
+    kinds: KindsOpt = "conntrack",
+    netns: NetnsOpt = None,
+    zone: ZoneOpt = None,
+    mark: MarkOpt = None,
+    mask: MaskOpt = 0xFFFFFFFF,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete a VM's state from a device (the source, once the destination committed).
+
+    Example: xfer forget --vm 10.0.0.2 --netns fw-src
+    """
+    from xfer import transfer
+    from xfer.model import Kind, parse_kinds, parse_vm
+
+    reports = transfer.forget(parse_vm(vm), parse_kinds(kinds), netns,
+                              options={Kind.CONNTRACK: _ct_options(zone, mark, mask)})
+    if as_json:
+        print_json({k.value: r.to_dict() for k, r in reports.items()})
+    else:
+        for kind, r in reports.items():
+            typer.echo(f"{kind}: deleted {r.deleted}, already gone {r.skipped}, failed {r.failed}")
+    if any(r.failed for r in reports.values()):
+        fail("some entries could not be deleted")
+
+
+@bundle_app.command("show")
+def bundle_show(
+    file: Annotated[Path, typer.Argument(help="Bundle file.")],
+    entries: Annotated[bool, typer.Option("--entries", help="List every entry.")] = False,
+    key_file: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a bundle's header, sections and (with --entries or --json) its entries.
+
+    Example: xfer bundle show vm.xfer --json
+    """
+    from xfer import bundle as bundle_mod
+    from xfer.conntrack.transfer import section_entries
+    from xfer.model import Kind
+
+    b = bundle_mod.read(file, bundle_mod.load_key(key_file))
+    header = b.header()
+    ct = b.sections.get(Kind.CONNTRACK)
+    records = section_entries(ct) if ct is not None else []
+    if as_json:
+        header["age_s"] = round(b.age(), 3)
+        if ct is not None:
+            header["conntrack"] = [e.to_json() for e in records]
+        print_json(header)
+        return
+    typer.echo(f"bundle {b.id} (format {header['format']}, {'signed' if b.signed else 'unsigned'})")
+    typer.echo(f"  vm:      {b.vm.id}  {' '.join((*b.vm.addresses, *b.vm.macs))}")
+    typer.echo(f"  source:  {b.source.get('device')} netns={b.source.get('netns')}")
+    typer.echo(f"  created: {b.created:.3f} ({b.age():.1f} s ago)")
+    for s in header["sections"]:
+        typer.echo(f"  section {s['kind']}: {s['count']} entries, {s['length']} bytes, "
+                   f"{s['encoding']}, sha256 {s['sha256'][:16]}…")
+    if entries:
+        for e in records:
+            typer.echo("    " + e.summary())
+
+
+@conntrack_app.command("ls")
+def conntrack_ls(
+    vm: Annotated[str | None, typer.Option("--vm", help="Only this VM's entries.")] = None,
+    netns: NetnsOpt = None,
+    zone: ZoneOpt = None,
+    mark: MarkOpt = None,
+    mask: MaskOpt = 0xFFFFFFFF,
+    as_json: JsonOpt = False,
+) -> None:
+    """List conntrack entries of a VM (both directions, NAT included).
+
+    Example: xfer conntrack ls --vm 10.0.0.2 --netns fw-src --json
+    """
+    from xfer.conntrack.transfer import Selectors, list_entries
+    from xfer.model import parse_vm
+
+    records = list_entries(parse_vm(vm) if vm else None, netns, Selectors(zone, mark, mask))
+    if as_json:
+        print_json([e.to_json() for e in records])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("proto", "state", "original", "reply", "timeout", "mark", "zone", "flags",
+                  box=None)
+    for e in records:
+        o, r = e.orig, e.reply
+        table.add_row(
+            o.to_json()["proto"], e.state or "",
+            f"{o.src}:{o.sport or o.icmp_id or ''} → {o.dst}:{o.dport or ''}",
+            f"{r.src}:{r.sport or r.icmp_id or ''} → {r.dst}:{r.dport or ''}",
+            str(e.timeout), str(e.mark), str(e.zone),
+            ",".join(n for n in e.status_names() if n in ("ASSURED", "SRC_NAT", "DST_NAT")),
+        )
+    Console().print(table)
+    typer.echo(f"{len(records)} entries", err=True)
