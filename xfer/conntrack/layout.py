@@ -6,8 +6,8 @@ addresses, the status, the timeout and the TCP flags are worked out once per
 layout and checked on every entry with one struct unpack of all the attribute
 headers that fix them. An entry that matches is turned into a create request in
 place: message header, status, timeout and TCP flags patched, every other byte
-left as dumped. This is what makes an import cost a fraction of a microsecond of
-Python per entry instead of a walk over its attributes.
+left as dumped. This is what makes an import cost under a microsecond of Python
+per entry instead of a walk over its attributes (``runs`` does long runs at once).
 
 An entry whose layout holds anything a create must not receive as dumped (NAT
 bindings, helper, expectation master, security context, counters, timestamps,
@@ -42,7 +42,6 @@ _SRC_HEADS = {_HEADER.unpack(struct.pack("=HH", 8, c.CTA_IP_V4_SRC))[0]: 4,
 _DST_HEADS = {4: _HEADER.unpack(struct.pack("=HH", 8, c.CTA_IP_V4_DST))[0],
               16: _HEADER.unpack(struct.pack("=HH", 20, c.CTA_IP_V6_DST))[0]}
 _TUPLE_IP = c.CTA_TUPLE_IP | c.NLA_F_NESTED
-
 
 
 class Layout(NamedTuple):
