@@ -95,6 +95,45 @@ def test_observer_started_by_the_hook_sends_the_message_when_the_guest_stops(tmp
 
 
 @pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
+def test_destination_observer_sends_in_once_the_vm_arrived(tmp_path: Path) -> None:
+    """migrate begin here, then started begin: the observer on the destination's monitor
+    sends "in" naming this server when the VM arrives, then watches on as usual."""
+    async def scenario(pair: QemuPair) -> None:
+        (tmp_path / "vm1.qmp").symlink_to(pair.dst.witness)
+        async with StubManager() as mgr:
+            env = {"XFER_MANAGER_URL": mgr.url, "XFER_SERVER": "hv2", "XFER_MODE": "store"}
+            r = await asyncio.to_thread(hook, tmp_path, "vm1", "migrate", "begin", "-", **env)
+            assert r.returncode == 0 and (tmp_path / "vm1.incoming").exists()
+            r = await asyncio.to_thread(hook, tmp_path, "vm1", "started", "begin", "-", **env)
+            assert r.returncode == 0, r.stderr
+            assert not (tmp_path / "vm1.incoming").exists()
+            pid = int((tmp_path / "vm1.observer.pid").read_text())
+            async with QmpClient(pair.src.qmp) as src, QmpClient(pair.dst.qmp) as dst:
+                await _until_watching(tmp_path / "vm1.observer.log")
+                assert mgr.received == []  # nothing before the VM is here
+                await window.set_capabilities(dst, {window.EVENTS: True})
+                since = len(src.events)
+                uri = pair.uri()
+                await dst.execute("migrate-incoming", {"uri": uri})
+                await src.execute("migrate", {"uri": uri})
+                await window.wait_finished(src, since, 20)
+                async with asyncio.timeout(20):
+                    while not mgr.received:
+                        await asyncio.sleep(0.05)
+            [rec] = mgr.received
+            assert rec.message == {"vm": "vm1", "indication": "starting", "direction": "in",
+                                   "source": "", "destination": "hv2", "mode": "store"}
+            log = (tmp_path / "vm1.observer.log").read_text()
+            assert '"outcome": "in-sent"' in log
+            assert _alive(pid)  # and it watches on, for the VM's next migration away
+            r = await asyncio.to_thread(hook, tmp_path, "vm1", "release", "end", "-", **env)
+            assert r.returncode == 0 and not (tmp_path / "vm1.observer.pid").exists()
+
+    with QemuPair() as pair:
+        asyncio.run(scenario(pair))
+
+
+@pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 not installed")
 def test_release_stops_a_waiting_observer(tmp_path: Path) -> None:
     with QemuPair() as pair:
         (tmp_path / "vm1.qmp").symlink_to(pair.src.witness)

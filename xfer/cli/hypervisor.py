@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from xfer.cli.common import (
     fail,
     print_json,
 )
+from xfer.errors import UsageError
 
 QmpSockOpt = Annotated[str, typer.Option("--qmp", help="The source QEMU's QMP unix socket.",
                                           metavar="SOCKET")]
@@ -81,6 +83,10 @@ def qemu_hook(
                                           "send the message when the guest stops for migration. "
                                           "Ordering NOT guaranteed; the report says by how much "
                                           "the state was late.")] = False,
+    incoming: Annotated[bool, typer.Option("--incoming", help="With --observe, on the destination "
+                                           "of a migration (libvirt): once the VM has arrived, "
+                                           "send \"in\" naming this server (--from), then observe "
+                                           "as usual.")] = False,
     cacert: ManagerCaOpt = None,
     cert: ManagerCertOpt = None,
     key: ManagerKeyOpt = None,
@@ -101,13 +107,22 @@ def qemu_hook(
     from xfer.hypervisor import hook
     from xfer.hypervisor import observe as observer
 
+    if incoming and not observe:
+        raise UsageError("--incoming goes with --observe (a destination only watches)")
     opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode,
-                         (cacert, cert, key), wait_s=wait_s)
+                         (cacert, cert, key), wait_s=wait_s, incoming=incoming)
+
     def ready() -> None:
-        sys.stderr.write(f"xfer: watching {qmp} for {vm}'s migration stop (observer)\n")
+        what = "arrival, then its migration stop" if incoming else "migration stop"
+        sys.stderr.write(f"xfer: watching {qmp} for {vm}'s {what} (observer)\n")
         sys.stderr.flush()
 
-    run = observer.observe(qmp, opts, on_ready=ready) if observe else hook.run_hook(qmp, opts)
+    def arrived(event: dict[str, Any]) -> None:
+        sys.stderr.write(f"xfer: {json.dumps(event, default=str)}\n")
+        sys.stderr.flush()
+
+    run = (observer.observe(qmp, opts, on_ready=ready, on_arrival=arrived) if observe
+           else hook.run_hook(qmp, opts))
     _window_report(hook.run_sync(run), as_json)
 
 

@@ -54,9 +54,15 @@ class HookOptions:
     wait_s: float | None = None      # for the window to open; None: as long as it takes
     finish_s: float = 30.0           # for the migration to finish once the window ended
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)  # https manager
+    incoming: bool = False           # observer on a destination: "in" once the VM arrived (libvirt)
 
     def messages(self) -> list[MigrationMessage]:
         return messages_for(self.vm, self.source, self.destination, self.kinds, self.mode)
+
+    def arrival(self) -> MigrationMessage:
+        """The "in" a destination sends for a VM that arrived from a source it does not
+        know (libvirt): this server (``source``, the host the hook runs on) names itself."""
+        return MigrationMessage(self.vm, "starting", "in", "", self.source, self.kinds, self.mode)
 
     def __post_init__(self) -> None:
         if self.on_fail not in ON_FAIL:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from xfer.errors import XferError
 from xfer.hypervisor import window
@@ -30,9 +31,12 @@ MIGRATION_STOPPED = frozenset({"finish-migrate", "postmigrate"})
 
 
 async def observe(qmp_path: str, opts: HookOptions, notify: Notify | None = None,
-                  on_ready: Callable[[], None] | None = None) -> WindowReport:
+                  on_ready: Callable[[], None] | None = None,
+                  on_arrival: Callable[[dict[str, Any]], None] | None = None) -> WindowReport:
     """Wait for the guest to stop for a migration, send the message(s), report the race.
 
+    With ``opts.incoming`` (a destination that received the VM, see ``arrive``)
+    first send its "in" once the VM arrived; ``on_arrival`` gets what happened.
     ``on_ready`` is called once connected (the CLI says so in its log).
     """
     async with QmpClient(qmp_path) as qmp, ManagerLink(opts.manager, opts.ssl_context) as link:
@@ -42,6 +46,11 @@ async def observe(qmp_path: str, opts: HookOptions, notify: Notify | None = None
         since = len(qmp.events)
         if on_ready is not None:
             on_ready()
+        if opts.incoming:
+            arrived = await arrive(qmp, opts, notify, since)
+            if on_arrival is not None:
+                on_arrival(arrived)
+            since = len(qmp.events)
         stop = await _migration_stop(qmp, opts.wait_s)
         report = WindowReport(opts.vm, outcome="observed", stop=stop.timestamp)
         deadline = time.monotonic() + opts.deadline_s - max(0.0, time.time() - stop.timestamp)
@@ -58,6 +67,37 @@ async def observe(qmp_path: str, opts: HookOptions, notify: Notify | None = None
                      and e.data.get("status") == "completed"), None)
         report.switchover = done.timestamp if done else None
         return report
+
+
+async def arrive(qmp: QmpClient, opts: HookOptions, notify: Notify, since: int) -> dict[str, Any]:
+    """On the destination of a migration: wait until the VM has arrived, send its "in".
+
+    A libvirt source does not know the destination, so its "out" only deposits the
+    state in the manager's store; this "in", naming this server, has it imported
+    here. Arrived = the incoming migration completed or the guest runs here. Like
+    the source's observer this is not ordered with the guest's resume: the
+    answer's ``late_ms`` says how long the guest ran before the state was in.
+    A failed "in" is reported, not raised: the observer goes on watching.
+    """
+    status = (await qmp.execute("query-status"))["status"]
+    if status != "running":
+        async with window.within(opts.wait_s, "the VM did not arrive"):
+            await qmp.wait_event(lambda e: e.name == "RESUME" or (
+                e.name == "MIGRATION" and e.data.get("status") == "completed"), None, since)
+    resumed = next((e.timestamp for e in qmp.events[since:] if e.name == "RESUME"), None)
+    message = opts.arrival()
+    started = time.perf_counter()
+    out: dict[str, Any] = {"vm": opts.vm, "message": message.to_json()}
+    try:
+        out["answer"] = await notify(message, time.monotonic() + opts.deadline_s)
+        out["outcome"] = "in-sent"
+    except XferError as exc:
+        out["outcome"], out["error"] = "in-failed", str(exc)
+    out["ms"] = round((time.perf_counter() - started) * 1000, 3)
+    if resumed is None:
+        resumed = next((e.timestamp for e in qmp.events[since:] if e.name == "RESUME"), None)
+    out["late_ms"] = round(max(0.0, time.time() - resumed) * 1000, 3) if resumed else None
+    return out
 
 
 async def _migration_stop(qmp: QmpClient, timeout: float | None) -> QmpEvent:
