@@ -157,3 +157,30 @@ def test_batches_side_by_side_leave_the_gil_switch_interval_as_it_was() -> None:
     assert sys.getswitchinterval() == min(before, GIL_SWITCH_INTERVAL)  # the other still runs
     outer.__exit__(None, None, None)
     assert sys.getswitchinterval() == before
+
+
+def test_a_dump_is_filtered_to_the_vms_entries_run_by_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_filtered (small tables, IPv6 here) keeps exactly what belongs() keeps."""
+    from xfer.conntrack.transfer import _filtered, belongs
+
+    in_runs: list[int] = []
+    owned_indices = runs.owned_indices
+
+    def counting(v: runs.Views, pos: int, lay: layout.Layout, n: int, owned: frozenset[bytes]) -> list[int]:
+        in_runs.append(n)
+        return owned_indices(v, pos, lay, n, owned)
+
+    monkeypatch.setattr(runs, "owned_indices", counting)
+
+    rnd = random.Random(7)
+    entries = []
+    for i in range(400):
+        src = rnd.choice(["10.0.1.2", "10.0.7.7", "10.0.9.1"])
+        dst = rnd.choice(["10.0.1.2", "10.0.9.1"])
+        entries.append(tcp_entry(src, dst, 1000 + i, 80))
+    entries[200] = tcp_entry("10.0.1.2", "10.0.9.1", 5, 80, extra=wire.nla(c.CTA_ZONE, b"\0\7\0\0"))
+    dump = stream.from_entries(entries)
+    got = stream.entries(_filtered(dump, VM.packed_addresses))
+    assert got == [e for e in entries if belongs(e.blob, VM.packed_addresses)]
+    assert 0 < len(got) < len(entries)
+    assert sum(in_runs) > 300  # most of the dump was checked run by run

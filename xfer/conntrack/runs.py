@@ -85,24 +85,38 @@ def _misses(v: Views, pos: int, lay: Layout, n: int, rel: int, addrs: list[bytes
     return missed
 
 
+def _foreign(v: Views, pos: int, lay: Layout, n: int, owned: frozenset[bytes]) -> int:
+    """One byte per message, first first: 1 where neither source is one of ``owned``."""
+    addrs = sorted(a for a in owned if len(a) == lay.addr_len)
+    return (_misses(v, pos, lay, n, lay.orig_src, addrs)
+            & _misses(v, pos, lay, n, lay.reply_src, addrs))
+
+
 def first_foreign(v: Views, pos: int, lay: Layout, n: int, owned: frozenset[bytes]) -> int | None:
     """Index of the first of the ``n`` messages whose original and reply sources are
     both none of ``owned``, or None when every one is the VM's."""
-    addrs = sorted(a for a in owned if len(a) == lay.addr_len)
-    foreign = (_misses(v, pos, lay, n, lay.orig_src, addrs)
-               & _misses(v, pos, lay, n, lay.reply_src, addrs))
+    foreign = _foreign(v, pos, lay, n, owned)
     return foreign.to_bytes(n, "big").find(1) if foreign else None
+
+
+def owned_indices(v: Views, pos: int, lay: Layout, n: int, owned: frozenset[bytes]) -> list[int]:
+    """Indices of the ``n`` messages that are the VM's (an original or reply source in ``owned``)."""
+    return _indices(_foreign(v, pos, lay, n, owned).to_bytes(n, "big"), 0)
 
 
 def nat_indices(payload: bytes, pos: int, lay: Layout, n: int) -> list[int]:
     """Indices of the ``n`` messages whose status has a NAT bit."""
     at = pos + lay.status + 3
-    col = payload[at:at + (n - 1) * lay.step + 1:lay.step].translate(_NAT_LOW)
+    return _indices(payload[at:at + (n - 1) * lay.step + 1:lay.step].translate(_NAT_LOW), 1)
+
+
+def _indices(flags: bytes, value: int) -> list[int]:
+    """Where ``flags`` (one byte per message) holds ``value``."""
     out: list[int] = []
-    i = col.find(1)
+    i = flags.find(value)
     while i >= 0:
         out.append(i)
-        i = col.find(1, i + 1)
+        i = flags.find(value, i + 1)
     return out
 
 

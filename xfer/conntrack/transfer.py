@@ -93,9 +93,31 @@ def _merge(dumps: list[Stream], n_orig: int, owned: frozenset[bytes]) -> Stream:
 
 
 def _filtered(dump: Stream, owned: frozenset[bytes]) -> Stream:
-    payload = dump.payload
-    return stream.select(dump, [off for off in dump.offsets
-                                if belongs(stream.entry_at(payload, off).blob, owned)])
+    """The entries of a dump that are the VM's, chosen here (small tables, IPv6 on this
+    kernel): runs of one layout at once (``runs``), any other entry by itself."""
+    payload, offsets = dump.payload, dump.offsets
+    views = runs.views(payload)
+    known = Layouts()
+    keep: list[int] = []
+    previous: Layout | None = None
+    streak = 0  # entries in a row with one layout: a run worth checking at once follows
+    i = 0
+    while i < len(offsets):
+        off = offsets[i]
+        lay = known.of(payload, off, stream.length_at(payload, off)) if views is not None else None
+        streak = streak + 1 if lay is not None and lay is previous else 0
+        previous = lay
+        if streak >= _RUN_AFTER and views is not None and lay is not None:
+            streak = 0
+            k = runs.run_length(views, len(payload), off, lay)
+            if k:
+                keep += (offsets[i + j] for j in runs.owned_indices(views, off, lay, k, owned))
+                i += k
+                continue
+        if belongs(stream.entry_at(payload, off).blob, owned):
+            keep.append(off)
+        i += 1
+    return stream.select(dump, keep)
 
 
 def _ipv6_filter_inverted(probe: Stream) -> None:
