@@ -14,7 +14,7 @@ import pytest
 from netns_tests.lab_helpers import xfer
 from xfer import bundle
 from xfer.conntrack import constants as c
-from xfer.conntrack import wire
+from xfer.conntrack import stream, wire
 from xfer.conntrack.transfer import RawEntry, decode_entries, export_section_from
 from xfer.lab.hosts import Hosts
 
@@ -94,7 +94,7 @@ def test_foreign_bundle_changes_nothing(hosts: Hosts, pair: tuple[str, str], tmp
     from xfer.conntrack.netlink import CtNetlink
 
     with CtNetlink(src) as ct:
-        foreign = [blob for blob in ct.dump(2) if b"\x0a\x00\x01\x42" in blob]
+        foreign = [e.blob for e in stream.entries(ct.dump_stream(2)) if b"\x0a\x00\x01\x42" in e.blob]
     entries.append(RawEntry(2, foreign[0]))
     bundle.write(path, bundle.Bundle(b.vm, b.source, {section.kind: export_section_from(entries)}))
     out = xfer("import", str(path), "--netns", dst)

@@ -16,10 +16,10 @@ import pytest
 
 from xfer.bundle import Bundle
 from xfer.conntrack import constants as c
-from xfer.conntrack import stream, wire
+from xfer.conntrack import runs, stream, wire
 from xfer.conntrack.model import TcpInfo
 from xfer.conntrack.netlink import CtNetlink
-from xfer.conntrack.transfer import _RUN_AFTER, Selectors, _section, _validated, export_stream, import_section
+from xfer.conntrack.transfer import Selectors, _section, _validated, export_stream, import_section
 from xfer.lab.hosts import Hosts
 from xfer.model import parse_vm
 
@@ -65,7 +65,7 @@ def test_in_place_equals_full_rewrite(hosts: Hosts, accounting: bool) -> None:
     assert in_place == (0 if accounting else len(_FLOWS))
     if not accounting:
         longest = max(sum(1 for _ in g) for _, g in groupby(map(id, plan.layouts)))
-        assert longest >= _RUN_AFTER
+        assert longest >= runs.RUN_AFTER
 
     report = import_section(section, Bundle(vm=vm, source={}, sections={section.kind: section}), fast)
     assert (report.created, report.failed) == (len(_FLOWS), 0)

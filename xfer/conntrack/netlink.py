@@ -79,7 +79,7 @@ class CtNetlink:
     """A ctnetlink socket bound to one network namespace.
 
     >>> with CtNetlink("fw-dst") as ct:            # doctest: +SKIP
-    ...     entries = list(ct.dump(socket.AF_INET))
+    ...     entries = ct.dump_stream(socket.AF_INET)
     """
 
     def __init__(self, namespace: str | None = None) -> None:
@@ -175,11 +175,6 @@ class CtNetlink:
         """
         request = wire.dump_request(family, self.next_seq(), **selectors)  # type: ignore[arg-type]
         return self._stream(request, f"conntrack dump (family {family})", sent)
-
-    def dump(self, family: int, **selectors: object) -> Iterator[bytes]:
-        """Attribute bytes of each entry of ``dump_stream``."""
-        for entry in stream.entries(self.dump_stream(family, **selectors)):  # type: ignore[arg-type]
-            yield entry.blob
 
     def dump_all(self, **selectors: object) -> Stream:
         """Entries of every family in one walk of the table."""

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from xfer.conntrack import constants as c
-from xfer.conntrack.layout import Layout
-from xfer.conntrack.stream import leading
+from xfer.conntrack.layout import Layout, Layouts
+from xfer.conntrack.stream import align4, leading, message_length
 from xfer.conntrack.wire import CREATE_FLAGS, STATUS_DROP, TCP_FLAGS_KEEP
 
 _TYPE = struct.pack("=H", c.MSG_CT_NEW)
+# Entries in a row with one layout before the rest of their run is taken at once.
+RUN_AFTER = 8
 _NONZERO = bytes([0] + [1] * 255)
 # the low byte of the big-endian status word holds IPS_SRC_NAT and IPS_DST_NAT
 _NAT_LOW = bytes(1 if b & (c.IPS_SRC_NAT | c.IPS_DST_NAT) else 0 for b in range(256))
@@ -39,6 +42,42 @@ def views(payload: bytes) -> Views | None:
         return None
     whole = memoryview(payload)
     return Views(whole.cast("I"), whole.cast("H"))
+
+
+class Segment(NamedTuple):
+    """``n`` messages from byte ``pos``: one, or (``n`` > 1) a run of ``layout``."""
+
+    pos: int
+    n: int
+    layout: Layout | None
+    length: int  # of each message
+
+
+def segments(payload: bytes, v: Views | None) -> Iterator[Segment]:
+    """The messages of ``payload``, each checked to be a whole entry message
+    (``stream.message_length``: ValueError names the first that is not), grouped
+    into runs of one layout once ``RUN_AFTER`` in a row had it; any other message
+    comes by itself, with its layout (None: it has none)."""
+    known = Layouts()
+    previous: Layout | None = None
+    streak = 0
+    pos, index = 0, 0
+    while pos < len(payload):
+        length = message_length(payload, pos, index)
+        lay = known.of(payload, pos, length)
+        streak = streak + 1 if lay is not None and lay is previous else 0
+        previous = lay
+        if streak >= RUN_AFTER and v is not None and lay is not None:
+            streak = 0
+            k = run_length(v, len(payload), pos, lay)
+            if k > 1:
+                yield Segment(pos, k, lay, length)
+                pos += k * lay.step
+                index += k
+                continue
+        yield Segment(pos, 1, lay, length)
+        pos += align4(length)
+        index += 1
 
 
 def _column(view: memoryview, size: int, at: int, step: int, n: int) -> bytes:

@@ -15,13 +15,13 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple, NoReturn
 
 from xfer.bundle import Bundle, Section
 from xfer.conntrack import runs, stream, wire
 from xfer.conntrack.hooks import nat_hooks_registered
-from xfer.conntrack.layout import Layout, Layouts, patch
+from xfer.conntrack.layout import Layout, patch
 from xfer.conntrack.model import ConntrackEntry
 from xfer.conntrack.netlink import SEND_CHUNK, BatchInterrupted, CtNetlink, dump_many, table_size
 from xfer.conntrack.stream import HDR, RawEntry, Stream
@@ -37,8 +37,6 @@ ENCODING = "ctnetlink/2"
 MAX_ENTRIES = 2_000_000
 # Below this many entries one unfiltered walk beats two or three filtered ones.
 SMALL_TABLE = 4096
-# Entries in a row with one layout before the rest of the run is checked at once.
-_RUN_AFTER = 8
 
 
 class Selectors(NamedTuple):
@@ -95,28 +93,16 @@ def _merge(dumps: list[Stream], n_orig: int, owned: frozenset[bytes]) -> Stream:
 def _filtered(dump: Stream, owned: frozenset[bytes]) -> Stream:
     """The entries of a dump that are the VM's, chosen here (small tables, IPv6 on this
     kernel): runs of one layout at once (``runs``), any other entry by itself."""
-    payload, offsets = dump.payload, dump.offsets
+    payload = dump.payload
     views = runs.views(payload)
-    known = Layouts()
     keep: list[int] = []
-    previous: Layout | None = None
-    streak = 0  # entries in a row with one layout: a run worth checking at once follows
-    i = 0
-    while i < len(offsets):
-        off = offsets[i]
-        lay = known.of(payload, off, stream.length_at(payload, off)) if views is not None else None
-        streak = streak + 1 if lay is not None and lay is previous else 0
-        previous = lay
-        if streak >= _RUN_AFTER and views is not None and lay is not None:
-            streak = 0
-            k = runs.run_length(views, len(payload), off, lay)
-            if k:
-                keep += (offsets[i + j] for j in runs.owned_indices(views, off, lay, k, owned))
-                i += k
-                continue
-        if belongs(stream.entry_at(payload, off).blob, owned):
-            keep.append(off)
-        i += 1
+    for seg in runs.segments(payload, views):
+        if seg.n > 1 and views is not None and seg.layout is not None:
+            step = seg.layout.step
+            keep += (seg.pos + j * step
+                     for j in runs.owned_indices(views, seg.pos, seg.layout, seg.n, owned))
+        elif belongs(payload[seg.pos + HDR:seg.pos + seg.length], owned):
+            keep.append(seg.pos)
     return stream.select(dump, keep)
 
 
@@ -232,10 +218,8 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
     """Every entry well formed and the VM's, or BundleError / ForeignEntryError.
 
     This runs over every entry before anything reaches the kernel, so it is the
-    import's Python cost. Once a few entries in a row share a layout, the rest of
-    their run is checked at once (``runs``); otherwise an entry with the previous
-    entry's layout is checked by one unpack, and any other goes through
-    ``stream.message_length`` and ``Layouts``.
+    import's Python cost: runs of one layout are checked at once (``runs``), an
+    entry with a layout by its known offsets, any other the way the kernel reads it.
     """
     if section.encoding != ENCODING:
         raise BundleError(f"conntrack section encoding {section.encoding!r} is not supported")
@@ -244,68 +228,42 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
                           f"over the limit of {MAX_ENTRIES}")
     owned = vm.packed_addresses
     payload = section.payload
-    known = Layouts()
+    views = runs.views(payload)
+    try:
+        segments = list(runs.segments(payload, views))
+    except ValueError as exc:
+        raise BundleError(f"conntrack section is {exc}") from None
     offsets: list[int] = []
     layouts: list[Layout | None] = []
     nated = 0
-    status_of = _U32BE.unpack_from
-    nat_bits = wire.NAT_BITS
-    views = runs.views(payload)
-    streak = 0  # entries in a row checked against the current layout
-    lay: Layout | None = None
-    # the current layout's fields, as locals
-    check: Callable[[bytes, int], tuple[int, ...]] | None = None
-    expect: tuple[int, ...] = ()
-    length = o_src = r_src = n = st = 0
-    pos, end = 0, len(payload)
-    while pos < end:
-        if streak >= _RUN_AFTER and views is not None and lay is not None:
-            streak = 0
-            k = runs.run_length(views, end, pos, lay)
-            if k:
-                first = runs.first_foreign(views, pos, lay, k, owned)
-                if first is not None:
-                    _foreign(payload, pos + first * lay.step, len(offsets) + first, vm)
-                run: list[Layout | None] = [lay] * k
-                for i in runs.nat_indices(payload, pos, lay, k):
-                    run[i] = None  # NAT: see create_message
-                    nated += 1
-                layouts += run
-                offsets += range(pos, pos + k * lay.step, lay.step)
-                pos += k * lay.step
+    for pos, k, lay, length in segments:
+        if k > 1 and views is not None and lay is not None:
+            first = runs.first_foreign(views, pos, lay, k, owned)
+            if first is not None:
+                _foreign(payload, pos + first * lay.step, len(offsets) + first, vm)
+            run: list[Layout | None] = [lay] * k
+            for i in runs.nat_indices(payload, pos, lay, k):
+                run[i] = None  # NAT: see create_message
+                nated += 1
+            layouts += run
+            offsets += range(pos, pos + k * lay.step, lay.step)
             continue
-        if check is None or pos + length > end or check(payload, pos) != expect:
-            streak = 0
-            try:
-                length = stream.message_length(payload, pos, len(offsets))
-            except ValueError as exc:
-                raise BundleError(f"conntrack section is {exc}") from None
-            lay = known.of(payload, pos, length)
-            if lay is not None:
-                check, expect = lay.check.unpack_from, lay.expect
-                o_src, r_src, n, st = lay.orig_src, lay.reply_src, lay.addr_len, lay.status
-            else:
-                check = None
-        else:
-            streak += 1
-        if check is not None:
-            status = status_of(payload, pos + st)[0]
-            if (payload[pos + o_src:pos + o_src + n] not in owned
-                    and payload[pos + r_src:pos + r_src + n] not in owned):
-                _foreign(payload, pos, len(offsets), vm)
-            layouts.append(None if status & nat_bits else lay)  # NAT: see create_message
+        if lay is not None:
+            n = lay.addr_len
+            orig_src = payload[pos + lay.orig_src:pos + lay.orig_src + n]
+            reply_src = payload[pos + lay.reply_src:pos + lay.reply_src + n]
+            status = _U32BE.unpack_from(payload, pos + lay.status)[0]
         else:
             try:
                 orig_src, reply_src, status = wire.endpoint_sources(payload[pos + HDR:pos + length],
                                                                     trusted=False)
             except (ValueError, KeyError, IndexError, struct.error):
                 raise BundleError(f"conntrack entry {len(offsets)} is malformed") from None
-            if orig_src not in owned and reply_src not in owned:
-                _foreign(payload, pos, len(offsets), vm)
-            layouts.append(None)
-        nated += bool(status & nat_bits)
+        if orig_src not in owned and reply_src not in owned:
+            _foreign(payload, pos, len(offsets), vm)
+        nated += bool(status & wire.NAT_BITS)
+        layouts.append(None if status & wire.NAT_BITS else lay)  # NAT: see create_message
         offsets.append(pos)
-        pos += (length + 3) & ~3
     if len(offsets) != section.count:
         raise BundleError(f"conntrack section holds {len(offsets)} entries, header says {section.count}")
     return _Plan(payload, offsets, layouts, nated)
@@ -341,7 +299,7 @@ def _create_requests(plan: _Plan, base: int, age: int
         j = i + 1
         while j < count and layouts[j] is lay:
             j += 1
-        if j - i >= _RUN_AFTER:
+        if j - i >= runs.RUN_AFTER:
             yield from _patched_run(payload, offsets[i], lay, j - i, base + i, age)
             i = j
             continue
@@ -362,7 +320,8 @@ def _create_requests(plan: _Plan, base: int, age: int
 def _run_starts(layouts: list[Layout | None], j: int) -> bool:
     """Whether a run long enough to be patched column by column starts at ``j``."""
     first = layouts[j]
-    return j + _RUN_AFTER <= len(layouts) and all(layouts[x] is first for x in range(j + 1, j + _RUN_AFTER))
+    end = j + runs.RUN_AFTER
+    return end <= len(layouts) and all(layouts[x] is first for x in range(j + 1, end))
 
 
 def _patched_run(payload: bytes, start: int, lay: Layout, k: int, seq: int, age: int
