@@ -84,7 +84,6 @@ async def arrive(qmp: QmpClient, opts: HookOptions, notify: Notify, since: int) 
         async with window.within(opts.wait_s, "the VM did not arrive"):
             await qmp.wait_event(lambda e: e.name == "RESUME" or (
                 e.name == "MIGRATION" and e.data.get("status") == "completed"), None, since)
-    resumed = next((e.timestamp for e in qmp.events[since:] if e.name == "RESUME"), None)
     message = opts.arrival()
     started = time.perf_counter()
     out: dict[str, Any] = {"vm": opts.vm, "message": message.to_json()}
@@ -94,8 +93,7 @@ async def arrive(qmp: QmpClient, opts: HookOptions, notify: Notify, since: int) 
     except XferError as exc:
         out["outcome"], out["error"] = "in-failed", str(exc)
     out["ms"] = round((time.perf_counter() - started) * 1000, 3)
-    if resumed is None:
-        resumed = next((e.timestamp for e in qmp.events[since:] if e.name == "RESUME"), None)
+    resumed = next((e.timestamp for e in qmp.events[since:] if e.name == "RESUME"), None)
     out["late_ms"] = round(max(0.0, time.time() - resumed) * 1000, 3) if resumed else None
     return out
 
