@@ -26,6 +26,7 @@ from xfer.cli import lab  # noqa: F401
 from xfer.cli import bench
 from xfer.cli import agent  # noqa: F401
 from xfer.cli import ebpf  # noqa: F401
+from xfer.cli import vdp  # noqa: F401
 # isort: on
 
 _register_manager(app, bench.bench_app)

@@ -1,0 +1,93 @@
+"""The raw sockets on the switch's host-facing ports: the only kernel-facing code of xfer.vdp.
+
+One AF_PACKET socket per port, opened inside the device's namespace (CAP_SYS_ADMIN
+to enter it, CAP_NET_RAW for the socket; the socket stays bound to its port
+afterwards), receiving ethertype 0x8940 only and joined to the nearest-bridge
+group address.
+
+    port = open_port("sw1", "p1")
+    port.send(frame_bytes); raw = port.recv()
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+
+from xfer import netns as xnetns
+from xfer.errors import KernelError, PermissionDenied, UsageError
+from xfer.vdp.frame import ETH_P_ECP, MAX_FRAME, NEAREST_BRIDGE
+
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_MULTICAST = 0
+PACKET_OUTGOING = 4
+
+
+@dataclass
+class Port:
+    """An open port: its name, its own MAC and the socket (non-blocking)."""
+
+    name: str
+    mac: bytes
+    sock: socket.socket
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self) -> bytes | None:
+        """One received frame, or None when nothing is waiting. Frames we sent are skipped."""
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(MAX_FRAME + 1)
+            except BlockingIOError:
+                return None
+            except InterruptedError:
+                continue
+            if addr[2] != PACKET_OUTGOING:
+                return data
+
+    def send(self, frame: bytes) -> None:
+        """Transmit one frame; a port that is down loses it (the peer retransmits, so do we)."""
+        try:
+            self.sock.send(frame)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV, errno.ENOBUFS):
+                raise KernelError(exc.errno or 0, f"send on port {self.name}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_port(namespace: str | None, ifname: str) -> Port:
+    """Bind a raw ECP socket to ``ifname`` in ``namespace``; UsageError if there is no such port."""
+    with xnetns.entered(namespace):
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ECP))
+        except PermissionError:
+            raise PermissionDenied("a raw packet socket needs CAP_NET_RAW (run as root)") from None
+        try:
+            sock.bind((ifname, ETH_P_ECP))
+            index = socket.if_nametoindex(ifname)
+        except OSError as exc:
+            sock.close()
+            where = f" in namespace {namespace!r}" if namespace else ""
+            raise UsageError(f"no port {ifname!r}{where}: {exc.strerror or exc}") from None
+    try:
+        # NOTE: veth and most drivers deliver 01:80:c2:00:00:00 anyway, but a NIC with a
+        # multicast filter drops group frames nobody joined: join the nearest-bridge address.
+        mreq = struct.pack("iHH8s", index, PACKET_MR_MULTICAST, 6, NEAREST_BRIDGE)
+        sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+        mac = bytes(sock.getsockname()[4])[:6]
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise KernelError(exc.errno or 0, f"set up the raw socket on port {ifname}") from None
+    if len(mac) != 6:
+        sock.close()
+        raise UsageError(f"port {ifname!r} is not an Ethernet port")
+    return Port(ifname, mac, sock)
