@@ -174,8 +174,11 @@ class Received:
     frame: EcpFrame
 
 
-def decode(raw: bytes) -> Received:
+def decode(raw: bytes, responses: bool = False) -> Received:
     """Check and decode one Ethernet frame; ``FrameError`` names the first defect.
+
+    A bridge receives requests only: a VSI TLV with the response bit is refused unless
+    ``responses`` (the station's view, used by tests).
 
     >>> decode(bytes.fromhex("0180c2000000ee684f162b22894014010003")).frame.op
     <Op.ACK: 1>
@@ -205,10 +208,10 @@ def decode(raw: bytes) -> Received:
         if any(body):
             raise FrameError("bad-ack", "an ACK carries data")
         return Received(dst, src, EcpFrame(Op.ACK, seq))
-    return Received(dst, src, EcpFrame(Op.REQUEST, seq, _decode_tlvs(body)))
+    return Received(dst, src, EcpFrame(Op.REQUEST, seq, _decode_tlvs(body, responses)))
 
 
-def _decode_tlvs(body: memoryview) -> tuple[VsiTlv, ...]:
+def _decode_tlvs(body: memoryview, responses: bool) -> tuple[VsiTlv, ...]:
     vsis: list[VsiTlv] = []
     manager: bytes | None = None
     pos, end = 0, len(body)
@@ -236,7 +239,7 @@ def _decode_tlvs(body: memoryview) -> tuple[VsiTlv, ...]:
         elif tlv_type in Mode._value2member_map_:
             if manager is None:
                 raise FrameError("no-manager-id", "a VSI TLV without a Manager ID TLV before it")
-            vsis.append(_decode_vsi(Mode(tlv_type), value, manager))
+            vsis.append(_decode_vsi(Mode(tlv_type), value, manager, responses))
         elif tlv_type == TLV_ORG_SPECIFIC:
             if length < 3:
                 raise FrameError("bad-length", "organizationally specific TLV without its OUI")
@@ -247,11 +250,11 @@ def _decode_tlvs(body: memoryview) -> tuple[VsiTlv, ...]:
     return tuple(vsis)
 
 
-def _decode_vsi(mode: Mode, value: memoryview, manager: bytes) -> VsiTlv:
+def _decode_vsi(mode: Mode, value: memoryview, manager: bytes, responses: bool) -> VsiTlv:
     if len(value) < VSI_FIXED:
         raise FrameError("bad-length", f"VSI TLV of {len(value)} bytes (at least {VSI_FIXED})")
     status = value[0]
-    if status & (_STATUS_RESERVED | STATUS_RESPONSE):
+    if status & _STATUS_RESERVED or (status & STATUS_RESPONSE and not responses):
         raise FrameError("bad-status", f"request status {status:#04x} has response or reserved bits")
     type_id = int.from_bytes(value[1:4], "big")
     type_version, id_format = value[4], value[5]

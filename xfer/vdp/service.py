@@ -98,7 +98,7 @@ class VdpService:
         self._timer = asyncio.create_task(self._tick())
         self.log_line({"vdp": "serving", "netns": self.config.netns, "ports": list(self.config.ports),
                        "server": self.config.server,
-                       "to": self.config.manager or f"udp:{self.config.udp}"})
+                       "to": self.config.manager or "udp:{}:{}".format(*self.config.udp or ("", 0))})
 
     async def stop(self) -> None:
         loop = asyncio.get_running_loop()
