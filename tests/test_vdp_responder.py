@@ -181,8 +181,8 @@ def test_message_names_vm_from_inventory(tmp_path: Path) -> None:
     assert message_for(ev, "hv7", namer).to_json() == {
         "vm": "web1", "indication": "starting", "direction": "in", "source": "", "destination": "hv7",
         "id": "vdp-1"}
-    by_uuid = Event("not-running", "out", PORT, STATION,
-                    vsi(status=f.STATUS_S, vsi_id=uuid.UUID("a1b2c3d4-0000-4000-8000-000000000002").bytes), "v2")
+    db1 = uuid.UUID("a1b2c3d4-0000-4000-8000-000000000002").bytes
+    by_uuid = Event("not-running", "out", PORT, STATION, vsi(status=f.STATUS_S, vsi_id=db1), "v2")
     assert message_for(by_uuid, "hv7", namer).to_json()["vm"] == "db1"
     assert message_for(by_uuid, "hv7", namer).to_json()["source"] == "hv7"
     inv.write_text("")
