@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from netns_tests.vdp_lab import SERVER, STATION_PORT, SWITCH_PORT, Responder, Station, UdpManager, needs_lldpad
+from netns_tests.vdp_lab import (
+    SERVER,
+    STATION_PORT,
+    SWITCH_PORT,
+    Responder,
+    Station,
+    UdpManager,
+    needs_lldpad,
+)
 from xfer import netns as xnetns
 from xfer.lab.hosts import Hosts
 
@@ -170,5 +178,6 @@ def test_manager_down_or_refusing_is_an_error_to_the_station(lab: tuple[Hosts, S
     manager.ok = True
     answer = station.request(*VM_OUT, hints="from")
     assert answer.answered and answer.mode == "assoc", answer.output
-    assert [m["id"] for m in manager.received][0] != [m["id"] for m in manager.received][1]
+    refused, retried = manager.received
+    assert refused["vm"] == retried["vm"] == VM_OUT[1] and refused["id"] != retried["id"]
     vdp.stop()
