@@ -181,3 +181,38 @@ def test_manager_down_or_refusing_is_an_error_to_the_station(lab: tuple[Hosts, S
     refused, retried = manager.received
     assert refused["vm"] == retried["vm"] == VM_OUT[1] and refused["id"] != retried["id"]
     vdp.stop()
+
+
+def test_agent_with_a_vdp_section_answers_and_converts(lab: tuple[Hosts, Station, str], manager: UdpManager,
+                                                       tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from xfer import pki
+
+    hosts, station, switch_ns = lab
+    pki.init_ca(tmp_path / "pki")
+    pki.issue(tmp_path / "pki", "sw1", ips=["127.0.0.1"])
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[device]\nid = "sw1"\ntype = "switch"\nkinds = ["conntrack"]\nnetns = "{switch_ns}"\n'
+                    f'[listen]\naddress = "127.0.0.1"\nport = 17443\n'
+                    f'[tls]\ncert = "pki/sw1.pem"\nkey = "pki/sw1.key"\nca = "pki/ca.pem"\n'
+                    f'[state]\ndir = "{tmp_path / "state"}"\n'
+                    f'[vdp]\nports = ["{SWITCH_PORT}"]\nserver = "{SERVER}"\nudp = "{manager.address}"\n')
+    err = tmp_path / "agent.err"
+    with open(err, "wb") as out:
+        agent = subprocess.Popen([sys.executable, "-m", "xfer.cli", "agent", "serve", "--config", str(conf)],
+                                 stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+    hosts.procs.append(agent)
+    deadline = time.monotonic() + 20
+    while '"serving"' not in err.read_text():
+        assert agent.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.1)
+    station.wait_usable()
+    answer = station.request(*VM_IN, hints="to")
+    assert answer.answered and answer.mode == "assoc", answer.output
+    assert [(m["indication"], m["direction"], m["destination"]) for m in manager.received] == [
+        ("starting", "in", SERVER)]
+    assert '"device":"sw1"' in err.read_text() and '"vdp":"event"' in err.read_text()
+    agent.terminate()
+    assert agent.wait(10) == 0, err.read_text()
