@@ -216,3 +216,18 @@ def test_agent_with_a_vdp_section_answers_and_converts(lab: tuple[Hosts, Station
     assert '"device":"sw1"' in err.read_text() and '"vdp":"event"' in err.read_text()
     agent.terminate()
     assert agent.wait(10) == 0, err.read_text()
+
+
+@pytest.mark.parametrize("stp", [0, 1])
+def test_port_enslaved_to_a_linux_bridge(lab: tuple[Hosts, Station, str], manager: UdpManager,
+                                         tmp_path: Path, stp: int) -> None:
+    hosts, station, switch_ns = lab
+    hosts.check(switch_ns, ["ip", "link", "add", "br0", "type", "bridge", "stp_state", str(stp)])
+    hosts.check(switch_ns, ["ip", "link", "set", SWITCH_PORT, "master", "br0"])
+    hosts.check(switch_ns, ["ip", "link", "set", "br0", "up"])
+    vdp = Responder(hosts, switch_ns, tmp_path, "--udp", manager.address)
+    station.wait_usable(timeout=40)
+    answer = station.request(*VM_IN, hints="to")
+    assert answer.answered and answer.mode == "assoc", answer.output
+    assert len(manager.received) == 1
+    vdp.stop()

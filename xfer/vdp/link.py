@@ -2,8 +2,8 @@
 
 One AF_PACKET socket per port, opened inside the device's namespace (CAP_SYS_ADMIN
 to enter it, CAP_NET_RAW for the socket; the socket stays bound to its port
-afterwards), receiving ethertype 0x8940 only and joined to the nearest-bridge
-group address.
+afterwards), receiving ethertype 0x8940 only (a classic BPF filter) and joined to
+the nearest-bridge group address.
 
     port = open_port("sw1", "p1")
     port.send(frame_bytes); raw = port.recv()
@@ -11,6 +11,7 @@ group address.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import socket
 import struct
@@ -24,6 +25,10 @@ SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_MULTICAST = 0
 PACKET_OUTGOING = 4
+ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
+# ldh [12]; jeq #0x8940, accept, drop; accept: ret #0x40000; drop: ret #0
+_ECP_ONLY = ((0x28, 0, 0, 12), (0x15, 0, 1, ETH_P_ECP), (0x06, 0, 0, 0x40000), (0x06, 0, 0, 0))
 
 
 @dataclass
@@ -67,11 +72,22 @@ def open_port(namespace: str | None, ifname: str) -> Port:
     """Bind a raw ECP socket to ``ifname`` in ``namespace``; UsageError if there is no such port."""
     with xnetns.entered(namespace):
         try:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ECP))
+            # Protocol 0: the socket receives nothing until bound, after its filter is attached.
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         except PermissionError:
             raise PermissionDenied("a raw packet socket needs CAP_NET_RAW (run as root)") from None
         try:
-            sock.bind((ifname, ETH_P_ECP))
+            _attach_filter(sock)
+        except OSError as exc:
+            sock.close()
+            raise KernelError(exc.errno or 0, "attach the ECP filter to a packet socket") from None
+        try:
+            # NOTE: bound to ETH_P_ALL, not 0x8940. A socket for one ethertype is served after
+            # the port's rx_handler; on a port enslaved to a Linux bridge with STP off the
+            # bridge forwards 01:80:c2:00:00:00 frames and consumes them, so such a socket never
+            # sees a station's request (measured: the station's "Ack not received from bridge").
+            # ETH_P_ALL taps run before the rx_handler; the filter keeps only ECP.
+            sock.bind((ifname, ETH_P_ALL))
             index = socket.if_nametoindex(ifname)
         except OSError as exc:
             sock.close()
@@ -91,3 +107,10 @@ def open_port(namespace: str | None, ifname: str) -> Port:
         sock.close()
         raise UsageError(f"port {ifname!r} is not an Ethernet port")
     return Port(ifname, mac, sock)
+
+
+def _attach_filter(sock: socket.socket) -> None:
+    program = b"".join(struct.pack("HBBI", *insn) for insn in _ECP_ONLY)
+    buf = ctypes.create_string_buffer(program)
+    fprog = struct.pack("HL", len(_ECP_ONLY), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
