@@ -63,9 +63,9 @@ class Station:
 
     def __init__(self, hosts: Hosts, ns: str, workdir: Path) -> None:
         self.hosts, self.ns = hosts, ns
-        conf = workdir / "lldpad.conf"
+        conf = workdir / f"lldpad-{ns}.conf"
         conf.write_text(_station_conf(STATION_PORT))
-        self.log = workdir / "lldpad.log"
+        self.log = workdir / f"lldpad-{ns}.log"
         with open(self.log, "wb") as out:
             self.proc = hosts.spawn(ns, ["sh", "-c", "mount -t tmpfs xfer-vdp /dev/shm && "
                                          f"exec stdbuf -oL lldpad -p -t -f {conf}"],
@@ -150,14 +150,18 @@ class Responder:
     """``xfer vdp serve`` as a process (the real command), stdout and stderr in files."""
 
     def __init__(self, hosts: Hosts, switch_ns: str, workdir: Path, *target: str,
-                 inventory: Path | None = None, name: str = "vdp") -> None:
+                 inventory: Path | None = None, name: str = "vdp", server: str = SERVER,
+                 port: str = SWITCH_PORT, run_in: str | None = None) -> None:
+        """``run_in``: the namespace the process runs in (where it reaches the manager)."""
         import sys
 
         self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
         argv = [sys.executable, "-m", "xfer.cli", "vdp", "serve", "--netns", switch_ns,
-                "--ports", SWITCH_PORT, "--server", SERVER, "--json", *target]
+                "--ports", port, "--server", server, "--json", *target]
         if inventory is not None:
             argv += ["--inventory", str(inventory)]
+        if run_in is not None:
+            argv = ["ip", "netns", "exec", run_in, *argv]     # exec()s: the pid stays the responder's
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True)
         hosts.procs.append(self.proc)
