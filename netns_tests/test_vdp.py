@@ -80,6 +80,12 @@ def test_both_hints_become_migration_messages(lab: tuple[Hosts, Station, str], m
         ("db1", "not-running", "out", SERVER, ""),    # named by its VSI UUID in the inventory
     ]
     assert [m["id"] for m in manager.received] == [m["id"] for m in sent]
+    # Once its ports are open the responder holds no capability, in any of its threads.
+    tasks = list(Path(f"/proc/{vdp.proc.pid}/task").iterdir())
+    assert len(tasks) >= 2                         # the UDP sender's worker thread exists by now
+    for task in tasks:
+        caps = dict(line.split(":\t") for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        assert int(caps["CapEff"], 16) == int(caps["CapPrm"], 16) == int(caps["CapBnd"], 16) == 0, caps
     stopped = vdp.stop()
     assert stopped["counters"]["events"] == 2 and stopped["counters"].get("malformed", 0) == 0
 

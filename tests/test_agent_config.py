@@ -94,6 +94,9 @@ def test_vdp_section_uses_the_device_namespace_and_tls() -> None:
     assert (cfg.vdp.ca, cfg.vdp.cert) == (cfg.tls.ca, cfg.tls.cert)
     assert cfg.vdp.sequence_file == Path("/etc/xfer/vdp.seq")
     assert parse(_raw()).vdp is None
+    vdp.pop("sequence_file")
+    cfg = parse(_raw(vdp=vdp, state={"dir": "/var/lib/xfer/sw"}))
+    assert cfg.vdp is not None and cfg.vdp.sequence_file == Path("/var/lib/xfer/sw/vdp.seq")
     with pytest.raises(UsageError, match="either a manager URL or a UDP address"):
         parse(_raw(vdp={"ports": ["p1"], "server": "hv7"}))
 

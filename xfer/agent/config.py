@@ -179,14 +179,15 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
 
     netns = _str(device, "device.netns", key="netns") or None
     vdp_table = _table(raw, "vdp")
-    vdp = (parse_section(vdp_table, base, netns, (tls_files.ca, tls_files.cert, tls_files.key))
+    state_dir = path_of(state, "dir", "state.dir", False) or DEFAULT_STATE_DIR
+    vdp = (parse_section(vdp_table, base, netns, (tls_files.ca, tls_files.cert, tls_files.key), state_dir)
            if vdp_table else None)
     return AgentConfig(
         device_id=device_id, device_type=device_type, kinds=kinds, tls=tls_files,
         address=address, port=port, netns=netns,
         metrics=metrics, allowed_peers=frozenset(str(p) for p in peers),
         max_bundle_bytes=max_bytes,
-        state_dir=path_of(state, "dir", "state.dir", False) or DEFAULT_STATE_DIR,
+        state_dir=state_dir,
         bundle_key_file=path_of(state, "bundle_key_file", "state.bundle_key_file", False),
         counter_interfaces=tuple(str(i) for i in interfaces),
         dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),

@@ -36,6 +36,8 @@ def vdp_serve(
                                                        "counter across restarts.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the manager's "
                                            "answer before answering the station with an error.")] = 10.0,
+    keep_privileges: Annotated[bool, typer.Option("--keep-privileges", help="Do not drop every "
+                                                  "capability once the ports are open.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer VDP (ECP ACKs, VDP responses, keep-alives) on PORTS and convert migration hints:
@@ -49,6 +51,7 @@ def vdp_serve(
     import signal
 
     from xfer.vdp.config import VdpConfig, parse_hostport, parse_ports
+    from xfer.vdp.link import drop_privileges
     from xfer.vdp.service import VdpService, json_line
 
     cfg = VdpConfig(netns, parse_ports(ports), server, manager=manager, ca=ca, cert=cert, key=key,
@@ -62,6 +65,9 @@ def vdp_serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopped.set)
         async with VdpService(cfg, on_message=json_line if as_json else None):
+            if not keep_privileges:
+                # The ports are open: what parses frames and answers from here on needs nothing.
+                drop_privileges()
             await stopped.wait()
 
     asyncio.run(main())

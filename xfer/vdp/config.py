@@ -9,7 +9,7 @@ From the command line (``xfer vdp serve``) or the agent's ``[vdp]`` section::
     # udp = "239.7.7.7:8702"        # or: one datagram per message (then no manager URL)
     # interface = "10.0.4.1"        # with udp: the address datagrams leave from
     # inventory = "/etc/xfer/inventory.toml"
-    # sequence_file = "/var/lib/xfer/vdp.seq"
+    # sequence_file = "/var/lib/xfer/vdp.seq"   # default in an agent: [state] dir / vdp.seq
     # timeout = 10.0                # seconds to wait for the manager's answer
 
     cfg = parse_section(raw["vdp"], base=Path("/etc/xfer"), netns="sw1", tls=(ca, cert, key))
@@ -83,8 +83,9 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 
 def parse_section(table: Mapping[str, Any], base: Path, netns: str | None,
-                  tls: tuple[Path, Path, Path] | None = None) -> VdpConfig:
-    """The agent's ``[vdp]`` section; relative paths from ``base``, TLS from the agent's files."""
+                  tls: tuple[Path, Path, Path] | None = None, state_dir: Path | None = None) -> VdpConfig:
+    """The agent's ``[vdp]`` section; relative paths from ``base``, TLS from the agent's files,
+    the sequence file in the agent's ``state_dir`` unless named."""
     unknown = sorted(set(table) - KEYS)
     if unknown:
         raise UsageError(f"agent config: unknown key(s) in [vdp]: {', '.join(unknown)}")
@@ -110,4 +111,5 @@ def parse_section(table: Mapping[str, Any], base: Path, netns: str | None,
     return VdpConfig(netns, tuple(ports), text("server") or "", manager=text("manager"),
                      ca=ca, cert=cert, key=key, udp=parse_hostport(udp) if udp else None,
                      interface=text("interface"), inventory=path("inventory"),
-                     sequence_file=path("sequence_file"), timeout_s=float(timeout))
+                     sequence_file=path("sequence_file") or (state_dir / "vdp.seq" if state_dir else None),
+                     timeout_s=float(timeout))

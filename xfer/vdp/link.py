@@ -114,3 +114,32 @@ def _attach_filter(sock: socket.socket) -> None:
     buf = ctypes.create_string_buffer(program)
     fprog = struct.pack("HL", len(_ECP_ONLY), ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+_CAP_VERSION_3 = 0x20080522
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_CAP_LAST = 63
+
+
+def drop_privileges() -> None:
+    """Give up every capability once the ports are open (``xfer vdp serve``).
+
+    The raw sockets keep working without any; what parses the network afterwards
+    (frames, the manager's answers) then runs unprivileged. The bounding set is
+    emptied first (that needs CAP_SETPCAP, so it comes before the capset), so that no
+    later exec could regain anything. Only threads started afterwards inherit the
+    drop: call it before any worker thread exists. Files owned by root stay writable
+    (the sequence file), since uid 0 still owns them.
+
+        port = open_port("sw1", "p1"); drop_privileges()
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    for cap in range(_CAP_LAST + 1):
+        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)     # EINVAL past the kernel's last cap: fine
+    header = struct.pack("Ii", _CAP_VERSION_3, 0)
+    data = ctypes.create_string_buffer(4 * 3 * 2)   # effective, permitted, inheritable x 2: all zero
+    if libc.capset(ctypes.c_char_p(header), data) != 0:
+        err = ctypes.get_errno()
+        raise KernelError(err, "capset (dropping capabilities)")
