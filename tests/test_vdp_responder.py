@@ -155,6 +155,17 @@ def test_state_is_bounded() -> None:
     assert r.counters["ignored:too-many-stations"] == 1
 
 
+def test_pending_messages_per_station_are_bounded(responder: Responder) -> None:
+    from xfer.vdp.responder import MAX_PENDING_PER_STATION
+
+    for i in range(MAX_PENDING_PER_STATION + 1):
+        responder.receive(PORT, request(i, vsi(vsi_id=i.to_bytes(16, "big"))), 0.0)
+    assert responder.counters["events"] == MAX_PENDING_PER_STATION
+    assert responder.counters["refused:too-many-pending"] == 1
+    # Another station is not held back by this one.
+    assert responder.receive(PORT, request(1, vsi(), src=bytes.fromhex("020000000077")), 0.0).events
+
+
 def test_silent_vsi_is_forgotten_then_a_new_event(responder: Responder) -> None:
     (event,) = responder.receive(PORT, request(1, vsi()), 0.0).events
     responder.resolved(event, f.VdpError.OK, 0.0)

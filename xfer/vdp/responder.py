@@ -49,6 +49,9 @@ FORGET_AFTER_S = 60.0
 DUPLICATE_WINDOW_S = 5.0
 MAX_STATIONS = 1024
 MAX_VSIS = 4096
+# Messages one station may have waiting for the manager at once; beyond, "no resources"
+# (a host migrates a few VMs at a time; a flood of hints is not a migration).
+MAX_PENDING_PER_STATION = 64
 
 StationKey = tuple[str, bytes]              # (port, station MAC)
 VsiKey = tuple[str, bytes, bytes]           # (port, station MAC, VSI ID)
@@ -232,6 +235,10 @@ class Responder:
             self.counters["refused:too-many-vsis"] += 1
             self._answer(station, vsi.response(f.VdpError.NO_RESOURCES), now, step)
             return
+        if self._pending(station) >= MAX_PENDING_PER_STATION:
+            self.counters["refused:too-many-pending"] += 1
+            self._answer(station, vsi.response(f.VdpError.NO_RESOURCES), now, step)
+            return
         event = Event(hint[0], hint[1], station.port, station.mac, vsi, self.make_id())
         self._vsis[key] = _Vsi(hint[0], event, now, parked=vsi)
         self.counters["events"] += 1
@@ -239,6 +246,11 @@ class Responder:
 
     def _room(self) -> bool:
         return len(self._vsis) < self.max_vsis
+
+    def _pending(self, station: _Station) -> int:
+        """Events of this station waiting for the manager (hinted requests only: rare)."""
+        return sum(1 for (port, mac, _), r in self._vsis.items()
+                   if r.status is None and port == station.port and mac == station.mac)
 
     def resolved(self, event: Event, error: int, now: float, hard: bool = False) -> Step:
         """The outcome of ``event``: answer the request(s) waiting for it."""

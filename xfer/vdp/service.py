@@ -36,6 +36,9 @@ log = logging.getLogger("xfer.vdp")
 LOG_EVERY_S = 1.0
 # The timer task wakes at least this often (flushes held-back log lines).
 MAX_SLEEP_S = 1.0
+# Frames handled per wake-up of one port before the loop serves the others (a flood cannot
+# starve the timers or the other ports).
+BURST = 64
 
 
 def default_log(record: dict[str, Any]) -> None:
@@ -125,7 +128,10 @@ class VdpService:
 
     def _readable(self, port: link.Port) -> None:
         assert self.responder is not None
-        while (raw := port.recv()) is not None:
+        for _ in range(BURST):
+            raw = port.recv()
+            if raw is None:
+                break
             self._apply(self.responder.receive(port.name, raw, time.monotonic()))
         self._wake.set()
 
@@ -176,7 +182,15 @@ class VdpService:
             record["message"] = msg.to_json()
             if self.on_message is not None:
                 self.on_message(msg.to_json())
-            failure = await self.sender.send(msg)
+            try:
+                # The senders keep their own deadline; this one only guards against a sender that
+                # never returns, which would leave the station unanswered for good.
+                failure = await asyncio.wait_for(self.sender.send(msg), self.config.timeout_s + 5)
+            except TimeoutError:
+                failure = (VdpError.NO_MANAGER, "no answer from the manager")
+            except Exception as exc:  # a sender's bug must still answer the station
+                log.exception("sending a VDP migration message failed")
+                failure = (VdpError.OTHER, f"internal error: {type(exc).__name__}: {exc}")
         error, reason = failure if failure else (VdpError.OK, "")
         record.update({"status": int(error), "ms": round((time.monotonic() - started) * 1000, 1)})
         if reason:
