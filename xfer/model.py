@@ -27,6 +27,8 @@ from typing import Any
 from xfer.errors import UsageError
 
 DEFAULT_INVENTORY = Path("/etc/xfer/inventory.toml")
+# What a stateful network device can be (agent config device.type, topology devices).
+DEVICE_TYPES = ("firewall", "router", "switch", "load-balancer")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 
 
@@ -106,7 +108,7 @@ class VmIdentity:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VmIdentity:
         try:
-            return _identity(
+            return make_identity(
                 str(data["id"]),
                 [*data.get("macs", ()), *data.get("ipv4", ()), *data.get("ipv6", ())],
             )
@@ -118,7 +120,12 @@ class VmIdentity:
         return (set(self.macs), self._packed) == (set(other.macs), other._packed)
 
 
-def _identity(vm_id: str, tokens: Iterable[str]) -> VmIdentity:
+def make_identity(vm_id: str, tokens: Iterable[str]) -> VmIdentity:
+    """A VM named ``vm_id`` from its address tokens (IPv4, IPv6, MAC); UsageError on a bad one.
+
+    >>> make_identity("vm1", ["10.0.0.2", "02:00:00:00:00:02"]).addresses
+    ('10.0.0.2',)
+    """
     macs: list[str] = []
     v4: list[str] = []
     v6: list[str] = []
@@ -152,7 +159,7 @@ def load_inventory(path: Path | None = None) -> dict[str, VmIdentity]:
     for name, entry in raw.get("vm", {}).items():
         tokens = [*_as_list(entry.get("mac")), *_as_list(entry.get("ipv4")),
                   *_as_list(entry.get("ipv6"))]
-        inventory[name] = _identity(name, tokens)
+        inventory[name] = make_identity(name, tokens)
     return inventory
 
 
@@ -177,7 +184,7 @@ def parse_vm(spec: str, inventory: Mapping[str, VmIdentity] | None = None) -> Vm
     if spec in inv:
         return inv[spec]
     try:
-        vm = _identity(spec, spec.split(","))
+        vm = make_identity(spec, spec.split(","))
     except UsageError:
         raise UsageError(
             f"--vm {spec!r} is neither a list of IPv4/IPv6/MAC addresses nor a VM of the inventory"

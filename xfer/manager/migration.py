@@ -40,12 +40,12 @@ from xfer.agent.protocol import MIGRATION
 from xfer.errors import AgentError, StoreExpired, UsageError, XferError
 from xfer.manager import modes
 from xfer.manager.journal import Journal, Migration
-from xfer.manager.messages import Message, dedupe_key, kinds_of
 from xfer.manager.plan import Plan, Route, resolve, select
 from xfer.manager.rounds import Key, Round
 from xfer.manager.store import Store
 from xfer.manager.topology import Device, Topology
 from xfer.model import Kind, VmIdentity
+from xfer.net.message import Message, dedupe_key, kinds_of
 
 log = logging.getLogger("xfer.manager")
 DEFAULT_BUDGET_MS = 300.0   # QEMU's default downtime limit

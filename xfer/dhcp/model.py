@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from xfer.dhcpsnoop import abi
+from xfer.dhcp import abi
 from xfer.errors import ForeignEntryError, UsageError
 from xfer.model import VmIdentity, normalize_mac
 
