@@ -34,8 +34,9 @@ from typing import Any
 
 from xfer import tomlfile
 from xfer.errors import UsageError
-from xfer.manager.migration import DEFAULT_DEVICE_TIMEOUT_S, Settings
+from xfer.manager.settings import DEFAULT_DEVICE_TIMEOUT_S, Cleanup, Settings
 from xfer.net import address as addr
+from xfer.net.message import Mode
 from xfer.net.tls import TlsFiles
 
 DEFAULT_PORT = 8700
@@ -93,8 +94,11 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
     ttl = mgr.get("store_ttl_s", 60)
     if not isinstance(ttl, int | float) or ttl <= 0:
         raise UsageError("manager config: manager.store_ttl_s must be a positive number")
-    settings = Settings(str(mgr.get("mode", "relay")), str(mgr.get("cleanup", "delete")), float(budget),
-                        float(timeout))
+    try:
+        settings = Settings(Mode.of(str(mgr.get("mode", "relay"))),
+                            Cleanup.of(str(mgr.get("cleanup", "delete"))), float(budget), float(timeout))
+    except UsageError as exc:
+        raise UsageError(f"manager config: manager.{exc}") from None
     address = str(listen.get("address", "127.0.0.1"))
     addr.check_ip(address, "manager config: listen.address")
     peers = tls.get("allowed_peers", [])
