@@ -24,7 +24,6 @@ from xfer.errors import ForeignEntryError, UsageError
 from xfer.model import VmIdentity, normalize_mac
 
 NS = 1_000_000_000
-INFINITE = 0xFFFFFFFF  # DHCP's "infinite lease"
 SOURCES = {"dhcp": abi.FLAG_DHCP, "static": abi.FLAG_STATIC}
 
 

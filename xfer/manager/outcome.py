@@ -1,7 +1,7 @@
 """What becomes of a migration: journaled phases, then commit (and clean the source up) or
 roll the destinations back, and the report that says which.
 
-Rules (docs/architecture.md, reliability):
+Rules (docs/architecture.md, reliability rules):
 - the source keeps its state until every destination device has committed;
   then, with ``cleanup: delete``, the source devices forget it (after the
   answer: deleting is not the paused VM's business); with ``age-out`` nothing
