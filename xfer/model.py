@@ -30,6 +30,8 @@ from xfer.errors import UsageError
 
 DEFAULT_INVENTORY = Path("/etc/xfer/inventory.toml")
 MAX_ADDRESSES = 64  # of each family, and MACs, that one VM identity may name
+# What a stateful network device can be (agent config device.type, topology devices).
+DEVICE_TYPES = ("firewall", "router", "switch", "load-balancer")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 
 
@@ -125,7 +127,7 @@ class VmIdentity:
             if version and any(_ip_version(v) != version for v in values):
                 raise UsageError(f"malformed VM identity: {key} holds an address that is not IPv{version}")
             tokens += values
-        return _identity(vm_id, tokens)
+        return make_identity(vm_id, tokens)
 
     def same_vm(self, other: VmIdentity) -> bool:
         """True when both name the same addresses (ids may differ: one may be an inventory name)."""
@@ -139,7 +141,12 @@ def _ip_version(text: str) -> int:
         return 0
 
 
-def _identity(vm_id: str, tokens: Iterable[str]) -> VmIdentity:
+def make_identity(vm_id: str, tokens: Iterable[str]) -> VmIdentity:
+    """A VM named ``vm_id`` from its address tokens (IPv4, IPv6, MAC); UsageError on a bad one.
+
+    >>> make_identity("vm1", ["10.0.0.2", "02:00:00:00:00:02"]).addresses
+    ('10.0.0.2',)
+    """
     macs: list[str] = []
     v4: list[str] = []
     v6: list[str] = []
@@ -185,7 +192,7 @@ def load_inventory(path: Path | None = None) -> dict[str, VmIdentity]:
     for name, entry in _inventory_entries(path).items():
         tokens = [*_as_list(entry.get("mac")), *_as_list(entry.get("ipv4")),
                   *_as_list(entry.get("ipv6"))]
-        inventory[name] = _identity(name, tokens)
+        inventory[name] = make_identity(name, tokens)
     return inventory
 
 
@@ -228,7 +235,7 @@ def parse_vm(spec: str, inventory: Mapping[str, VmIdentity] | None = None) -> Vm
     if spec in inv:
         return inv[spec]
     try:
-        vm = _identity(spec, spec.split(","))
+        vm = make_identity(spec, spec.split(","))
     except UsageError:
         raise UsageError(
             f"--vm {spec!r} is neither a list of IPv4/IPv6/MAC addresses nor a VM of the inventory"

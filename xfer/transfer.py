@@ -26,8 +26,8 @@ from xfer.model import Kind, KindReport, VmIdentity
 
 KIND_MODULES: dict[Kind, str] = {
     Kind.CONNTRACK: "xfer.conntrack.transfer",
-    Kind.COUNTERS: "xfer.ebpf.counters_transfer",
-    Kind.DHCP: "xfer.dhcpsnoop.transfer",
+    Kind.COUNTERS: "xfer.counters.transfer",
+    Kind.DHCP: "xfer.dhcp.transfer",
 }
 
 

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from xfer.cli.common import JsonOpt, app, log_lines_to_stderr
-from xfer.manager.cli import MgrCaOpt, MgrCertOpt, MgrKeyOpt
+from xfer.cli.common import JsonOpt, app
+from xfer.cli.manager import MgrCaOpt, MgrCertOpt, MgrKeyOpt
 
 vdp_app = typer.Typer(help="802.1Qbg VDP: the switch side that turns VSI migration hints into "
                            "migration messages.", no_args_is_help=True)
@@ -50,6 +50,7 @@ def vdp_serve(
     import asyncio
     import signal
 
+    from xfer.net.log import log_lines_to_stderr
     from xfer.vdp.config import VdpConfig, parse_hostport, parse_ports
     from xfer.vdp.link import drop_privileges
     from xfer.vdp.service import VdpService, json_line

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from xfer.conntrack import constants as c
+from xfer.conntrack.constants import align4
 from xfer.conntrack.model import ConntrackEntry, CtTuple, SeqAdj, TcpInfo
 
 _NLA = struct.Struct("=HH")
-_NLMSG = struct.Struct("=IHHII")
+_NLMSG = c.NLMSGHDR
 _NFGEN = struct.Struct("=BBH")
 _U32BE = struct.Struct(">I")
 _U16BE = struct.Struct(">H")
@@ -31,10 +32,6 @@ STATUS_DROP = c.IPS_EXPECTED | c.IPS_DYING | c.IPS_TEMPLATE | c.IPS_UNTRACKED
 # data); keeping them would make the destination check against zeroed windows.
 TCP_FLAGS_KEEP = (c.TCP_FLAG_WINDOW_SCALE | c.TCP_FLAG_SACK_PERM | c.TCP_FLAG_CLOSE_INIT
                    | c.TCP_FLAG_SIMULTANEOUS_OPEN)
-
-
-def align4(n: int) -> int:
-    return (n + 3) & ~3
 
 
 def nla(kind: int, data: bytes) -> bytes:

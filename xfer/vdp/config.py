@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from xfer.errors import UsageError
+from xfer.net import address
 
 _IFNAME = re.compile(r"[^\s/:]{1,15}")
 DEFAULT_TIMEOUT_S = 10.0
@@ -74,12 +75,9 @@ def parse_ports(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
+def parse_hostport(text: str, name: str = "--udp") -> tuple[str, int]:
     """``"239.7.7.7:8702"`` -> ``("239.7.7.7", 8702)``; ``[v6]:port`` too."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"vdp: {text!r} must be ADDRESS:PORT")
-    return host.strip("[]"), int(port)
+    return address.hostport(text, name)
 
 
 def parse_section(table: Mapping[str, Any], base: Path, netns: str | None,
@@ -109,7 +107,7 @@ def parse_section(table: Mapping[str, Any], base: Path, netns: str | None,
     udp = text("udp")
     ca, cert, key = tls if tls else (None, None, None)
     return VdpConfig(netns, tuple(ports), text("server") or "", manager=text("manager"),
-                     ca=ca, cert=cert, key=key, udp=parse_hostport(udp) if udp else None,
+                     ca=ca, cert=cert, key=key, udp=parse_hostport(udp, "vdp.udp") if udp else None,
                      interface=text("interface"), inventory=path("inventory"),
                      sequence_file=path("sequence_file") or (state_dir / "vdp.seq" if state_dir else None),
                      timeout_s=float(timeout))

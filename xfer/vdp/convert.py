@@ -13,8 +13,8 @@ The VM is the inventory entry whose ``vsi`` is the VSI's UUID or whose MAC is in
 the VSI's filter info, else its first MAC (else the VSI ID). The event's id
 travels as the message id, so a resend is acted on once.
 
-Everything this package takes from the manager and the hypervisor side is
-imported here and only here (the message, its encoding, the HTTP and UDP senders).
+The message, its check and encoding and the HTTP and UDP senders are the daemons'
+shared ones (``xfer.net``), imported here and only here in this package.
 
     namer = Namer(Path("/etc/xfer/inventory.toml"))
     msg = message_for(event, "hv7", namer)
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Protocol
 
 from xfer.errors import MigrationMessageError, XferError
-from xfer.hypervisor.notify import ManagerLink, MigrationMessage, check_url
-from xfer.manager import client as manager_client
-from xfer.manager import messages
 from xfer.model import inventory_path, inventory_vsis, load_inventory
+from xfer.net import message as messages
+from xfer.net.message import MigrationMessage
+from xfer.net.notify import ManagerLink, check_url, send_udp
 from xfer.vdp.frame import VdpError
 from xfer.vdp.responder import Event
 
@@ -138,8 +138,7 @@ class UdpSender:
 
     async def send(self, msg: MigrationMessage) -> tuple[VdpError, str] | None:
         try:
-            await asyncio.to_thread(manager_client.send_udp, self.address, msg, self.timeout_s,
-                                    self.interface)
+            await asyncio.to_thread(send_udp, self.address, msg, self.timeout_s, self.interface)
         except XferError as exc:
             return _verdict(exc)
         except (OSError, ValueError) as exc:

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from xfer.errors import XferError
+from xfer.net.log import emitter
 from xfer.vdp import link
 from xfer.vdp.config import VdpConfig
 from xfer.vdp.convert import HttpSender, Namer, Sender, UdpSender, message_for
@@ -33,16 +34,13 @@ from xfer.vdp.responder import Event, Responder, Step
 from xfer.vdp.sequence import SequenceCounter
 
 log = logging.getLogger("xfer.vdp")
+default_log = emitter("xfer.vdp")
 LOG_EVERY_S = 1.0
 # The timer task wakes at least this often (flushes held-back log lines).
 MAX_SLEEP_S = 1.0
 # Frames handled per wake-up of one port before the loop serves the others (a flood cannot
 # starve the timers or the other ports).
 BURST = 64
-
-
-def default_log(record: dict[str, Any]) -> None:
-    log.info(json.dumps(record, separators=(",", ":"), default=str))
 
 
 def sender_for(cfg: VdpConfig) -> Sender:
@@ -52,7 +50,7 @@ def sender_for(cfg: VdpConfig) -> Sender:
     assert cfg.manager is not None
     ctx = None
     if cfg.manager.startswith("https:"):
-        from xfer.hypervisor.notify import client_tls  # only where TLS is wanted: ssl setup is slow
+        from xfer.net.tls import client_tls  # only where TLS is wanted: ssl setup is slow
 
         ctx = client_tls(cfg.ca, cfg.cert, cfg.key)
     return HttpSender(cfg.manager, ctx, cfg.timeout_s)
@@ -221,5 +219,6 @@ def json_line(message: dict[str, Any]) -> None:
     """``--json``: one message per line on stdout, flushed (a script reads it as it comes)."""
     import sys
 
+    # Exactly the message as sent (no timestamp added, unlike the log lines).
     sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
     sys.stdout.flush()
