@@ -164,20 +164,43 @@ def bundle_show(
     records = section_entries(ct) if ct is not None else []
     if as_json:
         header["age_s"] = round(b.age(), 3)
+        header["created_at"] = _date(b.created)
         if ct is not None:
             header["conntrack"] = [e.to_json() for e in records]
-        print_json(header)
+        print_json(_without_none(header))
         return
     typer.echo(f"bundle {b.id} (format {header['format']}, {'signed' if b.signed else 'unsigned'})")
     typer.echo(f"  vm:      {b.vm.id}  {' '.join((*b.vm.addresses, *b.vm.macs))}")
-    typer.echo(f"  source:  {b.source.get('device')} netns={b.source.get('netns')}")
-    typer.echo(f"  created: {b.created:.3f} ({b.age():.1f} s ago)")
+    source = dict(_without_none(b.source))
+    typer.echo(f"  source:  {source.pop('device', '?')}"
+               + "".join(f" {k}={v}" for k, v in sorted(source.items())))
+    typer.echo(f"  created: {_date(b.created)} ({b.age():.1f} s ago)")
     for s in header["sections"]:
         typer.echo(f"  section {s['kind']}: {s['count']} entries, {s['length']} bytes, "
                    f"{s['encoding']}, sha256 {s['sha256'][:16]}…")
     if entries:
         for e in records:
             typer.echo("    " + e.summary())
+
+
+def _date(ts: float) -> str:
+    """A Unix time as people and scripts read it: ISO 8601, UTC, to the millisecond.
+
+    >>> _date(0.5)
+    '1970-01-01T00:00:00.500+00:00'
+    """
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _without_none(value: Any) -> Any:
+    """``value`` with every None-valued key left out, at every depth."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 @conntrack_app.command("ls")
