@@ -30,7 +30,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from xfer.bundle import Section
-from xfer.errors import BundleError, ForeignEntryError
+from xfer.errors import BundleError, ForeignEntryError, UsageError
 from xfer.model import Kind, VmIdentity
 
 if TYPE_CHECKING:
@@ -418,7 +418,7 @@ def decode_section(section: Section, vm: VmIdentity) -> Columns:
     named = section.meta.get("vm")
     try:
         named_vm = VmIdentity.from_dict(named) if isinstance(named, Mapping) else None
-    except Exception:
+    except UsageError:
         named_vm = None
     if named_vm is None:
         raise BundleError("counters section does not name its VM")
@@ -426,6 +426,7 @@ def decode_section(section: Section, vm: VmIdentity) -> Columns:
         raise ForeignEntryError(f"counters section is for VM {named_vm.id} "
                                 f"({', '.join((*named_vm.addresses, *named_vm.macs))}), "
                                 f"not for {vm.id}")
-    if list(section.meta.get("fields", FIELDS)) != list(FIELDS):
+    fields = section.meta.get("fields", list(FIELDS))
+    if not isinstance(fields, list) or fields != list(FIELDS):
         raise BundleError("counters section carries other fields than this xfer knows")
     return unpack_payload(section.payload, section.count, selection(vm), vm.id)
