@@ -100,3 +100,29 @@ def test_every_command_that_prints_has_json() -> None:
 
     walk(typer.main.get_command(app), [])
     assert not missing, f"commands without --json: {missing}"
+
+
+def test_progress_shows_on_a_terminal() -> None:
+    import os
+    import subprocess
+
+    code = ("import time\nfrom xfer.cli.common import progress\n"
+            "with progress('bench work', total=2) as advance:\n"
+            "    advance(); time.sleep(0.5); advance()\n")
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], stderr=slave, stdout=subprocess.PIPE,
+                              timeout=60, check=True)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:   # EIO: the child's end is closed and everything was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert proc.stdout == b"" and b"bench work" in seen

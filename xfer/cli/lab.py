@@ -11,6 +11,7 @@ from xfer.cli.common import (
     app,
     fail,
     print_json,
+    progress,
 )
 
 lab_app = typer.Typer(help="The network-namespace lab: two firewalls, a VM and a server.",
@@ -30,7 +31,8 @@ def lab_up(
     from xfer.lab import topology
 
     lab = topology.Lab(prefix)
-    lab.up()
+    with progress("lab up"):
+        lab.up()
     if as_json:
         print_json({"vm": lab.vm, "source_firewall": lab.vm_side, "destination_firewall": lab.fwdst,
                     "server": lab.srv, "vm_ips": [topology.VM_IP, topology.VM_IP6],
@@ -60,7 +62,8 @@ def lab_demo(
     """
     from xfer.lab import demo
 
-    result = demo.run(prefix, echo=None if as_json else typer.echo)
+    with progress("lab demo"):
+        result = demo.run(prefix, echo=None if as_json else typer.echo)
     if as_json:
         print_json(result)
     if not result["ok"]:

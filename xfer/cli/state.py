@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,11 @@ from xfer.cli.common import (
     app,
     fail,
     print_json,
+    progress,
 )
+
+# From this many entries an import on a terminal shows it is at work (~1 s and up).
+LARGE_IMPORT = 100_000
 
 bundle_app = typer.Typer(help="Inspect bundles.", no_args_is_help=True)
 conntrack_app = typer.Typer(help="Look at a device's conntrack table.", no_args_is_help=True)
@@ -101,8 +106,10 @@ def import_cmd(
         Kind.CONNTRACK: {"replace": not no_replace, "partial": partial}}
     if dev:
         options[Kind.COUNTERS] = {"dev": dev}
-    report = transfer.import_bundle(b, netns, vm=ident, kinds=parse_kinds(kinds) if kinds else None,
-                                    options=options, max_age_s=max_age)
+    entries = sum(section.count for section in b.sections.values())
+    with progress(f"importing {entries} entries") if entries >= LARGE_IMPORT else nullcontext():
+        report = transfer.import_bundle(b, netns, vm=ident, kinds=parse_kinds(kinds) if kinds else None,
+                                        options=options, max_age_s=max_age)
     if as_json:
         print_json(report.to_dict())
     else:
