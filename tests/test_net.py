@@ -76,3 +76,50 @@ def test_a_bad_udp_value_in_the_manager_config_is_the_managers() -> None:
            "tls": {"cert": "c", "key": "k", "ca": "a"}}
     with pytest.raises(UsageError, match=r"^manager config: listen.udp must be ADDRESS:PORT$"):
         config.parse(raw)
+
+
+def test_a_daemon_says_ready_once_listening_and_stopping_on_sigterm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import os
+    import signal
+
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+
+    from xfer.net.server import Listener, run_until_signal
+
+    class Tiny(Listener):
+        port = 0
+
+        async def start(self) -> None:
+            app = web.Application()
+            app.add_routes([web.get("/metrics", self.metrics_response)])
+            self.port = await self.listen(app, "127.0.0.1", 0, None, None)
+
+        async def metrics_registry(self) -> CollectorRegistry:
+            return CollectorRegistry()
+
+    path = str(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    heard: list[bytes] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            sock.setblocking(False)
+            server = Tiny()
+            running = asyncio.ensure_future(run_until_signal(server))
+            heard.append(await asyncio.wait_for(loop.sock_recv(sock, 64), 10))
+            # Ready means listening: the endpoint answers now.
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert b" 200 " in await reader.readline()
+            writer.close()
+            os.kill(os.getpid(), signal.SIGTERM)
+            heard.append(await asyncio.wait_for(loop.sock_recv(sock, 64), 10))
+            await asyncio.wait_for(running, 10)
+
+    asyncio.run(main())
+    assert heard == [b"READY=1", b"STOPPING=1"]
