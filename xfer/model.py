@@ -27,7 +27,10 @@ from xfer import tomlfile
 from xfer.errors import UsageError
 
 DEFAULT_INVENTORY = Path("/etc/xfer/inventory.toml")
-MAX_ADDRESSES = 64  # of each family, and MACs, that one VM identity may name
+# Bounds on a VM identity read from another device: a VM may be named by its addresses
+# (a bulk test moves one with 600), so its id is as long as that list.
+MAX_ADDRESSES = 4096  # of each family, and MACs
+MAX_ID = 65536
 # What a stateful network device can be (agent config device.type, topology devices).
 DEVICE_TYPES = ("firewall", "router", "switch", "load-balancer")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
@@ -113,8 +116,8 @@ class VmIdentity:
         if not isinstance(data, Mapping):
             raise UsageError("malformed VM identity: not an object")
         vm_id = data.get("id")
-        if not isinstance(vm_id, str) or not 0 < len(vm_id) <= 256:
-            raise UsageError("malformed VM identity: id must be a string of 1 to 256 characters")
+        if not isinstance(vm_id, str) or not 0 < len(vm_id) <= MAX_ID:
+            raise UsageError(f"malformed VM identity: id must be a string of 1 to {MAX_ID} characters")
         tokens: list[str] = []
         for key, version in (("macs", 0), ("ipv4", 4), ("ipv6", 6)):
             values = data.get(key, [])
