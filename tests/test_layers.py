@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent / "xfer"
 # Lowest first. Each entry: a layer's packages or top-level modules.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("xfer.errors",),
-    ("xfer.model", "xfer.heap", "xfer.tomlfile", "xfer.pki", "xfer.netns"),
+    ("xfer.tomlfile", "xfer.heap", "xfer.pki", "xfer.netns"),
+    ("xfer.model",),
     ("xfer.bundle",),
     ("xfer.ebpf",),                                        # kernel-facing, generic
     ("xfer.conntrack", "xfer.dhcp", "xfer.counters"),      # the kinds (state)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from xfer import tomlfile
 from xfer.errors import UsageError
 
 DEFAULT_INVENTORY = Path("/etc/xfer/inventory.toml")
@@ -169,14 +169,9 @@ def load_inventory(path: Path | None = None) -> dict[str, VmIdentity]:
     """Read the VM inventory; a missing default file is an empty inventory."""
     explicit = path is not None or "XFER_INVENTORY" in os.environ
     path = path or Path(os.environ.get("XFER_INVENTORY", DEFAULT_INVENTORY))
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        if explicit:
-            raise UsageError(f"inventory file {path} not found") from None
+    if not explicit and not path.exists():
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"inventory {path}: {exc}") from None
+    raw = tomlfile.read(path, "inventory")
     inventory: dict[str, VmIdentity] = {}
     for name, entry in raw.get("vm", {}).items():
         tokens = [*_as_list(entry.get("mac")), *_as_list(entry.get("ipv4")),

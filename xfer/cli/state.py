@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,11 @@ from xfer.cli.common import (
     app,
     fail,
     print_json,
+    progress,
 )
+
+# From this many entries an import on a terminal shows it is at work (~1 s and up).
+LARGE_IMPORT = 100_000
 
 bundle_app = typer.Typer(help="Inspect bundles.", no_args_is_help=True)
 conntrack_app = typer.Typer(help="Look at a device's conntrack table.", no_args_is_help=True)
@@ -101,8 +106,10 @@ def import_cmd(
         Kind.CONNTRACK: {"replace": not no_replace, "partial": partial}}
     if dev:
         options[Kind.COUNTERS] = {"dev": dev}
-    report = transfer.import_bundle(b, netns, vm=ident, kinds=parse_kinds(kinds) if kinds else None,
-                                    options=options, max_age_s=max_age)
+    entries = sum(section.count for section in b.sections.values())
+    with progress(f"importing {entries} entries") if entries >= LARGE_IMPORT else nullcontext():
+        report = transfer.import_bundle(b, netns, vm=ident, kinds=parse_kinds(kinds) if kinds else None,
+                                        options=options, max_age_s=max_age)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -168,15 +175,18 @@ def bundle_show(
     refused = verdict(ct, b.vm) if ct is not None else None
     if as_json:
         header["age_s"] = round(b.age(), 3)
+        header["created_at"] = _date(b.created)
         header["import_check"] = refused or "ok"
         if ct is not None:
             header["conntrack"] = [e.to_json() for e in records]
-        print_json(header)
+        print_json(_without_none(header))
         return
     typer.echo(f"bundle {b.id} (format {header['format']}, {'signed' if b.signed else 'unsigned'})")
     typer.echo(f"  vm:      {b.vm.id}  {' '.join((*b.vm.addresses, *b.vm.macs))}")
-    typer.echo(f"  source:  {b.source.get('device')} netns={b.source.get('netns')}")
-    typer.echo(f"  created: {b.created:.3f} ({b.age():.1f} s ago)")
+    source = dict(_without_none(b.source))
+    typer.echo(f"  source:  {source.pop('device', '?')}"
+               + "".join(f" {k}={v}" for k, v in sorted(source.items())))
+    typer.echo(f"  created: {_date(b.created)} ({b.age():.1f} s ago)")
     for s in header["sections"]:
         typer.echo(f"  section {s['kind']}: {s['count']} entries, {s['length']} bytes, "
                    f"{s['encoding']}, sha256 {s['sha256'][:16]}…")
@@ -185,6 +195,26 @@ def bundle_show(
     if entries:
         for e in records:
             typer.echo("    " + e.summary())
+
+
+def _date(ts: float) -> str:
+    """A Unix time as people and scripts read it: ISO 8601, UTC, to the millisecond.
+
+    >>> _date(0.5)
+    '1970-01-01T00:00:00.500+00:00'
+    """
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _without_none(value: Any) -> Any:
+    """``value`` with every None-valued key left out, at every depth."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 @conntrack_app.command("ls")
