@@ -18,6 +18,7 @@ from typing import Any
 
 from xfer.errors import UsageError, XferError
 from xfer.netns import entered
+from xfer.rules.model import clip
 
 TABLES = ("filter",)
 ChainKey = tuple[int, str, str]     # (4 or 6, table, chain)
@@ -104,8 +105,8 @@ def encode(rule: dict[str, Any], family: int) -> Any:
     got = iptc.easy.decode_iptc_rule(built, family == 6)
     got.pop("counters", None)
     if got != want:
-        raise IptError(f"rule {str(want)[:80]} does not read back the same through libxtables "
-                       f"({str(got)[:80]}); refused")
+        raise IptError(f"rule {clip(want, 80)} does not read back the same through libxtables "
+                       f"({clip(got, 80)}); refused")
     if "counters" in rule:
         built.counters = tuple(rule["counters"])
     return built

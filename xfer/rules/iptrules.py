@@ -25,8 +25,10 @@ from xfer.rules.model import (
     NAME_RE,
     Unsupported,
     Verdict,
+    clip,
     context,
     freeze,
+    member,
     mentions_vm,
     need,
     need_int,
@@ -90,8 +92,8 @@ def check_rule(rule: Any, family: int, vm: VmIdentity, shared: Counter[str] | No
             elif not value.startswith("!") and mentions_vm(vm, value):
                 shared["matches a whole prefix holding the VM"] += 1
         elif key == "protocol":
-            if value not in PROTOCOLS:
-                raise Unsupported(f"protocol {str(value)[:20]}")
+            if not member(value, PROTOCOLS):
+                raise Unsupported(f"protocol {clip(value, 20)}")
         elif key in ("in-interface", "out-interface"):
             if not isinstance(value, str) or not _IFACE_RE.match(value):
                 raise Unsupported(f"malformed {key}")
@@ -120,7 +122,7 @@ def _target(value: Any, verdict: Verdict) -> None:
             return
         if not NAME_RE.match(value) or value.isupper():
             # Upper-case names are targets (extensions); chains we carry are user chains.
-            raise Unsupported(f"target {value[:30]}")
+            raise Unsupported(f"target {clip(value, 30)}")
         verdict.jumps.append(value)
         return
     if isinstance(value, dict) and len(value) == 1:
@@ -129,9 +131,9 @@ def _target(value: Any, verdict: Verdict) -> None:
             verdict.jumps.append(body)
             return
         if name == "REJECT" and isinstance(body, dict) and set(body) <= {"reject-with"} \
-                and body.get("reject-with", "icmp-port-unreachable") in REJECT_WITH:
+                and member(body.get("reject-with", "icmp-port-unreachable"), REJECT_WITH):
             return
-    raise Unsupported(f"target {str(value)[:40]}")
+    raise Unsupported(f"target {clip(value, 40)}")
 
 
 def _norm(rule: Mapping[str, Any]) -> Any:

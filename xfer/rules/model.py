@@ -83,6 +83,12 @@ def load_strict(raw: bytes, what: str = "rules section") -> Any:
         raise BundleError(f"{what} is corrupted: {exc}") from None
 
 
+def clip(value: Any, limit: int = 40) -> str:
+    """Hostile text for a one-line message: cut short, control characters escaped."""
+    text = str(value)[:limit]
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
 def need(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     """``value`` if it is of ``kind`` (bool is never an int here), else BundleError."""
     if isinstance(value, bool) and kind is not bool and (kind is int or bool not in _tuple(kind)):
@@ -106,11 +112,16 @@ def need_keys(obj: Any, required: Iterable[str], optional: Iterable[str], what: 
     req, opt = set(required), set(optional)
     missing = req - obj.keys()
     if missing:
-        raise BundleError(f"{what}: missing {', '.join(sorted(missing))}")
+        raise BundleError(f"{what}: missing {', '.join(clip(k) for k in sorted(missing))}")
     extra = obj.keys() - req - opt
     if extra:
-        raise BundleError(f"{what}: unexpected {', '.join(sorted(extra))}")
+        raise BundleError(f"{what}: unexpected {', '.join(clip(k) for k in sorted(extra))}")
     return dict(obj)
+
+
+def member(value: Any, allowed: Iterable[str]) -> bool:
+    """``value in allowed`` for hostile values (a list is not hashable, a number is no name)."""
+    return isinstance(value, str) and value in allowed
 
 
 def need_name(value: Any, what: str) -> str:

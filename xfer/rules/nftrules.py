@@ -25,8 +25,10 @@ from xfer.rules.model import (
     MAX_RULES,
     Unsupported,
     Verdict,
+    clip,
     context,
     freeze,
+    member,
     mentions_vm,
     need,
     need_int,
@@ -125,17 +127,17 @@ def _left(left: Any) -> tuple[str, int | None]:
         if not isinstance(body, dict) or set(body) != {"protocol", "field"}:
             raise Unsupported("match on a raw payload")
         proto, fld = body["protocol"], body["field"]
-        if proto not in PROTOCOLS or not isinstance(fld, str) or not fld.replace(" ", "").isalnum() \
+        if not member(proto, PROTOCOLS) or not isinstance(fld, str) or not fld.replace(" ", "").isalnum() \
                 or len(fld) > 32:
-            raise Unsupported(f"match on payload {str(proto)[:20]} {str(fld)[:20]}")
+            raise Unsupported(f"match on payload {clip(proto, 20)} {clip(fld, 20)}")
         return f"{proto} {fld}", ADDRESS_FIELDS.get((proto, fld))
     if form == "meta":
-        if not isinstance(body, dict) or set(body) != {"key"} or body["key"] not in META_KEYS:
-            raise Unsupported(f"match on meta {str(body)[:40]}")
+        if not isinstance(body, dict) or set(body) != {"key"} or not member(body["key"], META_KEYS):
+            raise Unsupported(f"match on meta {clip(body, 40)}")
         return f"meta {body['key']}", None
     if form == "ct":
-        if not isinstance(body, dict) or set(body) != {"key"} or body["key"] not in CT_KEYS:
-            raise Unsupported(f"match on ct {str(body)[:40]}")
+        if not isinstance(body, dict) or set(body) != {"key"} or not member(body["key"], CT_KEYS):
+            raise Unsupported(f"match on ct {clip(body, 40)}")
         return f"ct {body['key']}", None
     raise Unsupported(f"match on {form!r}")
 
@@ -145,7 +147,7 @@ def _is_vm(vm: VmIdentity, value: Any, kind: int) -> bool:
 
 
 def _match(body: Any, vm: VmIdentity, verdict: Verdict, shared: Counter[str]) -> None:
-    if not isinstance(body, dict) or set(body) != {"op", "left", "right"} or body["op"] not in OPS:
+    if not isinstance(body, dict) or set(body) != {"op", "left", "right"} or not member(body["op"], OPS):
         raise Unsupported("malformed match")
     name, kind = _left(body["left"])
     right, op = body["right"], body["op"]
@@ -202,7 +204,7 @@ def check_rule(expr: Any, vm: VmIdentity, shared: Counter[str] | None = None) ->
                 raise Unsupported("named or malformed counter")
         elif name == "reject":
             if body is not None and not (isinstance(body, dict) and set(body) <= {"type", "expr"}
-                                         and body.get("type", "icmpx") in REJECT_TYPES):
+                                         and member(body.get("type", "icmpx"), REJECT_TYPES)):
                 raise Unsupported("malformed reject")
             if isinstance(body, dict) and "expr" in body:
                 _scalar(body["expr"], "reject")
@@ -452,7 +454,7 @@ def check_part(part: Any, vm: VmIdentity) -> dict[str, Any]:
             if c["vm"]:
                 raise ForeignEntryError(f"chain {key[2]}: a chain of the VM's own cannot be a base chain")
             b = need_keys(c["base"], ("type", "hook", "prio"), (), "base chain")
-            if b["type"] != "filter" or b["hook"] not in HOOKS:
+            if b["type"] != "filter" or not member(b["hook"], HOOKS):
                 raise ForeignEntryError(f"chain {key[2]}: only filter chains on "
                                         f"{'/'.join(sorted(HOOKS))} hooks are accepted")
             need_int(b["prio"], "chain prio", -1000, 1000)
@@ -473,7 +475,7 @@ def check_part(part: Any, vm: VmIdentity) -> dict[str, Any]:
         kinds = _address_kinds(s["type"])
         for e in s["elem"]:
             if not _vm_element(vm, e, kinds):
-                raise ForeignEntryError(f"set {key[2]}: element {str(e)[:60]} carries none of "
+                raise ForeignEntryError(f"set {key[2]}: element {clip(e, 60)} carries none of "
                                         f"VM {vm.id}'s addresses")
             try:
                 _value(e["concat"] if isinstance(e, dict) else e, "set element")
@@ -516,7 +518,7 @@ def check_part(part: Any, vm: VmIdentity) -> dict[str, Any]:
 
 
 def _family(value: Any) -> str:
-    if value not in FAMILIES:
+    if not member(value, FAMILIES):
         raise BundleError(f"nftables family {str(value)[:20]!r} is not accepted")
     return str(value)
 
@@ -530,7 +532,7 @@ def _check_set(s: Any, tables: set[tuple[str, str]], what: str) -> ChainKey:
     if not 1 <= len(types) <= 8 or not all(isinstance(t, str) and t.replace("_", "").isalnum()
                                            and len(t) < 32 for t in types):
         raise BundleError(f"{what} {key[2]}: malformed type")
-    if not set(need_list(s.get("flags", []), "set flags", 4)) <= SET_FLAGS:
+    if not all(member(f, SET_FLAGS) for f in need_list(s.get("flags", []), "set flags", 4)):
         raise ForeignEntryError(f"{what} {key[2]}: only interval sets are accepted")
     need_list(s["elem"], f"{what} elements", MAX_RULES)
     return key
