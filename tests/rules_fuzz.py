@@ -59,7 +59,7 @@ def _edit(draw: st.DrawFn, tree: Any) -> Any:
     parent: Any = None
     key: Any = None
     node = tree
-    while isinstance(node, dict | list) and node and draw(st.integers(0, 3)) > 0:
+    while isinstance(node, dict | list) and node and draw(st.integers(0, 9)) > 0:   # mostly deep
         keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
         parent, key = node, draw(st.sampled_from(keys))
         node = node[key]

@@ -260,3 +260,23 @@ def test_a_bundle_with_rules_round_trips() -> None:
     b = Bundle(VM, {}, {Kind.RULES: Section(Kind.RULES, ENCODING, 5, payload, {"left_out": {}})})
     back = bundle_mod.decode(bundle_mod.encode(b))
     assert section_parts(back.sections[Kind.RULES], back.vm)["nft"]["rules"] == _part()["rules"]
+
+
+def test_the_manager_routes_rules_like_any_other_kind() -> None:
+    import yaml
+
+    from xfer.manager import plan, topology
+
+    raw = yaml.safe_load("""
+servers: {hv1: {gateway: gw}, hv2: {gateway: gw}}
+gateways: [gw]
+devices:
+  fw-a: {type: firewall, kinds: [rules, conntrack], agent: "https://10.0.4.1:7443"}
+  fw-b: {type: firewall, kinds: [conntrack, rules], agent: "https://10.0.4.2:7443"}
+links: [[hv1, fw-a], [fw-a, gw], [hv2, fw-b], [fw-b, gw]]
+""")
+    p = plan.select(topology.parse(raw), "hv1", "hv2")
+    assert [(r.kind, r.source.id, [d.id for d in r.destinations]) for r in p.routes] == [
+        (Kind.CONNTRACK, "fw-a", ["fw-b"]), (Kind.RULES, "fw-a", ["fw-b"])]
+    # one push per device pair carries both; the destination imports rules first
+    assert import_order(next(iter(p.pairs().values()))) == [Kind.RULES, Kind.CONNTRACK]

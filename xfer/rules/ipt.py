@@ -125,21 +125,23 @@ def apply(ops: Sequence[tuple[Any, ...]], namespace: str | None = None) -> None:
     Ops: ``("chain", family, table, name)`` creates a chain; ``("insert", family, table,
     chain, index, rule)`` inserts (index None appends); ``("delete", family, table, chain,
     rule)`` deletes the first equal rule; ``("drop", family, table, name)`` flushes and
-    deletes a chain. Rules are built (and checked) before any table is touched.
+    deletes a chain. Nothing is committed unless every op (and every rule's read-back
+    check) succeeds.
     """
     if not ops:
         return
     iptc = _iptc()
     families = sorted({op[1] for op in ops})
-    built = [encode(op[5], op[1]) if op[0] == "insert" else None for op in ops]
     with _tables(namespace, families) as tables:
         try:
-            for op, rule in zip(ops, built, strict=True):
+            for op in ops:
                 kind, family, _, name = op[:4]
                 table = tables[family]
                 if kind == "chain":
                     table.create_chain(name)
                 elif kind == "insert":
+                    # Built here, not earlier: a jump resolves only once its chain exists.
+                    rule = encode(op[5], family)
                     chain = iptc.Chain(table, name)
                     if op[4] is None:
                         chain.append_rule(rule)
@@ -160,7 +162,9 @@ def apply(ops: Sequence[tuple[Any, ...]], namespace: str | None = None) -> None:
                     table.delete_chain(name)
             for family in families:
                 tables[family].commit()
-        except iptc.IPTCError as exc:
+        except (iptc.IPTCError, IptError) as exc:
             for table in tables.values():
                 table.refresh()   # drop the uncommitted changes
+            if isinstance(exc, IptError):
+                raise
             raise IptError(f"iptables refused the change: {exc}") from None

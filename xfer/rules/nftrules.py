@@ -670,6 +670,7 @@ def delete_rules(part: dict[str, Any], objs: Sequence[dict[str, Any]]) -> list[d
     """Commands deleting the part's container rules from a listing, matched by content (undo)."""
     rs = Ruleset.parse(objs)
     out: list[dict[str, Any]] = []
+    taken: set[int] = set()
     vm_chains = {(c["family"], c["table"], c["name"]) for c in part["chains"] if c["vm"]}
     for r in part["rules"]:
         key = (r["family"], r["table"], r["chain"])
@@ -677,7 +678,8 @@ def delete_rules(part: dict[str, Any], objs: Sequence[dict[str, Any]]) -> list[d
             continue
         want = _norm(r["expr"], r.get("comment"))
         for have in rs.rules.get(key, []):
-            if _norm(have["expr"], have.get("comment")) == want:
+            if have["handle"] not in taken and _norm(have["expr"], have.get("comment")) == want:
+                taken.add(have["handle"])
                 out.append({"delete": {"rule": {"family": key[0], "table": key[1], "chain": key[2],
                                                 "handle": have["handle"]}}})
                 break

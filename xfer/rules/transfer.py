@@ -158,9 +158,18 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
 
 
 def _undo_nft(part: dict[str, Any], plan: nftrules.Plan, namespace: str | None) -> None:
+    """Take back an applied nft plan (the iptables half failed), one command at a time.
+
+    One at a time so that a command with nothing left to delete (a bundle may carry the
+    same element twice) does not stop the others.
+    """
     from xfer.rules import nft
 
-    nft.apply(nftrules.delete_rules(part, nft.list_ruleset(namespace)) + plan.undo, namespace)
+    for command in nftrules.delete_rules(part, nft.list_ruleset(namespace)) + plan.undo:
+        try:
+            nft.apply([command], namespace)
+        except nft.NftError:
+            continue
 
 
 def forget(vm: VmIdentity, namespace: str | None = None, *, backend: str = "auto",
