@@ -280,3 +280,15 @@ links: [[hv1, fw-a], [fw-a, gw], [hv2, fw-b], [fw-b, gw]]
         (Kind.CONNTRACK, "fw-a", ["fw-b"]), (Kind.RULES, "fw-a", ["fw-b"])]
     # one push per device pair carries both; the destination imports rules first
     assert import_order(next(iter(p.pairs().values()))) == [Kind.RULES, Kind.CONNTRACK]
+
+
+@pytest.mark.parametrize("other", [
+    [daddr("10.0.7.7"), {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}}, {"jump": {"target": "c"}}],
+    [{"vmap": {"key": {"payload": {"protocol": "ip", "field": "daddr"}},
+               "data": {"set": [["10.0.7.7", {"jump": {"target": "c"}}]]}}}],
+], ids=["unsupported-rule", "verdict-map"])
+def test_a_chain_another_rule_reaches_in_any_way_is_not_the_vms(other: list[dict[str, Any]]) -> None:
+    objs = listing({"forward": [[daddr("10.0.1.2"), {"jump": {"target": "c"}}], other], "c": [[ACCEPT]]})
+    part, left_out, doomed = nftrules.export_part(objs, VM)
+    assert part["rules"] == [] and doomed == []
+    assert left_out == {"jumps to a chain other rules jump to as well": 1}

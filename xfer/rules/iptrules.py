@@ -146,20 +146,25 @@ def export_part(chains: Mapping[ChainKey, Chain], vm: VmIdentity
                 ) -> tuple[dict[str, Any], dict[str, int], list[tuple[Any, ...]]]:
     """The VM's rules and chains in the legacy filter tables; what was left out; forget ops."""
     shared: Counter[str] = Counter()
-    verdicts: dict[tuple[ChainKey, int], Verdict | str] = {}
-    for key, chain in chains.items():
-        for i, rule in enumerate(chain.rules):
-            try:
-                verdicts[(key, i)] = check_rule(rule, key[0], vm, shared)
-            except Unsupported as exc:
-                verdicts[(key, i)] = str(exc)
+    left_out: Counter[str] = Counter()
+
+    def verdict(r: tuple[ChainKey, int]) -> Verdict | str:
+        rule = chains[r[0]].rules[r[1]]
+        try:
+            return check_rule(rule, r[0][0], vm, shared)
+        except Unsupported as exc:
+            if _mentions(rule, vm):
+                left_out[f"unsupported: {exc}"[:80]] += 1
+            return str(exc)
+
+    maybe = {(key, i) for key, c in chains.items() for i, rule in enumerate(c.rules) if _mentions(rule, vm)}
+    verdicts = {r: verdict(r) for r in maybe}    # every rule naming the VM, so what is left is counted
     sel = select_checked({key: len(c.rules) for key, c in chains.items()},
-                         {key for key, c in chains.items() if not c.builtin}, verdicts)
-    left_out: Counter[str] = Counter(sel.left_out)
+                         {key for key, c in chains.items() if not c.builtin},
+                         lambda r: verdicts[r] if r in verdicts else verdict(r), maybe.__contains__,
+                         lambda r: raw_jumps(chains[r[0]].rules[r[1]]))
+    left_out.update(sel.left_out)
     left_out.update({k: v for k, v in shared.items() if v})
-    for (key, i), v in verdicts.items():
-        if isinstance(v, str) and _mentions(chains[key].rules[i], vm):
-            left_out[f"unsupported: {v}"[:80]] += 1
     part: dict[str, Any] = {"chains": [], "rules": []}
     doomed: list[tuple[Any, ...]] = []
     mine: dict[ChainKey, set[int]] = {}
@@ -184,8 +189,22 @@ def export_part(chains: Mapping[ChainKey, Chain], vm: VmIdentity
 
 
 def _mentions(rule: Mapping[str, Any], vm: VmIdentity) -> bool:
-    text = repr(rule)
-    return any(f"'{a}/" in text or f"'{a}'" in text for a in (*vm.addresses, *vm.macs))
+    """A cheap look: could this rule name the VM (its address, a prefix, its MAC)?"""
+    for key in ("src", "dst"):
+        value = rule.get(key)
+        if isinstance(value, str) and (not value.endswith(("/32", "/128")) or
+                                       value.split("/")[0].lstrip("!") in vm.addresses):
+            return True
+    mac = rule.get("mac")
+    return isinstance(mac, dict) and any(m in repr(mac).lower() for m in vm.macs)
+
+
+def raw_jumps(rule: Mapping[str, Any]) -> list[str]:
+    """The user chain a rule jumps or goes to, supported or not (upper-case names are targets)."""
+    target = rule.get("target")
+    if isinstance(target, dict) and len(target) == 1 and isinstance(target.get("goto"), str):
+        target = target["goto"]
+    return [target] if isinstance(target, str) and target not in VERDICTS and not target.isupper() else []
 
 
 # --- the bundle's part, checked ---------------------------------------------------------------

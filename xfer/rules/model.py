@@ -21,6 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from xfer.errors import BundleError, UsageError
@@ -32,6 +33,7 @@ MAX_DEPTH = 24                   # JSON nesting (a rule's expressions nest ~8 de
 MAX_RULES = 4096                 # rules, chains and set elements, each
 MAX_STRING = 256                 # any string in a rule
 MAX_LIST = 1024                  # any list inside one rule or set
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
 
 C = TypeVar("C", bound=Hashable)
@@ -133,7 +135,7 @@ def need_name(value: Any, what: str) -> str:
 
 def need_text(value: Any, what: str) -> str:
     need(value, str, what)
-    if len(value) > MAX_STRING or any(ord(ch) < 0x20 or ch == "\x7f" for ch in value):
+    if len(value) > MAX_STRING or _CONTROL_RE.search(value):
         raise BundleError(f"{what}: string too long or with control characters")
     return str(value)
 
@@ -154,19 +156,23 @@ def need_list(value: Any, what: str, limit: int = MAX_LIST) -> list[Any]:
 
 # --- the VM's addresses --------------------------------------------------------------
 
+@lru_cache(maxsize=64)
+def _canonical(vm: VmIdentity) -> dict[int, frozenset[str]]:
+    """The VM's addresses as the kernel's tools print them: 4 and 6 by IP version, 0 for MACs."""
+    ips = [ipaddress.ip_address(a) for a in vm.addresses]
+    return {4: frozenset(ip.compressed for ip in ips if ip.version == 4),
+            6: frozenset(ip.compressed for ip in ips if ip.version == 6),
+            0: frozenset(vm.macs)}
+
+
 def vm_ip(vm: VmIdentity, text: Any, version: int) -> bool:
     """True when ``text`` is exactly one of the VM's IPv``version`` addresses, in canonical form.
 
     Canonical form only: a bundle that spells an address another way (leading zeros,
-    a zone, upper case) is not proven to mean what the kernel will read.
+    a zone, upper case) is not proven to mean what the kernel will read. A set lookup,
+    because every address literal of a ruleset goes through here.
     """
-    if not isinstance(text, str) or "%" in text:
-        return False
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return ip.version == version and ip.compressed == text and vm.owns_ip(ip.packed)
+    return isinstance(text, str) and text in _canonical(vm)[version]
 
 
 def vm_mac(vm: VmIdentity, text: Any) -> bool:
@@ -210,25 +216,38 @@ RuleKey = tuple[Any, int]      # (chain key, index of the rule in its chain)
 
 
 def select_checked(sizes: Mapping[Any, int], regular: Iterable[Any],
-                   verdicts: Mapping[RuleKey, Verdict | str],
+                   verdict: Callable[[RuleKey], Verdict | str], maybe_anchored: Callable[[RuleKey], bool],
+                   raw_jumps: Callable[[RuleKey], Iterable[str]],
                    extra: Callable[[RuleKey, Verdict], str | None] | None = None) -> Selection:
-    """``select`` over rules a backend has checked: a verdict, or the reason it cannot travel.
+    """``select`` over a backend's rules, checked only where it matters.
 
-    Jump targets are chain names within the rule's table: chain keys end with the name.
+    ``verdict`` checks one rule (a Verdict, or the reason it cannot travel); it is
+    asked only about rules ``maybe_anchored`` flags (a cheap look for the VM's
+    address literals) and rules in chains those reach. ``raw_jumps`` reads every
+    rule's jumps, supported or not: a chain another rule jumps to is not the VM's,
+    whatever that rule is. Jump targets are chain names within the rule's table.
     """
+    memo: dict[RuleKey, Verdict | str] = {}
+
+    def checked(r: RuleKey) -> Verdict | str:
+        if r not in memo:
+            memo[r] = verdict(r)
+        return memo[r]
+
     def anchored(r: RuleKey) -> bool:
-        v = verdicts[r]
+        if not maybe_anchored(r):
+            return False
+        v = checked(r)
         return isinstance(v, Verdict) and v.anchored
 
     def problem(r: RuleKey) -> str | None:
-        v = verdicts[r]
+        v = checked(r)
         if isinstance(v, str):
             return v
         return extra(r, v) if extra else None
 
     def jumps(r: RuleKey) -> list[Any]:
-        v = verdicts[r]
-        return [(*r[0][:-1], t) for t in v.jumps] if isinstance(v, Verdict) else []
+        return [(*r[0][:-1], t) for t in raw_jumps(r)]
 
     return select({key: [(key, i) for i in range(n)] for key, n in sizes.items()}, regular,
                   anchored, problem, jumps)
@@ -367,10 +386,6 @@ def place(existing: Sequence[Any], incoming: Sequence[tuple[Any, Any, Any]]) -> 
     return out
 
 
-def freeze(value: Any) -> Any:
-    """A hashable, order-preserving copy of JSON data (for comparing rules)."""
-    if isinstance(value, dict):
-        return tuple((k, freeze(v)) for k, v in sorted(value.items()))
-    if isinstance(value, list):
-        return tuple(freeze(v) for v in value)
-    return value
+def freeze(value: Any) -> str:
+    """A canonical text of JSON data, for comparing rules (``1`` and ``true`` stay apart)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

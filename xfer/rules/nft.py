@@ -12,6 +12,7 @@ socket per command, in the namespace of the calling thread.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from xfer.errors import KernelError, UsageError, XferError
@@ -34,17 +35,33 @@ def _context() -> Any:
     return nft
 
 
-def list_ruleset(namespace: str | None = None) -> list[dict[str, Any]]:
+def list_ruleset(namespace: str | None = None,
+                 tables: Iterable[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
     """The ruleset as libnftables' JSON objects (``{"table": {...}}``, ``{"rule": {...}}``...).
+
+    With ``tables`` ((family, name) pairs), only those tables that exist: listing costs
+    per rule listed (~0.07 ms here), and an import needs only the tables it touches.
 
     >>> list_ruleset("fw-a")[1]  # doctest: +SKIP
     {'table': {'family': 'inet', 'name': 'xfer', 'handle': 1}}
     """
     with entered(namespace):
         nft = _context()
-        rc, out, err = nft.cmd("list ruleset")
+        if tables is None:
+            return _objs(nft, "list ruleset")
+        wanted = set(tables)
+        present = [(o["table"]["family"], o["table"]["name"]) for o in _objs(nft, "list tables")]
+        out: list[dict[str, Any]] = []
+        for family, name in present:
+            if (family, name) in wanted:
+                out += _objs(nft, f"list table {family} {name}")
+        return out
+
+
+def _objs(nft: Any, command: str) -> list[dict[str, Any]]:
+    rc, out, err = nft.cmd(command)
     if rc != 0:
-        raise KernelError(1, f"nft list ruleset: {err.strip()}")
+        raise KernelError(1, f"nft {command}: {err.strip()}")
     if not out.strip():
         return []
     objs: list[dict[str, Any]] = json.loads(out).get("nftables", [])

@@ -13,6 +13,7 @@ section's meta) and a bundle carrying it is refused whole.
 from __future__ import annotations
 
 import copy
+import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -300,21 +301,32 @@ def export_part(objs: Sequence[dict[str, Any]], vm: VmIdentity
     """
     rs = Ruleset.parse(objs)
     shared: Counter[str] = Counter()
+    literals = _literals(vm)
     verdicts: dict[tuple[ChainKey, int], Verdict | str] = {}
-    for key, rules in rs.rules.items():
-        for i, rule in enumerate(rules):
+
+    def verdict(r: tuple[ChainKey, int]) -> Verdict | str:
+        if r not in verdicts:
+            expr = rs.rules[r[0]][r[1]]["expr"]
             try:
-                verdicts[(key, i)] = check_rule(rule["expr"], vm, shared)
+                verdicts[r] = check_rule(expr, vm, shared)
             except Unsupported as exc:
-                verdicts[(key, i)] = str(exc)
+                verdicts[r] = str(exc)
+                if _mentions(expr, literals):
+                    left_out[f"unsupported: {exc}"[:80]] += 1
+        return verdicts[r]
+
+    left_out: Counter[str] = Counter()
+    maybe = {(key, i) for key, rules in rs.rules.items() for i, rule in enumerate(rules)
+             if _mentions(rule["expr"], literals)}
+    for r in maybe:        # every rule naming the VM is checked, so that what is left out is counted
+        verdict(r)
     sel = select_checked({key: len(rules) for key, rules in rs.rules.items()},
-                         {key for key, body in rs.chains.items() if "hook" not in body}, verdicts,
+                         {key for key, body in rs.chains.items() if "hook" not in body},
+                         verdict, maybe.__contains__,
+                         lambda r: raw_jumps(rs.rules[r[0]][r[1]]["expr"]),
                          lambda r, v: _set_problem(rs, r[0], v))
-    left_out: Counter[str] = Counter(sel.left_out)
+    left_out.update(sel.left_out)
     left_out.update({k: v for k, v in shared.items() if v})
-    for (key, i), v in verdicts.items():
-        if isinstance(v, str) and _mentions_vm_literal(rs.rules[key][i]["expr"], vm):
-            left_out[f"unsupported: {v}"[:80]] += 1
 
     part: dict[str, Any] = {"tables": [], "chains": [], "sets": [], "elements": [], "rules": []}
     doomed: list[dict[str, Any]] = []
@@ -392,9 +404,53 @@ def _set_problem(rs: Ruleset, chain: ChainKey, verdict: Verdict) -> str | None:
     return None
 
 
-def _mentions_vm_literal(expr: Any, vm: VmIdentity) -> bool:
-    text = repr(expr)
-    return any(f"'{a}'" in text for a in (*vm.addresses, *vm.macs))
+def _literals(vm: VmIdentity) -> frozenset[str]:
+    return frozenset((*vm.addresses, *vm.macs))
+
+
+def _mentions(expr: Any, literals: frozenset[str]) -> bool:
+    """A cheap look: does a match name one of the VM's addresses, or a prefix or range (which
+    may hold one)? Only such rules can be the VM's or be counted as left out."""
+    for stmt in expr if isinstance(expr, list) else ():
+        body = stmt.get("match") if isinstance(stmt, dict) else None
+        if not isinstance(body, dict):
+            if isinstance(stmt, dict) and not stmt.keys() <= _PLAIN \
+                    and any(a in json.dumps(stmt) for a in literals):
+                return True
+            continue
+        right = body.get("right")
+        if isinstance(right, str):
+            if right in literals:
+                return True
+        elif isinstance(right, dict):
+            if "prefix" in right or "range" in right:
+                return True
+            items = right.get("set")
+            if isinstance(items, list) and any(isinstance(v, dict) or v in literals for v in items
+                                               if isinstance(v, str | dict)):
+                return True
+    return False
+
+
+_PLAIN = {"counter", "accept", "drop", "continue", "return", "jump", "goto", "log", "limit", "reject"}
+
+
+def raw_jumps(expr: Any) -> list[str]:
+    """Every chain a rule can jump or go to, wherever the jump sits (verdict maps included)."""
+    found: list[str] = []
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                target = value.get("target") if isinstance(value, dict) else None
+                if key in ("jump", "goto") and isinstance(target, str):
+                    found.append(target)
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
 
 
 def _address_elements(rs: Ruleset, vm: VmIdentity, part: dict[str, Any], doomed: list[dict[str, Any]],

@@ -128,7 +128,8 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
     if "nft" in parts:
         from xfer.rules import nft
 
-        nft_plan = nftrules.import_plan(parts["nft"], nft.list_ruleset(namespace), owner)
+        tables = [(t["family"], t["name"]) for t in parts["nft"]["tables"]]
+        nft_plan = nftrules.import_plan(parts["nft"], nft.list_ruleset(namespace, tables), owner)
     if "iptables" in parts:
         from xfer.rules import ipt
 
@@ -165,7 +166,8 @@ def _undo_nft(part: dict[str, Any], plan: nftrules.Plan, namespace: str | None) 
     """
     from xfer.rules import nft
 
-    for command in nftrules.delete_rules(part, nft.list_ruleset(namespace)) + plan.undo:
+    tables = [(t["family"], t["name"]) for t in part["tables"]]
+    for command in nftrules.delete_rules(part, nft.list_ruleset(namespace, tables)) + plan.undo:
         try:
             nft.apply([command], namespace)
         except nft.NftError:
