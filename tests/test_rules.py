@@ -283,7 +283,8 @@ links: [[hv1, fw-a], [fw-a, gw], [hv2, fw-b], [fw-b, gw]]
 
 
 @pytest.mark.parametrize("other", [
-    [daddr("10.0.7.7"), {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}}, {"jump": {"target": "c"}}],
+    [daddr("10.0.7.7"), {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}},
+     {"jump": {"target": "c"}}],
     [{"vmap": {"key": {"payload": {"protocol": "ip", "field": "daddr"}},
                "data": {"set": [["10.0.7.7", {"jump": {"target": "c"}}]]}}}],
 ], ids=["unsupported-rule", "verdict-map"])

@@ -25,14 +25,14 @@ def count(kind: Kind, namespace: str | None) -> int:
 
         return table_size(namespace)
     if kind is Kind.COUNTERS:
-        from xfer.ebpf.counters_transfer import show
+        from xfer.counters.transfer import show
 
         return len(show(None, namespace))
     if kind is Kind.RULES:
         from xfer.rules.transfer import count_rules
 
         return count_rules(namespace)
-    from xfer.dhcpsnoop.store import BindingTable
+    from xfer.dhcp.store import BindingTable
 
     with BindingTable(namespace) as table:
         return len(table.bindings())
