@@ -88,8 +88,18 @@ def export_section(vm: VmIdentity, namespace: str | None = None, *, backend: str
     parts, left_out, _ = _export(vm, namespace, backend)
     counts = _counts(parts)
     payload = json.dumps(parts, separators=(",", ":"), sort_keys=True).encode()
-    meta = {"backends": sorted(parts), **counts, "left_out": left_out}
+    meta = {"backends": sorted(parts), **counts, "left_out": _bounded(left_out)}
     return Section(Kind.RULES, ENCODING, counts["rules"] + counts["elements"], payload, meta)
+
+
+def _bounded(left_out: dict[str, int], most: int = 32) -> dict[str, int]:
+    """The ``most`` commonest reasons; the rest summed, so the meta stays small in any ruleset."""
+    ranked = sorted(left_out.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = dict(ranked[:most])
+    rest = sum(n for _, n in ranked[most:])
+    if rest:
+        out["other reasons"] = rest
+    return out
 
 
 def section_parts(section: Section, vm: VmIdentity) -> dict[str, Any]:
