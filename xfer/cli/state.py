@@ -180,6 +180,9 @@ def bundle_show(
     for s in header["sections"]:
         typer.echo(f"  section {s['kind']}: {s['count']} entries, {s['length']} bytes, "
                    f"{s['encoding']}, sha256 {s['sha256'][:16]}…")
+        left_out = s["meta"].get("left_out")      # rules: what the export kept back, and why
+        for reason, n in left_out.items() if isinstance(left_out, dict) else ():
+            typer.echo(f"    left out: {n!r} ({reason[:80]!r})")
     if ct is not None:
         typer.echo(f"  import check: {refused or 'ok'}")
     if entries:
