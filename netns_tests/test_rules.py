@@ -84,6 +84,10 @@ def forge(path: str, edit: Callable[[dict[str, Any]], None]) -> None:
 def test_nft_rule_moves_and_opens_the_destination(lab: Lab, tmp_path: object) -> None:
     lab.allow_inbound(lab.fwsrc, f"ip daddr {VM_IP} tcp dport {PORT} ct state new accept")
     assert new_tcp_passes(lab), "the rule on fw1 does not let the connection in: the test proves nothing"
+    out = xfer("rules", "ls", "--vm", VM, "--netns", lab.fwsrc, "--json")
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert (found["rules"], found["chains"], found["left_out"]) == (1, 0, {})
     lab.move_vm()
     assert not new_tcp_passes(lab), "fw2 lets the connection in without the rule"
     path = f"/tmp/{lab.hosts.prefix}-rules.xfer"

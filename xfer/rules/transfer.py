@@ -68,6 +68,10 @@ def _export(vm: VmIdentity, namespace: str | None, backend: str
 
         parts["iptables"], lo, doomed["iptables"] = iptrules.export_part(ipt.read(namespace), vm)
         left_out.update({f"iptables: {k}": v for k, v in lo.items()})
+    if not parts:
+        # Neither backend could look: say so rather than export "no rules".
+        raise UsageError("no rules backend here: install python3-nftables (nftables) or use "
+                         "iptables-legacy with python3-iptables")
     return parts, left_out, doomed
 
 
