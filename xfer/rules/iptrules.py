@@ -299,6 +299,9 @@ def import_plan(part: dict[str, Any], chains: Mapping[ChainKey, Chain], vm: VmId
         plan.ops.append(("chain", *key))
         if c["vm"]:
             new_vm_chains.append(key)
+        else:
+            plan.warnings.append(f"created chain {key[2]}, which no rule here jumps to: "
+                                 "the VM's rules in it apply only once one does")
         plan.undo.append(("drop", *key))
     for key in new_vm_chains:
         for r in by_chain.get(key, []):

@@ -644,6 +644,9 @@ def import_plan(part: dict[str, Any], objs: Sequence[dict[str, Any]], vm: VmIden
             # would cut every other host this device forwards.
             chain.update(c["base"], policy="accept")
             plan.warnings.append(f"created base chain {key[2]} with policy accept")
+        elif not c["vm"]:
+            plan.warnings.append(f"created chain {key[2]}, which no rule here jumps to: "
+                                 "the VM's rules in it apply only once one does")
         plan.commands.append({"add": {"chain": chain}})
         if c["vm"]:
             new_vm_chains.append(key)
