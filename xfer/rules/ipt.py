@@ -25,7 +25,11 @@ ChainKey = tuple[int, str, str]     # (4 or 6, table, chain)
 
 
 class IptError(XferError):
-    """libiptc refused a change (its message, one line)."""
+    """libiptc refused a change (its message, one line); ``committed``: families already changed."""
+
+    def __init__(self, message: str, committed: Sequence[int] = ()) -> None:
+        self.committed = tuple(committed)
+        super().__init__(message)
 
 
 @dataclass
@@ -132,6 +136,7 @@ def apply(ops: Sequence[tuple[Any, ...]], namespace: str | None = None) -> None:
         return
     iptc = _iptc()
     families = sorted({op[1] for op in ops})
+    committed: list[int] = []
     with _tables(namespace, families) as tables:
         try:
             for op in ops:
@@ -162,9 +167,12 @@ def apply(ops: Sequence[tuple[Any, ...]], namespace: str | None = None) -> None:
                     table.delete_chain(name)
             for family in families:
                 tables[family].commit()
+                committed.append(family)
         except (iptc.IPTCError, IptError) as exc:
             for table in tables.values():
                 table.refresh()   # drop the uncommitted changes
             if isinstance(exc, IptError):
                 raise
-            raise IptError(f"iptables refused the change: {exc}") from None
+            # NOTE: IPv4 and IPv6 are two tables, two commits: when the second fails the
+            # first has taken effect; the caller takes it back (``committed``).
+            raise IptError(f"iptables refused the change: {exc}", committed) from None

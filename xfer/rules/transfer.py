@@ -163,6 +163,9 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
     except XferError as exc:
         if nft_done and nft_plan is not None:
             _undo_nft(parts["nft"], nft_plan, namespace)
+        taken = getattr(exc, "committed", ())
+        if ipt_plan is not None and taken:
+            ipt.apply([op for op in ipt_plan.undo if op[1] in taken], namespace)
         report.failed, report.created = report.created, 0
         report.rolled_back = True
         report.errors.append(str(exc))
