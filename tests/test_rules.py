@@ -293,3 +293,21 @@ def test_a_chain_another_rule_reaches_in_any_way_is_not_the_vms(other: list[dict
     part, left_out, doomed = nftrules.export_part(objs, VM)
     assert part["rules"] == [] and doomed == []
     assert left_out == {"jumps to a chain other rules jump to as well": 1}
+
+
+def test_iptables_rules_go_after_their_source_neighbour_in_order() -> None:
+    est = {"protocol": "tcp", "conntrack": {"ctstate": "ESTABLISHED,RELATED"}, "target": "ACCEPT"}
+    other = {"dst": "10.0.7.7/32", "target": "ACCEPT"}
+    drop = {"target": "DROP"}
+    mine = [{"dst": "10.0.1.2/32", "protocol": "tcp", "tcp": {"dport": str(p)}, "target": "ACCEPT"}
+            for p in (80, 443)]
+    part = {"chains": [{"family": 4, "table": "filter", "name": "FORWARD", "vm": False}],
+            "rules": [{"family": 4, "table": "filter", "chain": "FORWARD", "rule": r, "after": est,
+                       "before": drop} for r in mine]}
+    dest = {(4, "filter", "FORWARD"): Chain(True, [est, other, drop])}
+    plan = iptrules.import_plan(iptrules.check_part(part, VM), dest, VM)
+    assert [(op[0], op[4]) for op in plan.ops] == [("insert", 1), ("insert", 2)]
+    # the first already there: the second follows it
+    dest = {(4, "filter", "FORWARD"): Chain(True, [est, mine[0], other, drop])}
+    plan = iptrules.import_plan(iptrules.check_part(part, VM), dest, VM)
+    assert [(op[0], op[4]) for op in plan.ops] == [("insert", 2)] and plan.skipped == 1

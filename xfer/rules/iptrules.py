@@ -174,10 +174,11 @@ def export_part(chains: Mapping[ChainKey, Chain], vm: VmIdentity
         part["chains"].append({"family": key[0], "table": key[1], "name": key[2], "vm": False})
         rules = chains[key].rules
         for i in sorted(idx):
-            before, after = context(rules, i, idx)
+            preceding, following = context(rules, i, idx)
+            # "after": the rule it goes after (its source predecessor); "before": its successor
             part["rules"].append({"family": key[0], "table": key[1], "chain": key[2],
-                                  "rule": copy.deepcopy(rules[i]), "after": copy.deepcopy(before),
-                                  "before": copy.deepcopy(after)})
+                                  "rule": copy.deepcopy(rules[i]), "after": copy.deepcopy(preceding),
+                                  "before": copy.deepcopy(following)})
             doomed.append(("delete", key[0], key[1], key[2], rules[i]))
     for key in sel.chains:
         part["chains"].append({"family": key[0], "table": key[1], "name": key[2], "vm": True})

@@ -360,8 +360,8 @@ def export_part(objs: Sequence[dict[str, Any]], vm: VmIdentity
         chain_entry(key, False)
         rules = rs.rules[key]
         for i in sorted(mine):
-            before, after = context(rules, i, mine)
-            rule_entry(key, rules[i], _ctx(before), _ctx(after))
+            preceding, following = context(rules, i, mine)
+            rule_entry(key, rules[i], _ctx(preceding), _ctx(following))
             doomed.append({"delete": {"rule": {"family": key[0], "table": key[1], "chain": key[2],
                                                "handle": rules[i]["handle"]}}})
     for key in sel.chains:
