@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("xfer.model",),
     ("xfer.bundle",),
     ("xfer.ebpf",),                                        # kernel-facing, generic
-    ("xfer.conntrack", "xfer.dhcp", "xfer.counters"),      # the kinds (state)
+    ("xfer.conntrack", "xfer.dhcp", "xfer.counters", "xfer.rules"),   # the kinds (state)
     ("xfer.transfer",),                                    # export/import/forget across kinds
     ("xfer.net",),                                         # what the daemons share
     ("xfer.agent",),                                       # device

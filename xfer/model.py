@@ -42,6 +42,7 @@ class Kind(StrEnum):
     CONNTRACK = "conntrack"
     DHCP = "dhcp"
     COUNTERS = "counters"
+    RULES = "rules"
 
 
 def parse_kinds(spec: str | Iterable[str] | None) -> tuple[Kind, ...]:

@@ -39,6 +39,29 @@ def bench_conntrack(
         print_json(result)
 
 
+@bench_app.command("rules")
+def bench_rules(
+    other_rules: Annotated[int, typer.Option("--other-rules", help="Other hosts' rules on each "
+                                                                   "firewall.")] = 2000,
+    vm_rules: Annotated[int, typer.Option("--vm-rules", help="The VM's rules.")] = 20,
+    repeat: Annotated[int, typer.Option(help="Runs of each contender (median reported).")] = 11,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/rules.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Export+import of a VM's rules (nft, iptables-legacy) vs copying the whole ruleset.
+
+    Baselines in the same run: `nft -j list ruleset` + `nft -j -f`, and
+    `iptables-legacy-save | iptables-legacy-restore`.
+
+    Example: xfer bench rules --other-rules 2000 --vm-rules 20 --json
+    """
+    from xfer.bench import rules as bench
+
+    result = bench.run(other_rules, vm_rules, repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)
+
+
 @bench_app.command("agents")
 def bench_agents(
     vm_flows: Annotated[int, typer.Option("--vm-flows", help="The VM's conntrack entries.")] = 20_000,

@@ -64,7 +64,7 @@ NetnsOpt = Annotated[str | None, typer.Option("--netns", help="Network namespace
                                               "(default: the current one).", metavar="NS")]
 VmOpt = Annotated[str, typer.Option("--vm", help="VM addresses (IPv4, IPv6, MAC; comma-separated) "
                                     "or an inventory name.", metavar="ADDR[,ADDR...]")]
-KindsOpt = Annotated[str, typer.Option("--kinds", help="Kinds of state: conntrack,dhcp,counters.")]
+KindsOpt = Annotated[str, typer.Option("--kinds", help="Kinds of state: conntrack,dhcp,counters,rules.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ZoneOpt = Annotated[int | None, typer.Option("--zone", help="Only this conntrack zone.")]
 MarkOpt = Annotated[int | None, typer.Option("--mark", help="Only entries whose mark & MASK == MARK.")]

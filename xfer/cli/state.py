@@ -30,6 +30,8 @@ bundle_app = typer.Typer(help="Inspect bundles.", no_args_is_help=True)
 conntrack_app = typer.Typer(help="Look at a device's conntrack table.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(conntrack_app, name="conntrack")
+rules_app = typer.Typer(help="Look at the filter rules a VM's export would carry.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
 
 
 def _ct_options(zone: int | None, mark: int | None, mask: int) -> dict[str, Any]:
@@ -190,6 +192,9 @@ def bundle_show(
     for s in header["sections"]:
         typer.echo(f"  section {s['kind']}: {s['count']} entries, {s['length']} bytes, "
                    f"{s['encoding']}, sha256 {s['sha256'][:16]}…")
+        left_out = s["meta"].get("left_out")      # rules: what the export kept back, and why
+        for reason, n in left_out.items() if isinstance(left_out, dict) else ():
+            typer.echo(f"    left out: {n!r} ({reason[:80]!r})")
     if ct is not None:
         typer.echo(f"  import check: {refused or 'ok'}")
     if entries:
@@ -253,3 +258,32 @@ def conntrack_ls(
         )
     Console().print(table)
     typer.echo(f"{len(records)} entries", err=True)
+
+
+@rules_app.command("ls")
+def rules_ls(
+    vm: Annotated[str, typer.Option("--vm", help="The VM's addresses (IPv4, IPv6, MAC) or name.")],
+    netns: NetnsOpt = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto, nft or iptables.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the rules, chains and set elements an export would carry for a VM, and what it
+    would leave out and why (see docs/rules.md).
+
+    Example: xfer rules ls --vm 10.0.1.2,fd00:1::2 --netns fw-src --json
+    """
+    from xfer.model import parse_vm
+    from xfer.rules.transfer import show
+
+    found = show(parse_vm(vm), netns, backend)
+    if as_json:
+        print_json(found)
+        return
+    for backend_name in ("nft", "iptables"):
+        for r in found.get(backend_name, {}).get("rules", []):
+            where = f"{r['family']} {r['table']} {r['chain']}"
+            typer.echo(f"{backend_name:8} {where:28} {r.get('expr', r.get('rule'))}")
+    typer.echo(f"{found['rules']} rules, {found['chains']} chains, {found['elements']} set elements",
+               err=True)
+    for reason, n in found["left_out"].items():
+        typer.echo(f"left out: {n} ({reason})", err=True)
