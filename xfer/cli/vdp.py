@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from xfer.cli.common import JsonOpt, app
+from xfer.cli.common import JsonOpt, app, log_level
 from xfer.cli.manager import MgrCaOpt, MgrCertOpt, MgrKeyOpt
 
 vdp_app = typer.Typer(help="802.1Qbg VDP: the switch side that turns VSI migration hints into "
@@ -48,9 +48,10 @@ def vdp_serve(
     Example: xfer vdp serve --netns sw1 --ports p1,p2 --server hv7 --udp 10.0.4.9:8701 --json
     """
     import asyncio
+    import logging
     import signal
 
-    from xfer.net.log import log_lines_to_stderr
+    from xfer.net.log import daemon_logging
     from xfer.vdp.config import VdpConfig, parse_hostport, parse_ports
     from xfer.vdp.link import drop_privileges
     from xfer.vdp.service import VdpService, json_line
@@ -58,7 +59,7 @@ def vdp_serve(
     cfg = VdpConfig(netns, parse_ports(ports), server, manager=manager, ca=ca, cert=cert, key=key,
                     udp=parse_hostport(udp) if udp else None, interface=interface, inventory=inventory,
                     sequence_file=sequence_file, timeout_s=timeout)
-    log_lines_to_stderr("xfer.vdp")
+    daemon_logging(log_level(logging.INFO))
 
     async def main() -> None:
         stopped = asyncio.Event()

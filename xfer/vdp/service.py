@@ -65,7 +65,8 @@ class VdpService:
         self.config = config
         self.sender = sender or sender_for(config)
         self.on_message = on_message
-        self.log_line = log_line
+        # Every record also names its event as the daemons' log lines do ("vdp event", ...).
+        self.log_line = lambda record: log_line({"event": f"vdp {record.get('vdp')}", **record})
         self.namer = Namer(config.inventory)
         self.responder: Responder | None = None
         self._ports: dict[str, link.Port] = {}
