@@ -84,6 +84,23 @@ def test_manager_section_for_the_device_driven_variant() -> None:
     assert parse(_raw()).manager is None
 
 
+def test_vdp_section_uses_the_device_namespace_and_tls() -> None:
+    vdp = {"ports": ["p1", "p2"], "server": "hv7", "manager": "https://10.0.4.9:8700/v1/migrations",
+           "sequence_file": "vdp.seq"}
+    cfg = parse(_raw(device={"id": "sw", "type": "switch", "kinds": ["conntrack"], "netns": "sw1"},
+                     vdp=vdp), base=Path("/etc/xfer"))
+    assert cfg.vdp is not None
+    assert (cfg.vdp.netns, cfg.vdp.ports, cfg.vdp.server) == ("sw1", ("p1", "p2"), "hv7")
+    assert (cfg.vdp.ca, cfg.vdp.cert) == (cfg.tls.ca, cfg.tls.cert)
+    assert cfg.vdp.sequence_file == Path("/etc/xfer/vdp.seq")
+    assert parse(_raw()).vdp is None
+    vdp.pop("sequence_file")
+    cfg = parse(_raw(vdp=vdp, state={"dir": "/var/lib/xfer/sw"}))
+    assert cfg.vdp is not None and cfg.vdp.sequence_file == Path("/var/lib/xfer/sw/vdp.seq")
+    with pytest.raises(UsageError, match="either a manager URL or a UDP address"):
+        parse(_raw(vdp={"ports": ["p1"], "server": "hv7"}))
+
+
 def test_ipv6_listen_url() -> None:
     assert parse(_raw(listen={"address": "fd00:4::1"})).url == "https://[fd00:4::1]:7443"
 

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("xfer.conntrack", "xfer.dhcp", "xfer.counters", "xfer.rules"),   # the kinds (state)
     ("xfer.transfer",),                                    # export/import/forget across kinds
     ("xfer.net",),                                         # what the daemons share
+    ("xfer.vdp",),                                         # VDP responder: a device's, below its agent
     ("xfer.agent",),                                       # device
     ("xfer.manager",),                                     # control
     ("xfer.hypervisor",),

@@ -88,6 +88,17 @@ class MigrationMessageError(HypervisorError):
     """The manager refused the migration message, failed, or missed the deadline."""
 
 
+class FrameError(XferError):
+    """A frame received from the network is malformed or truncated; it is ignored (and counted).
+
+    ``reason`` is a short stable token for counters (``truncated``, ``bad-version``...).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
 class AgentError(XferError):
     """A remote agent could not be reached, or failed or refused a request.
 

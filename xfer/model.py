@@ -8,6 +8,7 @@ or by a name from the inventory file (TOML, ``$XFER_INVENTORY`` or
     mac = "02:00:00:00:00:02"
     ipv4 = ["10.0.0.2"]
     ipv6 = ["fd00::2"]
+    vsi = "a1b2c3d4-0000-4000-8000-000000000002"   # optional: its 802.1Qbg VSI ID
 
 State belongs to a VM when one of its addresses appears in it.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -166,19 +168,49 @@ def make_identity(vm_id: str, tokens: Iterable[str]) -> VmIdentity:
                       tuple(dict.fromkeys(v6)))
 
 
-def load_inventory(path: Path | None = None) -> dict[str, VmIdentity]:
-    """Read the VM inventory; a missing default file is an empty inventory."""
+def inventory_path(path: Path | None = None) -> Path:
+    """The inventory file in use: ``path``, else ``$XFER_INVENTORY``, else the default."""
+    return path or Path(os.environ.get("XFER_INVENTORY", DEFAULT_INVENTORY))
+
+
+def _inventory_entries(path: Path | None) -> dict[str, Any]:
     explicit = path is not None or "XFER_INVENTORY" in os.environ
-    path = path or Path(os.environ.get("XFER_INVENTORY", DEFAULT_INVENTORY))
+    path = inventory_path(path)
     if not explicit and not path.exists():
         return {}
     raw = tomlfile.read(path, "inventory")
+    entries = raw.get("vm", {})
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise UsageError(f"inventory {path}: [vm.NAME] entries must be tables")
+    return entries
+
+
+def load_inventory(path: Path | None = None) -> dict[str, VmIdentity]:
+    """Read the VM inventory; a missing default file is an empty inventory."""
     inventory: dict[str, VmIdentity] = {}
-    for name, entry in raw.get("vm", {}).items():
+    for name, entry in _inventory_entries(path).items():
         tokens = [*_as_list(entry.get("mac")), *_as_list(entry.get("ipv4")),
                   *_as_list(entry.get("ipv6"))]
         inventory[name] = make_identity(name, tokens)
     return inventory
+
+
+def inventory_vsis(path: Path | None = None) -> dict[str, str]:
+    """VSI UUIDs (lower case) of the inventory's VMs (``vsi = "UUID"`` in an entry) -> VM name.
+
+    A VM's VSI ID is what an 802.1Qbg station names its interface by (``xfer vdp serve``).
+
+    >>> inventory_vsis(Path("/etc/xfer/inventory.toml"))   # doctest: +SKIP
+    {'a1b2c3d4-0000-4000-8000-000000000001': 'web1'}
+    """
+    out: dict[str, str] = {}
+    for name, entry in _inventory_entries(path).items():
+        for text in _as_list(entry.get("vsi")):
+            try:
+                out[str(uuid.UUID(text))] = name
+            except ValueError:
+                raise UsageError(f"inventory: vm.{name}.vsi {text!r} is not a UUID") from None
+    return out
 
 
 def _as_list(value: Any) -> list[str]:

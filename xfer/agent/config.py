@@ -38,6 +38,11 @@ Example (``/etc/xfer/agent.toml``)::
     group = "239.7.7.7:8702"        # the multicast group migration messages are sent to
     interface = "10.0.4.1"          # address of the interface to join it on
     device = "fw-src-1"             # this device's id in the manager's topology (default: device.id)
+
+    [vdp]                           # optional: answer 802.1Qbg VDP on host-facing ports (docs/vdp.md)
+    ports = ["p1", "p2"]            # in device.netns
+    server = "hv7"                  # the server behind them
+    manager = "https://10.0.4.9:8700/v1/migrations"   # with this agent's [tls] files; or udp = "H:P"
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from xfer.errors import UsageError
 from xfer.model import DEVICE_TYPES, Kind, parse_kinds
 from xfer.net import address as addr
 from xfer.net.tls import TlsFiles
+from xfer.vdp.config import VdpConfig, parse_section
 
 DEFAULT_PORT = 7443
 DEFAULT_MAX_BUNDLE = 64 * 1024 * 1024
@@ -90,6 +96,7 @@ class AgentConfig:
     dhcp_trusted: str | None = None
     dhcp_untrusted: tuple[str, ...] = ()
     manager: UpstreamConfig | None = None
+    vdp: VdpConfig | None = None
 
     @property
     def url(self) -> str:
@@ -112,7 +119,7 @@ def load(path: Path) -> AgentConfig:
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     """Build an AgentConfig from parsed TOML; relative paths are taken from ``base``."""
-    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager"}
+    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager", "vdp"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"agent config: unknown section(s) {', '.join(unknown)}")
@@ -163,16 +170,21 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     if Kind.DHCP in kinds and (not trusted or not untrusted):
         raise UsageError("agent config: the device holds dhcp but dhcp.trusted/untrusted are not set")
 
+    netns = _str(device, "device.netns", key="netns") or None
+    vdp_table = _table(raw, "vdp")
+    state_dir = path_of(state, "dir", "state.dir", False) or DEFAULT_STATE_DIR
+    vdp = (parse_section(vdp_table, base, netns, (tls_files.ca, tls_files.cert, tls_files.key), state_dir)
+           if vdp_table else None)
     return AgentConfig(
         device_id=device_id, device_type=device_type, kinds=kinds, tls=tls_files,
-        address=address, port=port, netns=_str(device, "device.netns", key="netns") or None,
+        address=address, port=port, netns=netns,
         metrics=metrics, allowed_peers=frozenset(str(p) for p in peers),
         max_bundle_bytes=max_bytes,
-        state_dir=path_of(state, "dir", "state.dir", False) or DEFAULT_STATE_DIR,
+        state_dir=state_dir,
         bundle_key_file=path_of(state, "bundle_key_file", "state.bundle_key_file", False),
         counter_interfaces=tuple(str(i) for i in interfaces),
         dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),
-        manager=_upstream(_table(raw, "manager"), device_id),
+        manager=_upstream(_table(raw, "manager"), device_id), vdp=vdp,
     )
 
 

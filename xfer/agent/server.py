@@ -12,7 +12,9 @@ Endpoints (under /v1; JSON unless said otherwise)::
     GET  /metrics                      Prometheus text (also on the optional plain listener)
 
 With a ``[manager]`` section the agent also joins the multicast group migration
-messages are sent to and acts on them itself (``devicedriven.py``).
+messages are sent to and acts on them itself (``devicedriven.py``). With a ``[vdp]``
+section it answers 802.1Qbg VDP on the device's host-facing ports and sends the
+migration messages the stations' hints stand for (``xfer.vdp``).
 
     async with AgentServer(config) as server:   # binds, recovers the journal, serves
         await server.wait_stopped()
@@ -71,6 +73,7 @@ class AgentServer(Listener):
         self._dhcp: device.DhcpKeeper | None = None
         self._device_driven: DeviceDriven | None = None
         self._group: asyncio.DatagramTransport | None = None
+        self._vdp: Any = None            # xfer.vdp.service.VdpService, imported only when configured
         self.port = config.port
 
     @property
@@ -117,6 +120,8 @@ class AgentServer(Listener):
                 await self.listen_metrics(*cfg.metrics, cfg.netns)
             if cfg.manager:
                 await self._join_group()
+            if cfg.vdp:
+                await self._answer_vdp()
         except BaseException:
             await self.stop()
             raise
@@ -124,6 +129,15 @@ class AgentServer(Listener):
                "kinds": [k.value for k in cfg.kinds], "netns": cfg.netns,
                **({"group": "{}:{}".format(*cfg.manager.group), "manager": cfg.manager.url}
                   if cfg.manager else {})})
+
+    async def _answer_vdp(self) -> None:
+        """The [vdp] section: a VDP responder on the device's host-facing ports."""
+        from xfer.vdp.service import VdpService
+
+        assert self.config.vdp is not None
+        device = self.config.device_id
+        self._vdp = VdpService(self.config.vdp, log_line=lambda r: self.emit({"device": device, **r}))
+        await self._vdp.start()
 
     async def _join_group(self) -> None:
         """The device-driven variant: hear migration messages on the group, act on them."""
@@ -144,6 +158,9 @@ class AgentServer(Listener):
 
     async def stop(self) -> None:
         """Stop listening, finish the requests under way, close the peer client."""
+        if self._vdp is not None:
+            await self._vdp.stop()
+            self._vdp = None
         if self._group is not None:
             self._group.close()
             self._group = None

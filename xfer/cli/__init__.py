@@ -34,6 +34,7 @@ from xfer.cli import bench  # noqa: F401
 from xfer.cli import agent  # noqa: F401
 from xfer.cli import ebpf  # noqa: F401
 from xfer.cli import manager  # noqa: F401
+from xfer.cli import vdp  # noqa: F401
 # isort: on
 
 # Commands a hypervisor hook runs inside the pause window. typer inspects the
