@@ -44,3 +44,16 @@ def test_cached_finds_only_a_complete_build_of_the_current_scripts(tmp_path: Pat
 def test_command_line_names_the_server() -> None:
     line = guest.kernel_cmdline("10.0.9.1", 7000)
     assert "console=ttyS0" in line and "xfer.server=10.0.9.1:7000" in line
+
+
+def test_the_guest_lab_topology_routes_each_kind_to_its_device() -> None:
+    import yaml
+
+    from xfer.lab.guest_lab import topology_yaml
+    from xfer.manager.plan import select
+    from xfer.manager.topology import parse
+
+    plan = select(parse(yaml.safe_load(topology_yaml())), "hv1", "hv2")
+    routes = {(r.kind.value, r.source.id, tuple(d.id for d in r.destinations)) for r in plan.routes}
+    assert routes == {("dhcp", "sw1", ("sw2",)), ("conntrack", "fw1", ("fw2",)),
+                      ("counters", "fw1", ("fw2",))}

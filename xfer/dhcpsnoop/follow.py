@@ -147,7 +147,12 @@ class PortFollower:
                                        [f'-DDS_PIN_DIR="{self._pins}"'])
             from pyroute2 import IPRoute
 
-            self._ipr = IPRoute(netns=self.namespace) if self.namespace else IPRoute()
+            # NOTE: pyroute2's IPRoute(netns=...) forks a helper process and later signals it;
+            # the fork shares asyncio's signal wakeup fd with a daemon (the agent), whose
+            # loop then reads the helper's SIGTERM as its own and shuts down. A socket opened
+            # after setns(2) on this thread needs no helper.
+            with netns.entered(self.namespace):
+                self._ipr = IPRoute()
             self._resync()
             self._wake_r, self._wake_w = os.pipe()
             self._thread = threading.Thread(target=self._run, name="dhcp-port-follower", daemon=True)

@@ -72,7 +72,8 @@ host=${server%:*}
 port=${server#*:}
 # Each connection is one conversation; a cut one is reported, never silently re-opened.
 say "connecting $host $port"
-nc -e /bin/answer "$host" "$port"
+# busybox nc takes -e after the address (it runs the rest of the line).
+nc "$host" "$port" -e /bin/answer
 say "conversation-ended rc=$?"
 exec sleep 100000
 """
@@ -80,7 +81,6 @@ exec sleep 100000
 ANSWER = r"""#!/bin/sh
 # stdin/stdout are the TCP connection (busybox nc -e).
 echo "XFER-GUEST connected" > /dev/console
-echo hello
 while read -r line; do
     echo "ack $line"
 done
