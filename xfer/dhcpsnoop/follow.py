@@ -131,6 +131,8 @@ class PortFollower:
         self._ipr: Any = None
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
 
     def matches(self, name: str) -> bool:
         return name not in self.trusted and any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -145,18 +147,12 @@ class PortFollower:
             self._sock = link_socket(self.namespace)
             self._loaded = loader.load(datapath.PROGRAM, loader.pin_dir(datapath.PIN_NAME, self.namespace),
                                        [f'-DDS_PIN_DIR="{self._pins}"'])
-            from pyroute2 import IPRoute
-
-            # NOTE: pyroute2's IPRoute(netns=...) forks a helper process and later signals it;
-            # the fork shares asyncio's signal wakeup fd with a daemon (the agent), whose
-            # loop then reads the helper's SIGTERM as its own and shuts down. A socket opened
-            # after setns(2) on this thread needs no helper.
-            with netns.entered(self.namespace):
-                self._ipr = IPRoute()
-            self._resync()
             self._wake_r, self._wake_w = os.pipe()
             self._thread = threading.Thread(target=self._run, name="dhcp-port-follower", daemon=True)
             self._thread.start()
+            self._ready.wait()
+            if self._failed is not None:
+                raise self._failed
         except BaseException:
             self.stop()
             raise
@@ -168,6 +164,8 @@ class PortFollower:
             os.write(self._wake_w, b"x")
             self._thread.join(5)
             self._thread = None
+        self._ready.clear()
+        self._failed = None
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -175,9 +173,6 @@ class PortFollower:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None
@@ -190,8 +185,38 @@ class PortFollower:
 
     # --- the thread -------------------------------------------------------------------------
 
+    def _open_netlink(self) -> Any:
+        from pyroute2 import IPRoute
+
+        # NOTE: pyroute2's IPRoute(netns=...) forks a helper process and later signals it;
+        # the fork shares asyncio's signal wakeup fd with a daemon (the agent), whose loop
+        # then reads the helper's SIGTERM as its own and shuts down. And pyroute2 (0.9)
+        # gives each thread its own socket, made in that thread's namespace: so the one
+        # IPRoute is made, and only used, on this thread after setns(2).
+        with netns.entered(self.namespace):
+            ipr = IPRoute()
+            ipr.link_lookup(ifname="lo")   # the socket exists (in this namespace) from here on
+        return ipr
+
     def _run(self) -> None:
+        try:
+            self._follow()
+        finally:
+            if self._ipr is not None:
+                with contextlib.suppress(Exception):
+                    self._ipr.close()
+                self._ipr = None
+
+    def _follow(self) -> None:
         assert self._sock is not None
+        try:
+            self._ipr = self._open_netlink()
+            self._resync()
+        except BaseException as exc:
+            self._failed = exc
+            return
+        finally:
+            self._ready.set()
         while True:
             ready, _, _ = select.select([self._sock.fileno(), self._wake_r], [], [])
             if self._wake_r in ready:
