@@ -220,7 +220,9 @@ class GuestLab:
 
         def start(name: str) -> None:
             short, kinds, extra = devices[name]
-            self.agents[name] = agents.start(name, self.ns[short], AGENT_IPS[name], kinds, extra=extra)
+            # Compiles (snooper, follower, counters) share two cores with booting guests.
+            self.agents[name] = agents.start(name, self.ns[short], AGENT_IPS[name], kinds, extra=extra,
+                                             timeout=90)
 
         start("sw1")
         errors: list[BaseException] = []
@@ -252,7 +254,7 @@ class GuestLab:
         config.write_text(manager_toml(self.journal, mode, MANAGER_IP, MANAGER_PORT))
         self.manager = ManagerProcess(self.hosts, "manager", self.ns["mg"], config,
                                       self.workdir / "manager.log", self.url)
-        self.manager.start()
+        self.manager.start(60)
         return self.manager
 
     @property
@@ -433,7 +435,7 @@ async def _drive(src_path: str, dst_path: str, uri: str, hooked: bool,
     async with QmpClient(src_path) as src, QmpClient(dst_path) as dst:
         if hooked:
             # `xfer qemu-hook` arms pause-before-switchover; migrate only once it has.
-            async with window.within(20, "xfer qemu-hook did not arm the source"):
+            async with window.within(60, "xfer qemu-hook did not arm the source"):
                 while not (await window.capabilities(src)).get(window.PAUSE):
                     await asyncio.sleep(0.02)
         await window.set_capabilities(src, {window.EVENTS: True})
