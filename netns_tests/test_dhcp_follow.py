@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from netns_tests.dhcp_lab import NET, SERVER_IP, SwitchLab, Wire, switches, udp_frame
-from xfer.dhcpsnoop import datapath, device
-from xfer.dhcpsnoop.follow import Followed, PortFollower
-from xfer.dhcpsnoop.store import BindingTable
+from xfer.dhcp import datapath, device
+from xfer.dhcp.follow import Followed, PortFollower
+from xfer.dhcp.store import BindingTable
 from xfer.ebpf import loader
 from xfer.lab.hosts import Hosts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from xfer.dhcpsnoop.follow import IFLA_IFNAME, RTM_DELLINK, RTM_NEWLINK, LinkEvent, parse_link_events
+from xfer.dhcp.follow import IFLA_IFNAME, RTM_DELLINK, RTM_NEWLINK, LinkEvent, parse_link_events
 
 
 def _attr(kind: int, value: bytes) -> bytes:

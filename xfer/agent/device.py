@@ -45,14 +45,14 @@ def bring_up(config: AgentConfig) -> dict[str, Any]:
     """
     done: dict[str, Any] = {}
     if Kind.COUNTERS in config.kinds:
-        counters = _kind_package("xfer.ebpf.counters_device")
+        counters = _kind_package("xfer.counters.device")
         if counters is None:
             done["counters"] = {"error": "counters are not available in this build of xfer"}
         else:
             done["counters"] = {"interfaces": {dev: str(counters.attach(dev, config.netns))
                                                for dev in config.counter_interfaces}}
     if Kind.DHCP in config.kinds:
-        dhcp = _kind_package("xfer.dhcpsnoop.device")
+        dhcp = _kind_package("xfer.dhcp.device")
         if dhcp is None:
             done["dhcp"] = {"error": "dhcp snooping is not available in this build of xfer"}
         else:
@@ -80,11 +80,11 @@ class DhcpKeeper:
     async def start(self) -> bool:
         """Start keeping the database (and following untrusted patterns such as ``tap*``);
         False when this build has no DHCP snooping."""
-        serve = _kind_package("xfer.dhcpsnoop.serve")
+        serve = _kind_package("xfer.dhcp.serve")
         if serve is None:
             return False
         if self.trusted and self.untrusted:
-            dhcp = _kind_package("xfer.dhcpsnoop.device")
+            dhcp = _kind_package("xfer.dhcp.device")
             self._follower = await asyncio.to_thread(
                 dhcp.follow, self.namespace, [self.trusted], list(self.untrusted),
                 on_attach=lambda f: log.info("dhcp: snooping new port %s (%.3f ms)", f.name,

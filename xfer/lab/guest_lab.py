@@ -412,15 +412,15 @@ class GuestLab:
             self.hosts.adopt(name)
         self.hosts.close()
         with contextlib.suppress(XferError, OSError, ImportError):
-            from xfer.ebpf import counters_device
+            from xfer.counters import device as counters_device
 
             for fw in ("fw1", "fw2"):
                 # Pins and the import lock file outlive the namespace otherwise.
                 counters_device.detach("vm0", self.ns[fw], unpin=True)
         unpin(list(self.ns.values()))
         with contextlib.suppress(XferError, OSError):
-            from xfer.dhcpsnoop import datapath
-            from xfer.dhcpsnoop.store import pin_dir
+            from xfer.dhcp import datapath
+            from xfer.dhcp.store import pin_dir
 
             for hv in ("hv1", "hv2"):
                 datapath.unpin(pin_dir(self.ns[hv]))

@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xfer.dhcpsnoop import datapath
-from xfer.dhcpsnoop.follow import Followed, PortFollower
-from xfer.dhcpsnoop.model import Binding
-from xfer.dhcpsnoop.store import BindingTable
+from xfer.dhcp import datapath
+from xfer.dhcp.follow import Followed, PortFollower
+from xfer.dhcp.model import Binding
+from xfer.dhcp.store import BindingTable
 
 
 @dataclass

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from xfer import netns
-from xfer.dhcpsnoop import datapath
-from xfer.dhcpsnoop.store import pin_dir
+from xfer.dhcp import datapath
+from xfer.dhcp.store import pin_dir
 from xfer.ebpf import loader
 from xfer.errors import UsageError, XferError
 
-log = logging.getLogger("xfer.dhcpsnoop")
+log = logging.getLogger("xfer.dhcp")
 
 RTMGRP_LINK = 0x1
 RTM_NEWLINK, RTM_DELLINK = 16, 17
