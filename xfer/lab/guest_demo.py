@@ -25,7 +25,7 @@ from typing import Any
 
 from xfer.lab.guest_lab import GuestLab, Vm
 
-CONTINUE_WAIT_S = 10.0   # for the first answer after the switchover
+CONTINUE_WAIT_S = 20.0   # for the first answer after the switchover (TCP's backoff, a loaded host)
 CONTROL_WAIT_S = 4.0     # silence that counts as a cut conversation
 DROPS = ("drop_source", "drop_arp", "drop_mac")
 
@@ -164,6 +164,10 @@ def _story(lab: GuestLab, say: Callable[[str], None], result: dict[str, Any],
         f"{round((first1 - fig1['resume_ts']) * 1000)} ms after its resume" if first1 else
         "  vm1: NO answer after the switchover: the conversation died")
 
+    # The manager cleans the source after it answered the hook: wait for that before asking sw1.
+    answers = hook.get("manager") or [{}]
+    record = lab.wait_outcome(answers[-1].get("migration", -1)) if answers[-1].get("migration") else {}
+    details["manager_outcome"] = record.get("outcome")
     sw2 = lab.bindings("sw2")
     sw1 = lab.bindings("sw1")
     snoop = lab.snoop_counters("sw2")

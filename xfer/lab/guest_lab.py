@@ -400,6 +400,16 @@ class GuestLab:
         result: list[dict[str, Any]] = json.loads(out.stdout)
         return result
 
+    def wait_outcome(self, migration: int, timeout: float = 30) -> dict[str, Any]:
+        """The journal's record of a migration once it has an outcome (the source is cleaned
+        after the manager answered, so a little later than the window)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = next((m for m in self.migrations() if m["id"] == migration), {})
+            if rec.get("outcome") or time.monotonic() > deadline:
+                return rec
+            time.sleep(0.1)
+
     # --- teardown -----------------------------------------------------------------------------
 
     def down(self) -> None:
