@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from xfer.lab.guest_lab import GuestLab, Vm
+from xfer.lab.hosts import LabError
 
 CONTINUE_WAIT_S = 20.0   # for the first answer after the switchover (TCP's backoff, a loaded host)
 CONTROL_WAIT_S = 4.0     # silence that counts as a cut conversation
@@ -114,7 +115,7 @@ def _story(lab: GuestLab, say: Callable[[str], None], result: dict[str, Any],
            details: dict[str, Any]) -> None:
     lab.up()
     say(f"lab up: hv1, hv2 (access switches sw1, sw2), fw1, fw2, server; guests under QEMU "
-        f"({lab._accel})")
+        f"({lab.accel})")
     vms: dict[str, Vm] = {}
 
     def boot() -> None:
@@ -143,7 +144,7 @@ def _story(lab: GuestLab, say: Callable[[str], None], result: dict[str, Any],
     details["hook"] = {k: hook.get(k) for k in ("outcome", "status", "error", "window_ms", "transfer_ms",
                                                  "overhead_ms", "downtime_ms")}
     if hook.get("outcome") != "moved":
-        raise RuntimeError(f"the hook did not move the state: {hook}")
+        raise LabError(f"the hook did not move the state: {hook.get('error') or hook}")
     moved = _pause_cost(hook)["by_kind"]
     say("  the manager moved vm1's state in the window: "
         + ", ".join(f"{kind} ({ms} ms)" for kind, ms in moved.items()))
@@ -174,11 +175,14 @@ def _story(lab: GuestLab, say: Callable[[str], None], result: dict[str, Any],
     on_sw2 = {(b["mac"], b["ip"], b["port"]) for b in sw2}
     details["sw2_bindings"], details["sw1_bindings"] = sw2, sw1
     details["sw2_drops"] = {p: _drops(snoop, p) for p in ("tap-vm1", "tap-vm2")}
+    # sw2's agent attached the snooper to each destination tap this long after QEMU made it.
+    details["snooped_after_ms"] = {p: lab.follow_latency_ms("sw2", p) for p in ("tap-vm1", "tap-vm2")}
     result["dhcp_binding_moved"] = ((vm1.mac, vm1.ip, "tap-vm1") in on_sw2
                                     and not any(b["mac"] == vm1.mac for b in sw1)
                                     and details["sw2_drops"]["tap-vm1"] == 0)
     say(f"  sw2 binds vm1 {vm1.ip} to tap-vm1 (moved, not re-leased): "
-        f"{'yes' if result['dhcp_binding_moved'] else 'NO'}")
+        f"{'yes' if result['dhcp_binding_moved'] else 'NO'}; sw2 snooped the new tap "
+        f"{details['snooped_after_ms']['tap-vm1']} ms after QEMU created it")
 
     fw2_vm1, fw2_vm2 = lab.counters("fw2", vm1), lab.counters("fw2", vm2)
     details["fw2_counters"] = {"vm1": fw2_vm1, "vm2": fw2_vm2}

@@ -63,6 +63,7 @@ MACS = {"vm1": "52:54:00:00:01:01", "vm2": "52:54:00:00:01:02"}
 IPS = {"vm1": "10.0.1.101", "vm2": "10.0.1.102"}
 MEMORY_MB = 128
 SOURCE, DESTINATION = "hv1", "hv2"
+SWITCH_HOST = {"sw1": "hv1", "sw2": "hv2"}   # each hypervisor's bridge is its access switch
 
 
 def topology_yaml(port: int = 7443) -> str:
@@ -258,6 +259,11 @@ class GuestLab:
         return self.manager
 
     @property
+    def accel(self) -> str | None:
+        """``kvm`` or ``tcg`` once ``up()`` has probed."""
+        return self._accel
+
+    @property
     def url(self) -> str:
         return f"https://{MANAGER_IP}:{MANAGER_PORT}/v1/migrations"
 
@@ -373,15 +379,22 @@ class GuestLab:
     # --- witnesses ----------------------------------------------------------------------------
 
     def bindings(self, sw: str) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.xfer_json({"sw1": "hv1", "sw2": "hv2"}[sw], "dhcp", "bindings",
-                                                    "--netns", self.ns[{"sw1": "hv1", "sw2": "hv2"}[sw]])
+        """``xfer dhcp bindings`` of an access switch (sw1 is hv1's bridge, sw2 hv2's)."""
+        hv = SWITCH_HOST[sw]
+        rows: list[dict[str, Any]] = self.xfer_json(hv, "dhcp", "bindings", "--netns", self.ns[hv])
         return rows
 
     def snoop_counters(self, sw: str) -> dict[str, dict[str, int]]:
-        short = {"sw1": "hv1", "sw2": "hv2"}[sw]
-        counters: dict[str, dict[str, int]] = self.xfer_json(short, "dhcp", "counters",
-                                                             "--netns", self.ns[short])
+        hv = SWITCH_HOST[sw]
+        counters: dict[str, dict[str, int]] = self.xfer_json(hv, "dhcp", "counters", "--netns", self.ns[hv])
         return counters
+
+    def follow_latency_ms(self, sw: str, port: str) -> float | None:
+        """How long after the kernel announced ``port`` the switch's agent snooped it (its log)."""
+        agent = self.agents.get(sw)
+        found = re.findall(rf"snooping new port {re.escape(port)} \(([0-9.]+) ms\)",
+                           agent.log_text() if agent else "")
+        return float(found[-1]) if found else None
 
     def counters(self, fw: str, vm: Vm) -> dict[str, int] | None:
         rows = self.xfer_json(fw, "counters", "show", "--netns", self.ns[fw])
