@@ -190,7 +190,20 @@ def _complete(entry: Path) -> Guest | None:
 
 def ensure(cache: Path = CACHE, log: bool = False) -> Guest:
     """Build the guest unless the cache holds one for the current inputs; return it."""
-    packages = resolve()
+    try:
+        packages = resolve()
+    except GuestError:
+        # A machine whose packages were all installed may never have fetched apt's lists.
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+        try:
+            packages = resolve()
+        except GuestError as exc:
+            found = cached(cache)
+            if found is None:
+                raise
+            if log:
+                print(f"xfer guest: {exc}; using the cached build {found.key}", flush=True)
+            return found
     key = inputs_key(packages)
     entry = cache / key
     guest = _complete(entry)
