@@ -129,7 +129,7 @@ class LabAgents:
 
     def start(self, name: str, ns: str, address: str, kinds: Sequence[str], *,
               netns_in_config: bool = True, metrics: str = "", extra: str = "",
-              timeout: float = 15.0) -> AgentProcess:
+              timeout: float = 60.0) -> AgentProcess:
         """Issue ``name``'s certificate, write its config, start it.
 
         ``metrics`` is ADDRESS:PORT of the plain-HTTP metrics listener; ``extra`` is
