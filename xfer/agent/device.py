@@ -68,22 +68,35 @@ class DhcpKeeper:
     >>> keeper = DhcpKeeper("fw"); await keeper.start(); ...; await keeper.stop()  # doctest: +SKIP
     """
 
-    def __init__(self, namespace: str | None, interval: float = 1.0) -> None:
+    def __init__(self, namespace: str | None, interval: float = 1.0, trusted: str | None = None,
+                 untrusted: tuple[str, ...] = ()) -> None:
         self.namespace = namespace
         self.interval = interval
+        self.trusted, self.untrusted = trusted, untrusted
         self._snooper: Any = None
+        self._follower: Any = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> bool:
-        """Start keeping the database; False when this build has no DHCP snooping."""
+        """Start keeping the database (and following untrusted patterns such as ``tap*``);
+        False when this build has no DHCP snooping."""
         serve = _kind_package("xfer.dhcp.serve")
         if serve is None:
             return False
+        if self.trusted and self.untrusted:
+            dhcp = _kind_package("xfer.dhcp.device")
+            self._follower = await asyncio.to_thread(
+                dhcp.follow, self.namespace, [self.trusted], list(self.untrusted),
+                on_attach=lambda f: log.info("dhcp: snooping new port %s (%.3f ms)", f.name,
+                                             (f.latency_s or 0.0) * 1000))
         self._snooper = serve.Snooper(self.namespace, interval=self.interval)
         self._task = asyncio.create_task(self._snooper.run(install_signals=False))
         return True
 
     async def stop(self) -> None:
+        if self._follower is not None:
+            await asyncio.to_thread(self._follower.stop)
+            self._follower = None
         if self._task is None:
             return
         self._snooper.stop()

@@ -98,7 +98,8 @@ class AgentServer(Listener):
             if attached:
                 self.emit({"event": "attached", "device": cfg.device_id, **attached})
             if Kind.DHCP in cfg.kinds:
-                self._dhcp = device.DhcpKeeper(cfg.netns)
+                self._dhcp = device.DhcpKeeper(cfg.netns, trusted=cfg.dhcp_trusted,
+                                               untrusted=cfg.dhcp_untrusted)
                 await self._dhcp.start()
             # Before listening: no request may meet the remains of a crashed import.
             for item in await asyncio.to_thread(self.service.recover):

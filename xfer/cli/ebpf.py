@@ -125,33 +125,72 @@ def _split(values: list[str] | None) -> list[str]:
 @dhcp_app.command("attach")
 def dhcp_attach(
     untrusted: Annotated[list[str], typer.Option(
-        "--untrusted", help="Ports towards VMs (comma-separated or repeated).")],
+        "--untrusted", help="Ports towards VMs (comma-separated or repeated); a shell pattern "
+        "('tap*') takes the ports that match now, and with --follow those that appear later.")],
     trusted: Annotated[list[str] | None, typer.Option(
         "--trusted", help="Ports towards the DHCP server.")] = None,
     netns: NetnsOpt = None,
     mode: Annotated[str, typer.Option(help="enforce (drop) or observe (count only).")] = "enforce",
     db: DbOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Stay in the foreground and attach to "
+                                         "each new port matching a pattern as it appears "
+                                         "(until SIGTERM/SIGINT).")] = False,
     ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the program.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Attach the snooper to a device's ports; again re-attaches and keeps every binding.
 
     Example: xfer dhcp attach --trusted uplink --untrusted vm0,vm1 --netns sw1
+
+    Example: xfer dhcp attach --trusted up0 --untrusted 'tap*' --netns hv2 --follow
     """
     from xfer.dhcp import datapath, device
 
     if ebpf:
         typer.echo(datapath.source_text())
         return
-    report = device.attach(netns, _split(trusted), _split(untrusted), mode, db)
+    ports = _split(untrusted)
+    if follow and not any(datapath.is_pattern(p) for p in ports):
+        raise UsageError("--follow needs a pattern among the untrusted ports (e.g. 'tap*')")
+    report = device.attach(netns, _split(trusted), ports, mode, db)
     if as_json:
         print_json({"ports": report.ports, "restored": report.restored, "kept": report.kept,
                      "warnings": report.warnings})
-        return
-    typer.echo(f"attached to {', '.join(report.ports)} ({mode}); "
-               f"{report.kept} bindings kept, {report.restored} restored from the database")
-    for w in report.warnings:
-        typer.echo(f"  warning: {w}", err=True)
+    else:
+        typer.echo(f"attached to {', '.join(report.ports)} ({mode}); "
+                   f"{report.kept} bindings kept, {report.restored} restored from the database")
+        for w in report.warnings:
+            typer.echo(f"  warning: {w}", err=True)
+    if follow:
+        _follow_ports(netns, _split(trusted), ports, mode, as_json)
+
+
+def _follow_ports(netns: str | None, trusted: list[str], untrusted: list[str], mode: str,
+                  as_json: bool) -> None:
+    """Follow new ports until a signal; one line (or JSON object) per port attached."""
+    import json
+    import signal
+    import threading
+
+    from xfer.dhcp import datapath, device
+    from xfer.dhcp.follow import Followed
+
+    def attached(f: Followed) -> None:
+        ms = None if f.latency_s is None else round(f.latency_s * 1000, 3)
+        typer.echo(json.dumps({"port": f.name, "ifindex": f.index, "latency_ms": ms}) if as_json
+                   else f"snooping new port {f.name} ({ms} ms after it appeared)")
+
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    follower = device.follow(netns, trusted, untrusted, mode, on_attach=attached)
+    try:
+        if not as_json:
+            typer.echo(f"following {', '.join(p for p in untrusted if datapath.is_pattern(p))}")
+        done.wait()
+    finally:
+        if follower is not None:
+            follower.stop()
 
 
 @dhcp_app.command("detach")
@@ -286,6 +325,8 @@ def dhcp_serve(
     snooping database file current. Run it under systemd or a supervisor; SIGTERM
     stops it cleanly.
 
+    Untrusted patterns ('tap*') are followed: ports that appear later are snooped too.
+
     Example: xfer dhcp serve --netns sw1 --trusted uplink --untrusted vm0,vm1
     """
     import asyncio
@@ -293,7 +334,14 @@ def dhcp_serve(
     from xfer.dhcp import device
     from xfer.dhcp.serve import Snooper
 
+    follower = None
     if untrusted or trusted:
         device.attach(netns, _split(trusted), _split(untrusted), mode, db)
+        # Patterns ('tap*'): the ports that appear while serving are snooped too.
+        follower = device.follow(netns, _split(trusted), _split(untrusted), mode)
     logging.getLogger("xfer").setLevel(logging.INFO)
-    asyncio.run(Snooper(netns, interval, db).run())
+    try:
+        asyncio.run(Snooper(netns, interval, db).run())
+    finally:
+        if follower is not None:
+            follower.stop()

@@ -17,6 +17,7 @@ maps; the ``ports`` map tells each instance its port's role and mode.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import socket
 from collections.abc import Sequence
@@ -61,6 +62,26 @@ def _ifindexes(namespace: str | None, names: Sequence[str]) -> dict[str, int]:
     return out
 
 
+def is_pattern(port: str) -> bool:
+    """Whether an untrusted port is a shell pattern (``tap*``) rather than a name."""
+    return any(c in port for c in "*?[")
+
+
+def expand(namespace: str | None, ports: Sequence[str]) -> list[str]:
+    """Names as given, patterns replaced by the interfaces that match them now.
+
+    >>> expand("sw1", ["vm0", "tap*"])  # doctest: +SKIP
+    ['vm0', 'tap-a', 'tap-b']
+    """
+    names = [p for p in ports if not is_pattern(p)]
+    patterns = [p for p in ports if is_pattern(p)]
+    if patterns:
+        with netns.entered(namespace):
+            present = [name for _, name in socket.if_nameindex()]
+        names += [n for n in present if n not in names and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return names
+
+
 def _ifname(namespace: str | None, index: int) -> str | None:
     try:
         with netns.entered(namespace):
@@ -82,8 +103,14 @@ def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[st
         raise UsageError(f"ports both trusted and untrusted: {', '.join(sorted(overlap))}")
     if PIN_NAME in (*trusted, *untrusted):
         raise UsageError(f"a port may not be named {PIN_NAME!r} (its pin directory)")
-    if not untrusted and not trusted:
+    if any(is_pattern(p) for p in trusted):
+        raise UsageError("a trusted port must be named, not a pattern")
+    patterns = [p for p in untrusted if is_pattern(p)]
+    untrusted = expand(namespace, untrusted)
+    if not untrusted and not trusted and not patterns:
         raise UsageError("no port given")
+    if not trusted and not untrusted:
+        raise UsageError(f"no interface matches {', '.join(patterns)} and no trusted port is given")
     ports = _ifindexes(namespace, [*trusted, *untrusted])
     pins = pin_dir(namespace)
     fresh = not os.path.exists(os.path.join(pins, "ports"))
@@ -100,6 +127,17 @@ def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[st
     for name in order:
         loader.attach(PROGRAM, name, namespace, cflags=cflags)
     return Attached(namespace, pins, ports, fresh)
+
+
+def configure(pins: str, ports: dict[str, int], trusted: Sequence[str], mode: str) -> None:
+    """Tell the programs each port's role and mode (the ``ports`` map, keyed by ifindex)."""
+    _configure(pins, ports, trusted, mode)
+
+
+def unconfigure(pins: str, ifindex: int) -> None:
+    """Forget a port that was removed (its ifindex may be reused by another interface)."""
+    with TypedMap(os.path.join(pins, "ports"), abi.U32, abi.PortCfg) as pm:
+        pm.delete(abi.U32(ifindex))
 
 
 def _configure(pins: str, ports: dict[str, int], trusted: Sequence[str], mode: str) -> None:

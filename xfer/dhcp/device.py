@@ -5,16 +5,18 @@ the pinned maps are authoritative while they exist, and the snooping database
 file is replayed only into freshly created maps (after a reboot or a purge).
 
     attach("sw1", trusted=["uplink"], untrusted=["vm0"])
+    follower = follow("sw1", ["uplink"], ["tap*"])     # ports that appear later, too
     add_static("sw1", Binding("02:00:00:00:00:09", "10.0.0.9", None, "vm0", source="static"))
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xfer.dhcp import datapath
+from xfer.dhcp.follow import Followed, PortFollower
 from xfer.dhcp.model import Binding
 from xfer.dhcp.store import BindingTable
 
@@ -45,6 +47,20 @@ def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[st
             report.kept = len(table.bindings())
         table.save()
     return report
+
+
+def follow(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[str],
+           mode: str = "enforce", on_attach: Callable[[Followed], None] | None = None
+           ) -> PortFollower | None:
+    """Start following the untrusted patterns (``tap*``) once ``attach`` has run; None when
+    ``untrusted`` names ports only. The caller stops the follower.
+
+    >>> follower = follow("hv2", ["up0"], ["tap*"])   # doctest: +SKIP
+    """
+    patterns = [p for p in untrusted if datapath.is_pattern(p)]
+    if not patterns:
+        return None
+    return PortFollower(namespace, patterns, trusted, mode, on_attach).start()
 
 
 def detach(namespace: str | None, purge: bool = False) -> int:

@@ -128,11 +128,13 @@ class LabAgents:
         self.hosts.veth(ns_a, "ag0", ns_b, "ag0", f"{ip_a}/24", f"{ip_b}/24")
 
     def start(self, name: str, ns: str, address: str, kinds: Sequence[str], *,
-              netns_in_config: bool = True, metrics: str = "", extra: str = "") -> AgentProcess:
+              netns_in_config: bool = True, metrics: str = "", extra: str = "",
+              timeout: float = 60.0) -> AgentProcess:
         """Issue ``name``'s certificate, write its config, start it.
 
         ``metrics`` is ADDRESS:PORT of the plain-HTTP metrics listener; ``extra`` is
-        TOML appended to the file (whole sections: ``[counters]``...).
+        TOML appended to the file (whole sections: ``[counters]``...); ``timeout`` for
+        it to listen (its BPF programs compile first).
         """
         pki.issue(self.pki, name, ips=[address])
         config = self.workdir / f"{name}.toml"
@@ -161,7 +163,7 @@ dir = "state-{name}"
         url = f"https://{address}:{AGENT_PORT}"
         agent = AgentProcess(self.hosts, name, ns, config, self.workdir / f"{name}.log", url)
         self.agents.append(agent)
-        return agent.start()
+        return agent.start(timeout)
 
     def client_args(self, url: str, name: str = OPERATOR, ca: Path | None = None) -> list[str]:
         """``--agent URL --ca --cert --key`` for the CLI; ``name=""`` presents no certificate."""

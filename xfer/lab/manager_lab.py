@@ -73,6 +73,34 @@ vms:
 """
 
 
+def manager_toml(journal: Path, mode: str, address: str, port: int, cleanup: str = "delete",
+                 store_ttl_s: float = 60, device_timeout_s: float = 10, udp: str = "",
+                 multicast: str = "") -> str:
+    """The lab manager's config: the topology in ``topology.yaml`` and the PKI in ``pki/`` beside it."""
+    listen = f'address = "{address}"\nport = {port}\n'
+    if udp:
+        listen += f'udp = "{udp}"\n'
+    if multicast:
+        listen += f'multicast = "{multicast}"\nmulticast_interface = "{address}"\n'
+    return f"""
+[manager]
+topology = "topology.yaml"
+journal = "{journal}"
+mode = "{mode}"
+cleanup = "{cleanup}"
+budget_ms = 300
+store_ttl_s = {store_ttl_s}
+device_timeout_s = {device_timeout_s}
+
+[listen]
+{listen}
+[tls]
+cert = "pki/manager.pem"
+key = "pki/manager.key"
+ca = "pki/ca.pem"
+"""
+
+
 class ManagerLab:
     """Build, run and tear down the manager lab (namespaces ``{prefix}-vm`` ...) in ``workdir``."""
 
@@ -201,28 +229,10 @@ class ManagerLab:
         pki.issue(self.lab_agents.pki, "manager", ips=[MANAGER_IP])
         (self.workdir / "topology.yaml").write_text(topology_yaml(rules=self.rules))
         config = self.workdir / "manager.toml"
-        config.write_text(f"""
-[manager]
-topology = "topology.yaml"
-journal = "{self.journal}"
-mode = "{mode}"
-cleanup = "{self.cleanup}"
-budget_ms = 300
-store_ttl_s = {self.store_ttl_s}
-device_timeout_s = {self.device_timeout_s}
-
-[listen]
-address = "{MANAGER_IP}"
-port = {MANAGER_PORT}
-udp = "{MANAGER_IP}:{UDP_PORT}"
-multicast = "{MCAST_GROUP}:{MCAST_PORT}"
-multicast_interface = "{MANAGER_IP}"
-
-[tls]
-cert = "pki/manager.pem"
-key = "pki/manager.key"
-ca = "pki/ca.pem"
-""")
+        config.write_text(manager_toml(self.journal, mode, MANAGER_IP, MANAGER_PORT, self.cleanup,
+                                       self.store_ttl_s, self.device_timeout_s,
+                                       udp=f"{MANAGER_IP}:{UDP_PORT}",
+                                       multicast=f"{MCAST_GROUP}:{MCAST_PORT}"))
         self.manager = ManagerProcess(self.hosts, "manager", self.ns["mg"], config,
                                       self.workdir / "manager.log", self.url)
         return self.manager.start()

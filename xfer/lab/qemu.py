@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -77,17 +78,25 @@ class QemuGuest:
                 self.proc.wait(5)
 
 
-def start_guest(workdir: Path, name: str, incoming: bool = False, memory_mb: int = 64) -> QemuGuest:
-    """Start a disk-less TCG guest; ``incoming`` makes it a `-incoming defer` destination."""
+def start_guest(workdir: Path, name: str, incoming: bool | str = False, memory_mb: int = 64,
+                accel: str = "tcg", extra: Sequence[str] = (), netns: str | None = None) -> QemuGuest:
+    """Start a TCG guest (disk-less unless ``extra`` gives it a kernel, NICs...).
+
+    ``incoming``: True for `-incoming defer`, or a URI to listen on; ``netns``: run QEMU
+    inside that namespace (its taps are created there).
+    """
     binary = qemu_binary()
     if binary is None:
         raise HypervisorError(f"{QEMU} is not installed (Debian package qemu-system-x86)")
     qmp, witness = str(workdir / f"{name}.qmp"), str(workdir / f"{name}.witness")
-    argv = [binary, "-machine", "pc", "-accel", "tcg", "-m", str(memory_mb), "-nodefaults",
+    argv = [binary, "-machine", "pc", "-accel", accel, "-m", str(memory_mb), "-nodefaults",
             "-display", "none", "-name", name,
-            "-qmp", f"unix:{qmp},server=on,wait=off", "-qmp", f"unix:{witness},server=on,wait=off"]
+            "-qmp", f"unix:{qmp},server=on,wait=off", "-qmp", f"unix:{witness},server=on,wait=off",
+            *extra]
     if incoming:
-        argv += ["-incoming", "defer"]
+        argv += ["-incoming", "defer" if incoming is True else str(incoming)]
+    if netns:
+        argv = ["ip", "netns", "exec", netns, *argv]   # ip execs QEMU: the pid stays QEMU's
     # stderr to a file, not a pipe: nobody drains a pipe and a full one blocks QEMU.
     log = workdir / f"{name}.log"
     with log.open("wb") as err:
