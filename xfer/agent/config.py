@@ -32,6 +32,7 @@ Example (``/etc/xfer/agent.toml``)::
     [dhcp]
     trusted = "up0"                 # attached when the device holds dhcp
     untrusted = ["vm0"]
+    max_bindings = 16               # per untrusted port, learned from DHCP (0: no limit)
 
     [manager]                       # optional: the device-driven variant
     url = "https://10.0.4.9:8700"   # the manager (mutual TLS, this agent's certificate)
@@ -89,6 +90,7 @@ class AgentConfig:
     counter_interfaces: tuple[str, ...] = ()
     dhcp_trusted: str | None = None
     dhcp_untrusted: tuple[str, ...] = ()
+    dhcp_max_bindings: int = 16
     manager: UpstreamConfig | None = None
 
     @property
@@ -162,6 +164,11 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     trusted = _str(dhcp, "dhcp.trusted", key="trusted") or None
     if Kind.DHCP in kinds and (not trusted or not untrusted):
         raise UsageError("agent config: the device holds dhcp but dhcp.trusted/untrusted are not set")
+    max_bindings = dhcp.get("max_bindings", 16)
+    if isinstance(max_bindings, bool) or not isinstance(max_bindings, int) \
+            or not 0 <= max_bindings < 0xFFFF:
+        raise UsageError("agent config: dhcp.max_bindings must be an integer from 0 (no per-port "
+                         "limit) to 65534")
 
     return AgentConfig(
         device_id=device_id, device_type=device_type, kinds=kinds, tls=tls_files,
@@ -172,6 +179,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         bundle_key_file=path_of(state, "bundle_key_file", "state.bundle_key_file", False),
         counter_interfaces=tuple(str(i) for i in interfaces),
         dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),
+        dhcp_max_bindings=max_bindings,
         manager=_upstream(_table(raw, "manager"), device_id),
     )
 

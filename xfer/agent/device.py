@@ -56,7 +56,8 @@ def bring_up(config: AgentConfig) -> dict[str, Any]:
         if dhcp is None:
             done["dhcp"] = {"error": "dhcp snooping is not available in this build of xfer"}
         else:
-            report = dhcp.attach(config.netns, [config.dhcp_trusted], list(config.dhcp_untrusted))
+            report = dhcp.attach(config.netns, [config.dhcp_trusted], list(config.dhcp_untrusted),
+                                 max_bindings=config.dhcp_max_bindings)
             done["dhcp"] = {"ports": dict(report.ports), "restored": report.restored,
                             "warnings": list(report.warnings)}
     return done

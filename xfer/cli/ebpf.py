@@ -110,6 +110,12 @@ DbOpt = Annotated[Path | None, typer.Option(
     "/var/lib/xfer/dhcpsnoop, then <netns>.json).")]
 
 
+MaxBindingsOpt = Annotated[int, typer.Option(
+    "--max-bindings", help="Bindings DHCP may create on each untrusted port named (a VM-facing "
+    "port is hostile: one guest can invent MACs). 0: no per-port limit; the table holds 4096.",
+    metavar="N")]
+
+
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for text in values or [] for v in text.split(",") if v.strip()]
 
@@ -123,19 +129,20 @@ def dhcp_attach(
     netns: NetnsOpt = None,
     mode: Annotated[str, typer.Option(help="enforce (drop) or observe (count only).")] = "enforce",
     db: DbOpt = None,
+    max_bindings: MaxBindingsOpt = 16,
     ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the program.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Attach the snooper to a device's ports; again re-attaches and keeps every binding.
 
-    Example: xfer dhcp attach --trusted uplink --untrusted vm0,vm1 --netns sw1
+    Example: xfer dhcp attach --trusted uplink --untrusted vm0,vm1 --netns sw1 --max-bindings 4
     """
     from xfer.dhcp import datapath, device
 
     if ebpf:
         typer.echo(datapath.source_text())
         return
-    report = device.attach(netns, _split(trusted), _split(untrusted), mode, db)
+    report = device.attach(netns, _split(trusted), _split(untrusted), mode, db, max_bindings)
     if as_json:
         print_json({"ports": report.ports, "restored": report.restored, "kept": report.kept,
                      "warnings": report.warnings})
@@ -235,6 +242,26 @@ def dhcp_del(
     typer.echo(f"deleted {mac} {ip}")
 
 
+@dhcp_app.command("ports")
+def dhcp_ports(netns: NetnsOpt = None, as_json: JsonOpt = False) -> None:
+    """Each port's role, mode, binding limit and the bindings it holds now.
+
+    Example: xfer dhcp ports --netns sw1 --json
+    """
+    from xfer.dhcp.store import TABLE_SIZE, BindingTable
+
+    with BindingTable(netns) as table:
+        ports = table.ports()
+    if as_json:
+        print_json([p.to_json() for p in ports])
+        return
+    for p in ports:
+        limit = "no limit" if p.max_bindings is None else f"limit {p.max_bindings}"
+        typer.echo(f"{p.name}: {p.role}, {p.mode}, {p.bindings} bindings"
+                   + (f" ({limit})" if p.role == "untrusted" else ""))
+    typer.echo(f"table size {TABLE_SIZE}", err=True)
+
+
 @dhcp_app.command("counters")
 def dhcp_counters(netns: NetnsOpt = None, as_json: JsonOpt = False) -> None:
     """Per-port counters: passed, drops by reason, observed, bindings added/removed.
@@ -262,6 +289,7 @@ def dhcp_serve(
     mode: Annotated[str, typer.Option(help="enforce or observe (with --untrusted).")] = "enforce",
     interval: Annotated[float, typer.Option(help="Seconds between sweeps/saves.")] = 0.2,
     db: DbOpt = None,
+    max_bindings: MaxBindingsOpt = 16,
 ) -> None:
     """Run in the foreground: persist the binding table after each change, sweep expired ones.
 
@@ -277,6 +305,6 @@ def dhcp_serve(
     from xfer.dhcp.serve import Snooper
 
     if untrusted or trusted:
-        device.attach(netns, _split(trusted), _split(untrusted), mode, db)
+        device.attach(netns, _split(trusted), _split(untrusted), mode, db, max_bindings)
     logging.getLogger("xfer").setLevel(logging.INFO)
     asyncio.run(Snooper(netns, interval, db).run())

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xfer.dhcp import datapath
+from xfer.dhcp import abi, datapath
 from xfer.dhcp.model import Binding
 from xfer.dhcp.store import BindingTable
 
@@ -28,13 +28,16 @@ class AttachReport:
 
 
 def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[str],
-           mode: str = "enforce", db_path: Path | None = None) -> AttachReport:
+           mode: str = "enforce", db_path: Path | None = None,
+           max_bindings: int = abi.DEFAULT_MAX_BINDINGS) -> AttachReport:
     """Attach (or re-attach) the snooper; restore the database file into fresh maps.
+
+    ``max_bindings``: bindings DHCP may create per untrusted port (0: no limit).
 
     >>> attach("sw1", ["uplink"], ["vm0", "vm1"], mode="observe")  # doctest: +SKIP
     AttachReport(ports={'uplink': 2, 'vm0': 3, 'vm1': 4}, restored=0, kept=0, warnings=[])
     """
-    done = datapath.attach(namespace, trusted, untrusted, mode)
+    done = datapath.attach(namespace, trusted, untrusted, mode, max_bindings)
     report = AttachReport(done.ports)
     with BindingTable(namespace, db_path=db_path) as table:
         if done.fresh_maps:

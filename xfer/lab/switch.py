@@ -120,10 +120,12 @@ def build_switch(hosts: Hosts, vms: Sequence[str] = ("vm",), name: str = "sw") -
 
 
 def start_dnsmasq(hosts: Hosts, ns: str, iface: str, first: str, last: str, tmp: Path,
-                  tag: str, lease: str = "2m") -> subprocess.Popen[bytes]:
+                  tag: str, lease: str = "2m", extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """dnsmasq serving DHCP only (no DNS, no config files), bound to ``iface`` in ``ns``.
 
     Its lease, pid and log files are ``tmp/<tag>.*``; ``hosts.close()`` stops it.
+    ``extra`` adds options (``--no-ping``: offer at once instead of after a ~3 s
+    ping check of the address, for tests that take many leases).
     """
     log = open(tmp / f"{tag}.log", "wb")  # noqa: SIM115 - handed to the process
     proc = hosts.spawn(ns, [
@@ -131,7 +133,7 @@ def start_dnsmasq(hosts: Hosts, ns: str, iface: str, first: str, last: str, tmp:
         f"--interface={iface}", "--bind-interfaces", "--except-interface=lo",
         f"--dhcp-range={first},{last},255.255.255.0,{lease}", "--dhcp-authoritative",
         f"--dhcp-leasefile={tmp / (tag + '.leases')}", f"--pid-file={tmp / (tag + '.pid')}",
-        "--user=root", "--group=root", "--log-dhcp", "--log-facility=-"],
+        "--user=root", "--group=root", "--log-dhcp", "--log-facility=-", *extra],
         stdout=log, stderr=subprocess.STDOUT)
     log.close()
     time.sleep(0.3)   # it binds its DHCP socket right after start
