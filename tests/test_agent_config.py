@@ -101,6 +101,7 @@ def test_ipv6_listen_url() -> None:
     (_raw(device={"kinds": ["counters"]}), "counters.interfaces is empty"),
     (_raw(device={"kinds": ["dhcp"]}, dhcp={"trusted": "up0"}), "dhcp.trusted/untrusted"),
     (_raw(dhcp={"max_bindings": -1}), "dhcp.max_bindings must be an integer"),
+    (_raw(counters={"max_keys": 10}), "counters.max_keys must be an integer from 1024"),
     (_raw(dhcp={"max_bindings": "16"}), "dhcp.max_bindings must be an integer"),
     ({**_raw(), "extra": {}}, "unknown section(s) extra"),
     (_raw(manager={"group": "239.7.7.7:8702", "interface": "10.0.4.1"}), "manager.url is required"),
@@ -143,3 +144,10 @@ def test_dhcp_port_limit_is_on_by_default() -> None:
     assert parse(raw).dhcp_max_bindings == 16
     raw["dhcp"]["max_bindings"] = 0
     assert parse(raw).dhcp_max_bindings == 0
+
+
+def test_counters_table_size_is_configurable() -> None:
+    raw = _raw(device={"kinds": ["counters"]}, counters={"interfaces": ["vm0"]})
+    assert parse(raw).counter_max_keys is None        # the default size (or what is pinned)
+    raw["counters"]["max_keys"] = 131072
+    assert parse(raw).counter_max_keys == 131072

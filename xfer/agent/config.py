@@ -28,6 +28,7 @@ Example (``/etc/xfer/agent.toml``)::
 
     [counters]
     interfaces = ["vm0"]            # attached when the device holds counters
+    max_keys = 65536                # table size in (MAC, IP) keys, ~280 bytes of kernel memory each
 
     [dhcp]
     trusted = "up0"                 # attached when the device holds dhcp
@@ -88,6 +89,7 @@ class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     bundle_key_file: Path | None = None
     counter_interfaces: tuple[str, ...] = ()
+    counter_max_keys: int | None = None
     dhcp_trusted: str | None = None
     dhcp_untrusted: tuple[str, ...] = ()
     dhcp_max_bindings: int = 16
@@ -161,6 +163,11 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         raise UsageError("agent config: counters.interfaces and dhcp.untrusted must be lists")
     if Kind.COUNTERS in kinds and not interfaces:
         raise UsageError("agent config: the device holds counters but counters.interfaces is empty")
+    max_keys = counters.get("max_keys")
+    if max_keys is not None and (isinstance(max_keys, bool) or not isinstance(max_keys, int)
+                                 or not 1024 <= max_keys <= 1 << 24):
+        raise UsageError("agent config: counters.max_keys must be an integer from 1024 to "
+                         f"{1 << 24}")
     trusted = _str(dhcp, "dhcp.trusted", key="trusted") or None
     if Kind.DHCP in kinds and (not trusted or not untrusted):
         raise UsageError("agent config: the device holds dhcp but dhcp.trusted/untrusted are not set")
@@ -177,7 +184,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         max_bundle_bytes=max_bytes,
         state_dir=path_of(state, "dir", "state.dir", False) or DEFAULT_STATE_DIR,
         bundle_key_file=path_of(state, "bundle_key_file", "state.bundle_key_file", False),
-        counter_interfaces=tuple(str(i) for i in interfaces),
+        counter_interfaces=tuple(str(i) for i in interfaces), counter_max_keys=max_keys,
         dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),
         dhcp_max_bindings=max_bindings,
         manager=_upstream(_table(raw, "manager"), device_id),

@@ -49,8 +49,9 @@ def bring_up(config: AgentConfig) -> dict[str, Any]:
         if counters is None:
             done["counters"] = {"error": "counters are not available in this build of xfer"}
         else:
-            done["counters"] = {"interfaces": {dev: str(counters.attach(dev, config.netns))
-                                               for dev in config.counter_interfaces}}
+            done["counters"] = {"interfaces": {
+                dev: str(counters.attach(dev, config.netns, max_keys=config.counter_max_keys))
+                for dev in config.counter_interfaces}}
     if Kind.DHCP in config.kinds:
         dhcp = _kind_package("xfer.dhcp.device")
         if dhcp is None:

@@ -35,13 +35,17 @@ def counters_attach(
     dev: Annotated[str | None, typer.Option("--dev", help="The device's VM-facing interface "
                                             "(required unless --ebpf).", metavar="IFACE")] = None,
     netns: NetnsOpt = None,
+    max_keys: Annotated[int | None, typer.Option(
+        "--max-keys", metavar="N", help="Table size in (MAC, IP) keys; a dual-stack VM takes "
+        "two (default 65536: 23 MiB of kernel memory, then ~280 bytes a key). Pinned maps "
+        "keep their size.")] = None,
     ebpf: Annotated[bool, typer.Option("--ebpf", help="Print the BPF program and exit.")] = False,
 ) -> None:
     """Count per VM (MAC, IP) on an interface; idempotent. Counts persist in pinned maps.
 
     Ingress frames are what the VMs send (tx), egress what they receive (rx).
 
-    Example: xfer counters attach --dev vmif --netns fw-src
+    Example: xfer counters attach --dev vmif --netns fw-src --max-keys 131072
     """
     if ebpf:
         from xfer.counters.device import PROGRAM
@@ -53,8 +57,10 @@ def counters_attach(
         raise UsageError("--dev IFACE is required (the device's VM-facing interface)")
     from xfer.counters import device as counters_device
 
-    pins = counters_device.attach(dev, netns)
-    typer.echo(f"counting on {dev} (maps pinned in {pins})")
+    pins = counters_device.attach(dev, netns, max_keys=max_keys)
+    cap = counters_device.capacity(netns, dev)
+    typer.echo(f"counting on {dev} (maps pinned in {pins}); room for {cap.max_keys} keys, "
+               f"{cap.memlock_bytes / 2**20:.1f} MiB of kernel memory")
 
 
 @counters_app.command("detach")
