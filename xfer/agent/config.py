@@ -21,6 +21,9 @@ Example (``/etc/xfer/agent.toml``)::
 
     [limits]
     max_bundle_bytes = 67108864
+    max_connections = 256           # slow clients (xfer/net/guard.py): open TCP connections,
+    handshake_timeout_s = 5         # the TLS handshake, and from it to the first request's
+    header_timeout_s = 10           # headers; these are the defaults
 
     [state]
     dir = "/var/lib/xfer/agent"     # the import journal
@@ -46,7 +49,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ from xfer.agent.protocol import check_agent_url
 from xfer.errors import UsageError
 from xfer.model import DEVICE_TYPES, Kind, parse_kinds
 from xfer.net import address as addr
+from xfer.net.guard import ConnectionLimits, limits_from
 from xfer.net.tls import TlsFiles
 
 DEFAULT_PORT = 7443
@@ -94,6 +98,7 @@ class AgentConfig:
     dhcp_untrusted: tuple[str, ...] = ()
     dhcp_max_bindings: int = 16
     manager: UpstreamConfig | None = None
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     @property
     def url(self) -> str:
@@ -188,6 +193,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),
         dhcp_max_bindings=max_bindings,
         manager=_upstream(_table(raw, "manager"), device_id),
+        connection_limits=limits_from(limits, "agent config: limits"),
     )
 
 

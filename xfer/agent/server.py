@@ -47,6 +47,7 @@ from xfer.errors import AuthError, BundleError, UsageError, XferError
 from xfer.model import Kind
 from xfer.net import tls
 from xfer.net.api import BUNDLE_TYPE, COMPRESSION_HEADER, compress, decompress, error_body, status_of
+from xfer.net.guard import GuardedSite
 from xfer.net.log import emitter
 from xfer.net.sockets import bind_socket, multicast_socket
 
@@ -158,7 +159,8 @@ class AgentServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         self._runners.append(runner)
-        await web.SockSite(runner, sock, ssl_context=ctx).start()
+        await GuardedSite(runner, sock, ssl_context=ctx,
+                          limits=self.config.connection_limits).start()
 
     @property
     def url(self) -> str:

@@ -49,6 +49,7 @@ from xfer.manager.modes import Devices
 from xfer.manager.store import Store
 from xfer.net import message, tls
 from xfer.net.api import BUNDLE_TYPE, COMPRESSION_HEADER, ZSTD, error_body, packed_size, status_of
+from xfer.net.guard import GuardedSite
 from xfer.net.log import emitter
 from xfer.net.sockets import bind_socket, multicast_socket, udp_socket
 
@@ -173,7 +174,8 @@ class ManagerServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         self._runners.append(runner)
-        await web.SockSite(runner, sock, ssl_context=ctx).start()
+        await GuardedSite(runner, sock, ssl_context=ctx,
+                          limits=self.config.connection_limits).start()
 
     async def _listen_udp(self, sock: socket.socket, name: str) -> None:
         loop = asyncio.get_running_loop()
