@@ -67,7 +67,7 @@ out["imported"] = report.kinds[Kind.CONNTRACK].created
 out["other_vm"] = refused(lambda: t.import_bundle(bundle, ns, vm=parse_vm("10.0.9.9", inventory={}),
                                                  kinds=[Kind.CONNTRACK]))
 out["kind_not_held"] = refused(lambda: t.forget(vm, [Kind.DHCP], ns))
-s = t.socket(socket.AF_INET)
+s = t.open_socket(socket.AF_INET)
 out["socket_family"] = s.family == socket.AF_INET
 s.close()
 # the cost the channel adds to a pause-window operation: a round trip without kernel work,

@@ -151,3 +151,10 @@ def test_counters_table_size_is_configurable() -> None:
     assert parse(raw).counter_max_keys is None        # the default size (or what is pinned)
     raw["counters"]["max_keys"] = 131072
     assert parse(raw).counter_max_keys == 131072
+
+
+def test_privilege_separation_is_opt_in() -> None:
+    raw = _raw()
+    assert parse(raw).privsep_user is None
+    raw["privsep"] = {"user": "xfer"}
+    assert parse(raw).privsep_user == "xfer"

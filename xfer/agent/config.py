@@ -38,6 +38,10 @@ Example (``/etc/xfer/agent.toml``)::
     untrusted = ["vm0"]
     max_bindings = 16               # per untrusted port, learned from DHCP (0: no limit)
 
+    [privsep]                       # optional (docs/privsep.md): the network-facing process
+    user = "xfer"                   # drops every capability and runs as this user; a
+                                    # privileged helper does the kernel work
+
     [manager]                       # optional: the device-driven variant
     url = "https://10.0.4.9:8700"   # the manager (mutual TLS, this agent's certificate)
     group = "239.7.7.7:8702"        # the multicast group migration messages are sent to
@@ -99,6 +103,7 @@ class AgentConfig:
     dhcp_max_bindings: int = 16
     manager: UpstreamConfig | None = None
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    privsep_user: str | None = None
 
     @property
     def url(self) -> str:
@@ -121,7 +126,7 @@ def load(path: Path) -> AgentConfig:
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     """Build an AgentConfig from parsed TOML; relative paths are taken from ``base``."""
-    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager"}
+    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager", "privsep"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"agent config: unknown section(s) {', '.join(unknown)}")
@@ -194,6 +199,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         dhcp_max_bindings=max_bindings,
         manager=_upstream(_table(raw, "manager"), device_id),
         connection_limits=limits_from(limits, "agent config: limits"),
+        privsep_user=_str(_table(raw, "privsep"), "privsep.user", key="user") or None,
     )
 
 

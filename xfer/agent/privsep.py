@@ -13,12 +13,15 @@ with:
   kind's import checks), so a network process that lies gains nothing;
 - ``forget`` (VM, kinds) -> per-kind reports;
 - ``socket`` (family, type) -> an unconnected socket opened in the namespace,
-  passed back with SCM_RIGHTS (outgoing connections of push/pull).
+  passed back with SCM_RIGHTS (outgoing connections of push/pull);
+- ``counts`` -> per-kind counts for ``/status``; ``keep_dhcp`` starts the DHCP
+  snooping database keeper in the helper.
 
 ``drop_capabilities`` empties the calling process's capability sets and bounding
-set. Capabilities are per thread on Linux: call it before the process starts any
-thread. ``docs/privsep.md`` says what is wired into ``xfer agent serve`` and what
-is not yet.
+set (and switches user); ``separate`` does it for a running agent, replacing the
+event loop's executor threads, which were created with capabilities (they are per
+thread). ``xfer agent serve`` uses all this with ``[privsep] user = ...``
+(docs/privsep.md).
 
     helper = Helper.start("fw-src", [Kind.CONNTRACK])
     drop_capabilities()
@@ -38,7 +41,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,12 +183,28 @@ class PrivilegedTransfer:
                                    "options": _options(options)})
         return {Kind(k): _kind_report(Kind(k), r) for k, r in answer["reports"].items()}
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+    def open_socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         """An unconnected socket opened in the helper's namespace (for outgoing connections)."""
         _, _, fds = self._call({"op": "socket", "family": int(family), "type": int(type)})
         if len(fds) != 1:
             raise PermissionDenied("privileged helper sent no socket")
         return socket.socket(fileno=fds[0])
+
+    def counts(self) -> dict[str, Any]:
+        """Per-kind counts for ``/status`` (``xfer.agent.status.counts``), read by the helper."""
+        answer, _, _ = self._call({"op": "counts"})
+        return dict(answer["counts"])
+
+    def keep_dhcp(self) -> None:
+        """Have the helper keep the DHCP snooping database (once the snooper is attached)."""
+        self._call({"op": "keep_dhcp"})
+
+    def socket_factory(self, addr_info: Any) -> socket.socket:
+        """aiohttp's ``socket_factory``: outgoing connections from the device's namespace."""
+        family, type_, _, _, _ = addr_info
+        sock = self.open_socket(family, type_)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
 
 @dataclass
@@ -239,6 +258,7 @@ class _Served:
         from xfer import transfer
 
         self.namespace, self.kinds, self.transfer = namespace, tuple(kinds), transfer
+        self.keeper: Any = None     # stops the DHCP database keeper, once started
 
     def _kinds(self, names: Any) -> list[Kind]:
         if not isinstance(names, list):
@@ -254,6 +274,17 @@ class _Served:
         options = {Kind(k): v for k, v in (header.get("options") or {}).items()}
         if op == "hello":
             return {"namespace": self.namespace or ""}, b"", []
+        if op == "counts":
+            from xfer.agent import status
+
+            return {"counts": status.counts(self.kinds, self.namespace)}, b"", []
+        if op == "keep_dhcp":
+            # it reads the pinned maps every second, which the network side no longer can
+            if Kind.DHCP not in self.kinds:
+                raise UsageError("privileged helper: this device does not hold dhcp")
+            if self.keeper is None:
+                self.keeper = _dhcp_keeper(self.namespace)
+            return {}, b"", []
         if op == "export":
             vm = VmIdentity.from_dict(header["vm"])
             bundle = self.transfer.export_bundle(vm, self._kinds(header["kinds"]), self.namespace,
@@ -285,11 +316,45 @@ class _Served:
         raise UsageError(f"privileged helper: no operation {op!r}")
 
 
+def _dhcp_keeper(namespace: str | None) -> Callable[[], None]:
+    """The snooping database keeper (``xfer dhcp serve``'s loop) on a thread of the helper."""
+    import asyncio
+
+    from xfer.dhcp.serve import Snooper
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        async def keep() -> None:
+            box["loop"], box["snooper"] = asyncio.get_running_loop(), Snooper(namespace, 1.0)
+            await box["snooper"].run(install_signals=False)
+
+        asyncio.run(keep())
+
+    thread = threading.Thread(target=run, name="dhcp-keeper", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        if "loop" in box:
+            box["loop"].call_soon_threadsafe(box["snooper"].stop)
+        thread.join(10)
+
+    return stop
+
+
 def main(argv: Sequence[str]) -> int:
     """The helper's loop: one request, one answer, until the other end closes."""
     fd, namespace, kinds = int(argv[0]), argv[1] or None, [Kind(k) for k in argv[2].split(",") if k]
     sock = socket.socket(fileno=fd)
     served = _Served(namespace, kinds)
+    try:
+        return _serve(sock, served)
+    finally:
+        if served.keeper is not None:
+            served.keeper()
+
+
+def _serve(sock: socket.socket, served: _Served) -> int:
     while True:
         try:
             header, payload, fds = _recv(sock)
@@ -359,6 +424,36 @@ def drop_capabilities(user: str | None = None) -> None:
     header, data = _CapHeader(_CAP_VERSION_3, 0), (_CapData * 2)()
     if libc.capset(ctypes.byref(header), data) != 0:
         raise KernelError(ctypes.get_errno(), "capset")
+
+
+def separate(user: str, state_dir: os.PathLike[str] | str) -> None:
+    """Make this process the unprivileged half: ``state_dir`` to ``user``, then drop.
+
+    Meant for a running event loop's thread after start-up: the default executor's
+    threads (created earlier, with capabilities) are replaced by a new executor
+    whose threads inherit the dropped sets; then every thread of the process is
+    checked. PermissionDenied if any still holds a capability.
+    """
+    import asyncio
+    import concurrent.futures
+    import pwd
+
+    entry = pwd.getpwnam(user) if user else None
+    if entry is not None:
+        os.makedirs(state_dir, exist_ok=True)   # the journal would create it later, as the user
+        for root, dirs, files in os.walk(state_dir):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                os.chown(name, entry.pw_uid, entry.pw_gid)
+    loop = asyncio.get_running_loop()
+    old = getattr(loop, "_default_executor", None)
+    drop_capabilities(user or None)
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(thread_name_prefix="xfer"))
+    if old is not None:
+        old.shutdown(wait=True)
+    holding = [t for t in os.listdir("/proc/self/task")
+               if effective_capabilities(f"self/task/{t}") != 0]
+    if holding:
+        raise PermissionDenied(f"threads {', '.join(holding)} still hold capabilities")
 
 
 def effective_capabilities(pid: int | str = "self") -> int:

@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from xfer import bundle as bundle_mod
-from xfer.agent import device
+from xfer.agent import device, privsep
 from xfer.agent import status as status_mod
 from xfer.agent.client import AgentClient
 from xfer.agent.config import AgentConfig
@@ -77,6 +77,7 @@ class AgentServer:
         self._dhcp: device.DhcpKeeper | None = None
         self._device_driven: DeviceDriven | None = None
         self._group: asyncio.DatagramTransport | None = None
+        self._helper: privsep.Helper | None = None
         self.port = config.port
 
     @property
@@ -97,18 +98,26 @@ class AgentServer:
         cfg = self.config
         try:
             server_ctx = tls.server_context(cfg.tls)
+            if cfg.privsep_user and self._service is None:
+                # docs/privsep.md: the kernel work goes to a helper; this process drops below.
+                self._helper = privsep.Helper.start(cfg.netns, cfg.kinds)
             if self._service is None or cfg.manager:
                 # Other agents and the manager are reached with this agent's own certificate.
                 self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
-                                           namespace=cfg.netns, max_bundle_bytes=cfg.max_bundle_bytes)
+                                           namespace=cfg.netns, max_bundle_bytes=cfg.max_bundle_bytes,
+                                           socket_factory=self._helper.transfer.socket_factory
+                                           if self._helper else None)
                 await self._client.start()
             if self._service is None:
                 self._service = AgentService(cfg, peers=self._client,
+                                             transfer=self._helper.transfer if self._helper else None,
                                              key=bundle_mod.load_key(cfg.bundle_key_file))
             attached = await asyncio.to_thread(device.bring_up, cfg)
             if attached:
                 _emit({"event": "attached", "device": cfg.device_id, **attached})
-            if Kind.DHCP in cfg.kinds:
+            if Kind.DHCP in cfg.kinds and self._helper is not None:
+                await asyncio.to_thread(self._helper.transfer.keep_dhcp)
+            elif Kind.DHCP in cfg.kinds:
                 self._dhcp = device.DhcpKeeper(cfg.netns)
                 await self._dhcp.start()
             # Before listening: no request may meet the remains of a crashed import.
@@ -135,6 +144,8 @@ class AgentServer:
                 await self._site(plain, bind_socket(*cfg.metrics, cfg.netns), None)
             if cfg.manager:
                 await self._join_group()
+            if self._helper is not None and cfg.privsep_user:
+                privsep.separate(cfg.privsep_user, cfg.state_dir)
         except BaseException:
             await self.stop()
             raise
@@ -184,6 +195,9 @@ class AgentServer:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._helper is not None:
+            self._helper.stop()
+            self._helper = None
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -247,7 +261,10 @@ class AgentServer:
         return web.json_response(self.service.capabilities())
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
-        counts = await asyncio.to_thread(status_mod.counts, self.config.kinds, self.config.netns)
+        if self._helper is not None:
+            counts = await asyncio.to_thread(self._helper.transfer.counts)
+        else:
+            counts = await asyncio.to_thread(status_mod.counts, self.config.kinds, self.config.netns)
         unfinished = [{"bundle": u.bundle_id, "vm": u.vm.to_dict(), "kinds": [k.value for k in u.kinds]}
                       for u in self.service.journal.unfinished()]
         return web.json_response({**self.service.capabilities(), "counts": counts,

@@ -74,7 +74,7 @@ class AgentProcess:
         self.hosts, self.name, self.ns, self.config, self.log, self.url = hosts, name, ns, config, log, url
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> AgentProcess:
+    def start(self, timeout: float = 45.0) -> AgentProcess:
         """Spawn the agent and wait until its log says it listens."""
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
