@@ -40,6 +40,7 @@ def counters_attach(
         "two (default 65536: 23 MiB of kernel memory, then ~280 bytes a key). Pinned maps "
         "keep their size.")] = None,
     ebpf: Annotated[bool, typer.Option("--ebpf", help="Print the BPF program and exit.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Count per VM (MAC, IP) on an interface; idempotent. Counts persist in pinned maps.
 
@@ -59,6 +60,10 @@ def counters_attach(
 
     pins = counters_device.attach(dev, netns, max_keys=max_keys)
     cap = counters_device.capacity(netns, dev)
+    if as_json:
+        print_json({"dev": dev, "netns": netns, "pinned": str(pins), "max_keys": cap.max_keys,
+                    "memlock_bytes": cap.memlock_bytes})
+        return
     typer.echo(f"counting on {dev} (maps pinned in {pins}); room for {cap.max_keys} keys, "
                f"{cap.memlock_bytes / 2**20:.1f} MiB of kernel memory")
 
@@ -69,6 +74,7 @@ def counters_detach(
     netns: NetnsOpt = None,
     unpin: Annotated[bool, typer.Option("--unpin", help="Also remove the pinned maps: the "
                                         "counts are lost.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Stop counting on an interface; the counts stay pinned (re-attach resumes them).
 
@@ -77,6 +83,9 @@ def counters_detach(
     from xfer.counters import device as counters_device
 
     removed = counters_device.detach(dev, netns, unpin=unpin)
+    if as_json:
+        print_json({"dev": dev, "netns": netns, "filters_removed": removed, "unpinned": unpin})
+        return
     typer.echo(f"removed {removed} filter(s) from {dev}" + ("; maps unpinned" if unpin else ""))
 
 
@@ -164,6 +173,7 @@ def dhcp_detach(
     netns: NetnsOpt = None,
     purge: Annotated[bool, typer.Option("--purge", help="Also unpin the maps (bindings stay "
                                         "in the database file).")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Remove the snooper's filters from every port.
 
@@ -172,6 +182,9 @@ def dhcp_detach(
     from xfer.dhcp import device
 
     n = device.detach(netns, purge)
+    if as_json:
+        print_json({"netns": netns, "ports": n, "unpinned": purge})
+        return
     typer.echo(f"detached from {n} ports" + (", maps unpinned" if purge else ""))
 
 
@@ -214,6 +227,7 @@ def dhcp_add(
                                               "expires).")] = None,
     netns: NetnsOpt = None,
     db: DbOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Add (or replace) a static binding.
 
@@ -225,6 +239,9 @@ def dhcp_add(
     b = Binding(mac, ip, None if lease is None else float(lease), port, vlan, "static",
                 lease or 0)
     created, warnings = device.add_static(netns, b, db)
+    if as_json:
+        print_json({**b.to_json(), "created": created, "warnings": warnings})
+        return
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
     typer.echo(("added" if created else "replaced") + f" {b.mac} {b.ip}")
@@ -236,6 +253,7 @@ def dhcp_del(
     ip: Annotated[str, typer.Option("--ip", help="Client IPv4 address.")],
     netns: NetnsOpt = None,
     db: DbOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Delete a binding (static or learned).
 
@@ -245,7 +263,7 @@ def dhcp_del(
 
     if not device.delete(netns, mac, ip, db):
         fail(f"no binding {mac} {ip}")
-    typer.echo(f"deleted {mac} {ip}")
+    print_json({"mac": mac, "ip": ip, "deleted": True}) if as_json else typer.echo(f"deleted {mac} {ip}")
 
 
 @dhcp_app.command("ports")
