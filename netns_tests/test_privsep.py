@@ -69,6 +69,7 @@ out["other_vm"] = refused(lambda: t.import_bundle(bundle, ns, vm=parse_vm("10.0.
 out["kind_not_held"] = refused(lambda: t.forget(vm, [Kind.DHCP], ns))
 s = t.open_socket(socket.AF_INET)
 out["socket_family"] = s.family == socket.AF_INET
+out["dhcp_counters"] = t.dhcp_counters()
 s.close()
 # the cost the channel adds to a pause-window operation: a round trip without kernel work,
 # and the bundle's encode + strict decode that the helper repeats
@@ -102,7 +103,7 @@ def test_a_process_without_capabilities_moves_state_through_the_helper(hosts: Ho
         assert out["uid"] != 0
         assert out["other_vm"] == "UsageError"          # as the direct import says it
         assert out["kind_not_held"] == "UsageError"
-        assert out["socket_family"]
+        assert out["socket_family"] and out["dhcp_counters"] == {}    # no snooper attached here
         listed = hosts.run(site.fw, ["conntrack", "-L", "-s", VM_IP4, "-p", "tcp"]).stderr
         assert int(re.search(r"(\d+) flow entries", listed).group(1)) >= 5  # type: ignore[union-attr]
         Path("/tmp/xfer-privsep-cost.json").write_text(json.dumps(out))

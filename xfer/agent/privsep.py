@@ -14,8 +14,9 @@ with:
 - ``forget`` (VM, kinds) -> per-kind reports;
 - ``socket`` (family, type) -> an unconnected socket opened in the namespace,
   passed back with SCM_RIGHTS (outgoing connections of push/pull);
-- ``counts`` -> per-kind counts for ``/status``; ``keep_dhcp`` starts the DHCP
-  snooping database keeper in the helper.
+- ``counts`` -> per-kind counts for ``/status``, ``dhcp_counters`` -> the DHCP
+  guard's counters for ``/metrics``; ``keep_dhcp`` starts the DHCP snooping
+  database keeper in the helper.
 
 ``drop_capabilities`` empties the calling process's capability sets and bounding
 set (and switches user); ``separate`` does it for a running agent, replacing the
@@ -195,6 +196,11 @@ class PrivilegedTransfer:
         answer, _, _ = self._call({"op": "counts"})
         return dict(answer["counts"])
 
+    def dhcp_counters(self) -> dict[str, dict[str, int]]:
+        """The DHCP guard's per-port counters for ``/metrics``, read by the helper."""
+        answer, _, _ = self._call({"op": "dhcp_counters"})
+        return dict(answer["counters"])
+
     def keep_dhcp(self) -> None:
         """Have the helper keep the DHCP snooping database (once the snooper is attached)."""
         self._call({"op": "keep_dhcp"})
@@ -278,6 +284,10 @@ class _Served:
             from xfer.agent import status
 
             return {"counts": status.counts(self.kinds, self.namespace)}, b"", []
+        if op == "dhcp_counters":
+            from xfer.agent import status
+
+            return {"counters": status.dhcp_counters(self.namespace)}, b"", []
         if op == "keep_dhcp":
             # it reads the pinned maps every second, which the network side no longer can
             if Kind.DHCP not in self.kinds:

@@ -288,7 +288,9 @@ class AgentServer(Listener):
     async def metrics_registry(self) -> CollectorRegistry:
         if Kind.DHCP in self.config.kinds:
             # The DHCP guard's per-port counters, read from its map at scrape time.
-            self.metrics.dhcp_ports = await asyncio.to_thread(status_mod.dhcp_counters, self.config.netns)
+            read = (self._helper.transfer.dhcp_counters if self._helper is not None
+                    else lambda: status_mod.dhcp_counters(self.config.netns))
+            self.metrics.dhcp_ports = await asyncio.to_thread(read)
         return self.metrics.registry
 
 
