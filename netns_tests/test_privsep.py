@@ -14,7 +14,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from netns_tests.counters_lab import VM_IP4, VM_MAC, build_site, counting
 from xfer.lab.hosts import Hosts
@@ -106,4 +105,3 @@ def test_a_process_without_capabilities_moves_state_through_the_helper(hosts: Ho
         assert out["socket_family"] and out["dhcp_counters"] == {}    # no snooper attached here
         listed = hosts.run(site.fw, ["conntrack", "-L", "-s", VM_IP4, "-p", "tcp"]).stderr
         assert int(re.search(r"(\d+) flow entries", listed).group(1)) >= 5  # type: ignore[union-attr]
-        Path("/tmp/xfer-privsep-cost.json").write_text(json.dumps(out))
