@@ -76,8 +76,8 @@ class SwitchLab:
     # --- real DHCP peers ------------------------------------------------------------
 
     def dnsmasq(self, ns: str, iface: str, first: str, last: str, tag: str,
-                lease: str = "2m") -> subprocess.Popen[bytes]:
-        proc = start_dnsmasq(self.hosts, ns, iface, first, last, self.tmp, tag, lease)
+                lease: str = "2m", extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        proc = start_dnsmasq(self.hosts, ns, iface, first, last, self.tmp, tag, lease, extra)
         self.procs.append(proc)
         return proc
 

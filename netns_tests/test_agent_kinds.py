@@ -75,8 +75,11 @@ def _bindings(ns: str) -> list[dict[str, object]]:
     return list(json.loads(out.stdout))
 
 
-def _before_move(lab: Lab, agents: LabAgents) -> tuple[AgentProcess, str]:
-    src = agents.start("fw-src", lab.fwsrc, SRC_AGENT_IP, KINDS, extra=DEVICE)
+PRIVSEP = '\n[privsep]\nuser = "nobody"\n'
+
+
+def _before_move(lab: Lab, agents: LabAgents, extra: str = "") -> tuple[AgentProcess, str]:
+    src = agents.start("fw-src", lab.fwsrc, SRC_AGENT_IP, KINDS, extra=DEVICE + extra)
     mac = _vm_mac(lab)
     if HAVE_DHCP:
         from xfer.dhcp.device import add_static
@@ -94,17 +97,32 @@ def _push(lab: Lab, agents: LabAgents, src: AgentProcess, dst: AgentProcess, vm:
     return dict(json.loads(out.stdout)["exported"])
 
 
-def test_push_moves_every_kind_and_the_connection_survives(lab: tuple[Lab, LabAgents]) -> None:
+def _unprivileged(agent: AgentProcess) -> bool:
+    """The agent process holds no capability and is not root (its helper is)."""
+    assert agent.proc is not None
+    status = Path(f"/proc/{agent.proc.pid}/status").read_text()
+    caps = int(status.split("CapEff:")[1].split()[0], 16)
+    uid = int(status.split("Uid:")[1].split()[0])
+    return caps == 0 and uid != 0
+
+
+@pytest.mark.parametrize("privsep", [False, True], ids=["one-process", "privsep"])
+def test_push_moves_every_kind_and_the_connection_survives(lab: tuple[Lab, LabAgents],
+                                                           privsep: bool) -> None:
     lab_, agents = lab
+    extra = PRIVSEP if privsep else ""
+    if privsep:     # the unprivileged agent must reach its journal under the work directory
+        agents.workdir.chmod(0o711)
     strict_destination(lab_, loose=False)
-    src, mac = _before_move(lab_, agents)
+    src, mac = _before_move(lab_, agents, extra)
     vm, srv = tcp_conversation(lab_, SERVICE_IP)
     before = _counters(lab_.fwsrc, mac)
     assert before["tx_packets"] > 0 and before["rx_packets"] > 0
 
     # The VM is paused: its port moves, the destination comes up (attaching to it), push.
     lab_.move_vm()
-    dst = agents.start("fw-dst", lab_.fwdst, DST_AGENT_IP, KINDS, extra=DEVICE)
+    dst = agents.start("fw-dst", lab_.fwdst, DST_AGENT_IP, KINDS, extra=DEVICE + extra)
+    assert _unprivileged(src) == _unprivileged(dst) == privsep
     moved = _push(lab_, agents, src, dst, f"{VM_IP},{mac}", KINDS)
     assert moved["counters"] == 1 and moved["conntrack"] >= 1
     if HAVE_DHCP:

@@ -117,6 +117,9 @@ def test_ipv6_listen_url() -> None:
     (_raw(limits={"max_bundle_bytes": 10}), "max_bundle_bytes"),
     (_raw(device={"kinds": ["counters"]}), "counters.interfaces is empty"),
     (_raw(device={"kinds": ["dhcp"]}, dhcp={"trusted": "up0"}), "dhcp.trusted/untrusted"),
+    (_raw(dhcp={"max_bindings": -1}), "dhcp.max_bindings must be an integer"),
+    (_raw(counters={"max_keys": 10}), "counters.max_keys must be an integer from 1024"),
+    (_raw(dhcp={"max_bindings": "16"}), "dhcp.max_bindings must be an integer"),
     ({**_raw(), "extra": {}}, "unknown section(s) extra"),
     (_raw(manager={"group": "239.7.7.7:8702", "interface": "10.0.4.1"}), "manager.url is required"),
     (_raw(manager={"url": "http://10.0.4.9:8700", "group": "239.7.7.7:8702", "interface": "10.0.4.1"}),
@@ -151,3 +154,24 @@ def test_missing_and_unparsable_files(tmp_path: Path) -> None:
 def test_shipped_example_parses() -> None:
     cfg = load(Path(__file__).parent.parent / "contrib" / "agent.toml")
     assert cfg.kinds == (Kind.CONNTRACK,) and cfg.url == "https://10.0.4.1:7443"
+
+
+def test_dhcp_port_limit_is_on_by_default() -> None:
+    raw = _raw(device={"kinds": ["dhcp"]}, dhcp={"trusted": "up0", "untrusted": ["vm0"]})
+    assert parse(raw).dhcp_max_bindings == 16
+    raw["dhcp"]["max_bindings"] = 0
+    assert parse(raw).dhcp_max_bindings == 0
+
+
+def test_counters_table_size_is_configurable() -> None:
+    raw = _raw(device={"kinds": ["counters"]}, counters={"interfaces": ["vm0"]})
+    assert parse(raw).counter_max_keys is None        # the default size (or what is pinned)
+    raw["counters"]["max_keys"] = 131072
+    assert parse(raw).counter_max_keys == 131072
+
+
+def test_privilege_separation_is_opt_in() -> None:
+    raw = _raw()
+    assert parse(raw).privsep_user is None
+    raw["privsep"] = {"user": "xfer"}
+    assert parse(raw).privsep_user == "xfer"

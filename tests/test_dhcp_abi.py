@@ -54,3 +54,14 @@ def test_counter_enum_matches_the_header() -> None:
     names = [re.match(r"\s*DS_(\w+)", line) for line in body.splitlines()[1:]]
     names = [m.group(1) for m in names if m]
     assert names == [c.name for c in abi.Counter]
+
+
+def test_port_limit_constants_match_the_header() -> None:
+    text = resources.files("xfer.ebpf").joinpath("dhcpsnoop.h").read_text()
+    found = dict(re.findall(r"#define DS_(DEFAULT_MAX_BINDINGS|NO_PORT_LIMIT)\s+(\w+)", text))
+    assert int(found["DEFAULT_MAX_BINDINGS"], 0) == abi.DEFAULT_MAX_BINDINGS
+    assert int(found["NO_PORT_LIMIT"], 0) == abi.NO_PORT_LIMIT
+    source = resources.files("xfer.ebpf").joinpath("dhcpsnoop.bpf.c").read_text()
+    from xfer.dhcp.store import TABLE_SIZE
+
+    assert re.search(rf"#define MAX_BINDINGS {TABLE_SIZE}\b", source)

@@ -22,6 +22,7 @@ class FakeTable:
         self.saved = 0
         self.expired = 0
         self.db_path = "fake.json"
+        self.stats: dict[str, dict[str, int]] = {}
 
     def sweep(self) -> int:
         n, self.expired = self.expired, 0
@@ -29,6 +30,15 @@ class FakeTable:
 
     def save(self, sync: bool = True) -> None:
         self.saved += 1
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return self.stats
+
+    def refusals(self) -> dict[str, tuple[str, str, str]]:
+        return {"vm0": ("binding_refused_port_limit", "02:00:00:00:00:09", "10.0.0.9")}
+
+    def ports(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name="vm0", max_bindings=4)]
 
 
 def _row(ip: int, expires: int) -> tuple[object, object]:
@@ -72,3 +82,20 @@ def test_stop_ends_the_loop(monkeypatch) -> None:  # type: ignore[no-untyped-def
 
     asyncio.run(main())
     assert table.saved == 2       # the empty table, then the new binding
+
+
+def test_refused_bindings_are_logged_once_per_change(caplog) -> None:  # type: ignore[no-untyped-def]
+    table, s = FakeTable(), Snooper(None)
+    table.stats = {"vm0": {"binding_added": 4}, "up0": {"binding_added": 4}}
+    with caplog.at_level("WARNING", logger="xfer.dhcp.serve"):
+        assert s.report_refusals(table) == 0          # nothing refused: nothing said
+        table.stats["vm0"]["binding_refused_port_limit"] = 3
+        assert s.report_refusals(table) == 1
+        assert s.report_refusals(table) == 0          # the same count is not reported again
+        table.stats["vm0"]["binding_refused_port_limit"] = 5
+        assert s.report_refusals(table) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "vm0" in lines[0] and "limit of 4" in lines[0] and "3 refused" in lines[0]
+    assert "2 refused since the last report (5 in all)" in lines[1]
+    assert "02:00:00:00:00:09 10.0.0.9" in lines[1]

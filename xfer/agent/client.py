@@ -67,12 +67,15 @@ class AgentClient:
     """
 
     def __init__(self, ssl_context: ssl.SSLContext, timeout: float = DEFAULT_TIMEOUT,
-                 namespace: str | None = None, max_bundle_bytes: int = DEFAULT_MAX_SIZE) -> None:
+                 namespace: str | None = None, max_bundle_bytes: int = DEFAULT_MAX_SIZE,
+                 socket_factory: Any = None) -> None:
         self._ssl = ssl_context
         self._max_bundle = max_bundle_bytes
         self._has_cert = _has_cert(ssl_context)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._namespace = namespace
+        # given (privilege separation: sockets from the helper), it replaces ``namespace``'s
+        self._socket_factory = socket_factory or _netns_socket_factory(namespace)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AgentClient:
@@ -86,7 +89,7 @@ class AgentClient:
     async def start(self) -> None:
         if self._session is None:
             connector = aiohttp.TCPConnector(ssl=self._ssl,
-                                             socket_factory=_netns_socket_factory(self._namespace))
+                                             socket_factory=self._socket_factory)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
 
     async def close(self) -> None:

@@ -21,6 +21,9 @@ Example (``/etc/xfer/agent.toml``)::
 
     [limits]
     max_bundle_bytes = 67108864
+    max_connections = 256           # slow clients (xfer/net/guard.py): open TCP connections,
+    handshake_timeout_s = 5         # the TLS handshake, and from it to the first request's
+    header_timeout_s = 10           # headers; these are the defaults
 
     [state]
     dir = "/var/lib/xfer/agent"     # the import journal
@@ -28,10 +31,16 @@ Example (``/etc/xfer/agent.toml``)::
 
     [counters]
     interfaces = ["vm0"]            # attached when the device holds counters
+    max_keys = 65536                # table size in (MAC, IP) keys, ~280 bytes of kernel memory each
 
     [dhcp]
     trusted = "up0"                 # attached when the device holds dhcp
     untrusted = ["vm0"]
+    max_bindings = 16               # per untrusted port, learned from DHCP (0: no limit)
+
+    [privsep]                       # optional (docs/privsep.md): the network-facing process
+    user = "xfer"                   # drops every capability and runs as this user; a
+                                    # privileged helper does the kernel work
 
     [manager]                       # optional: the device-driven variant
     url = "https://10.0.4.9:8700"   # the manager (mutual TLS, this agent's certificate)
@@ -49,7 +58,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +67,7 @@ from xfer.agent.protocol import check_agent_url
 from xfer.errors import UsageError
 from xfer.model import DEVICE_TYPES, Kind, parse_kinds
 from xfer.net import address as addr
+from xfer.net.guard import ConnectionLimits, limits_from
 from xfer.net.tls import TlsFiles
 from xfer.vdp.config import VdpConfig, parse_section
 
@@ -93,10 +103,14 @@ class AgentConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     bundle_key_file: Path | None = None
     counter_interfaces: tuple[str, ...] = ()
+    counter_max_keys: int | None = None
     dhcp_trusted: str | None = None
     dhcp_untrusted: tuple[str, ...] = ()
+    dhcp_max_bindings: int = 16
     manager: UpstreamConfig | None = None
     vdp: VdpConfig | None = None
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    privsep_user: str | None = None
 
     @property
     def url(self) -> str:
@@ -119,7 +133,8 @@ def load(path: Path) -> AgentConfig:
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     """Build an AgentConfig from parsed TOML; relative paths are taken from ``base``."""
-    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager", "vdp"}
+    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager", "vdp",
+             "privsep"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"agent config: unknown section(s) {', '.join(unknown)}")
@@ -166,9 +181,19 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         raise UsageError("agent config: counters.interfaces and dhcp.untrusted must be lists")
     if Kind.COUNTERS in kinds and not interfaces:
         raise UsageError("agent config: the device holds counters but counters.interfaces is empty")
+    max_keys = counters.get("max_keys")
+    if max_keys is not None and (isinstance(max_keys, bool) or not isinstance(max_keys, int)
+                                 or not 1024 <= max_keys <= 1 << 24):
+        raise UsageError("agent config: counters.max_keys must be an integer from 1024 to "
+                         f"{1 << 24}")
     trusted = _str(dhcp, "dhcp.trusted", key="trusted") or None
     if Kind.DHCP in kinds and (not trusted or not untrusted):
         raise UsageError("agent config: the device holds dhcp but dhcp.trusted/untrusted are not set")
+    max_bindings = dhcp.get("max_bindings", 16)
+    if isinstance(max_bindings, bool) or not isinstance(max_bindings, int) \
+            or not 0 <= max_bindings < 0xFFFF:
+        raise UsageError("agent config: dhcp.max_bindings must be an integer from 0 (no per-port "
+                         "limit) to 65534")
 
     netns = _str(device, "device.netns", key="netns") or None
     vdp_table = _table(raw, "vdp")
@@ -182,9 +207,12 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         max_bundle_bytes=max_bytes,
         state_dir=state_dir,
         bundle_key_file=path_of(state, "bundle_key_file", "state.bundle_key_file", False),
-        counter_interfaces=tuple(str(i) for i in interfaces),
+        counter_interfaces=tuple(str(i) for i in interfaces), counter_max_keys=max_keys,
         dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),
+        dhcp_max_bindings=max_bindings,
         manager=_upstream(_table(raw, "manager"), device_id), vdp=vdp,
+        connection_limits=limits_from(limits, "agent config: limits"),
+        privsep_user=_str(_table(raw, "privsep"), "privsep.user", key="user") or None,
     )
 
 

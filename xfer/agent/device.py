@@ -49,14 +49,16 @@ def bring_up(config: AgentConfig) -> dict[str, Any]:
         if counters is None:
             done["counters"] = {"error": "counters are not available in this build of xfer"}
         else:
-            done["counters"] = {"interfaces": {dev: str(counters.attach(dev, config.netns))
-                                               for dev in config.counter_interfaces}}
+            done["counters"] = {"interfaces": {
+                dev: str(counters.attach(dev, config.netns, max_keys=config.counter_max_keys))
+                for dev in config.counter_interfaces}}
     if Kind.DHCP in config.kinds:
         dhcp = _kind_package("xfer.dhcp.device")
         if dhcp is None:
             done["dhcp"] = {"error": "dhcp snooping is not available in this build of xfer"}
         else:
-            report = dhcp.attach(config.netns, [config.dhcp_trusted], list(config.dhcp_untrusted))
+            report = dhcp.attach(config.netns, [config.dhcp_trusted], list(config.dhcp_untrusted),
+                                 max_bindings=config.dhcp_max_bindings)
             done["dhcp"] = {"ports": dict(report.ports), "restored": report.restored,
                             "warnings": list(report.warnings)}
     return done
@@ -69,10 +71,11 @@ class DhcpKeeper:
     """
 
     def __init__(self, namespace: str | None, interval: float = 1.0, trusted: str | None = None,
-                 untrusted: tuple[str, ...] = ()) -> None:
+                 untrusted: tuple[str, ...] = (), max_bindings: int = 16) -> None:
         self.namespace = namespace
         self.interval = interval
         self.trusted, self.untrusted = trusted, untrusted
+        self.max_bindings = max_bindings
         self._snooper: Any = None
         self._follower: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -88,7 +91,8 @@ class DhcpKeeper:
             self._follower = await asyncio.to_thread(
                 dhcp.follow, self.namespace, [self.trusted], list(self.untrusted),
                 on_attach=lambda f: log.info("dhcp: snooping new port %s (%.3f ms)", f.name,
-                                             (f.latency_s or 0.0) * 1000))
+                                             (f.latency_s or 0.0) * 1000),
+                max_bindings=self.max_bindings)
         self._snooper = serve.Snooper(self.namespace, interval=self.interval)
         self._task = asyncio.create_task(self._snooper.run(install_signals=False))
         return True

@@ -33,7 +33,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from xfer import bundle as bundle_mod
-from xfer.agent import device
+from xfer.agent import device, privsep
 from xfer.agent import status as status_mod
 from xfer.agent.client import AgentClient
 from xfer.agent.config import AgentConfig
@@ -55,6 +55,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CONTROL_MAX = 64 * 1024
 
 
+
+def _dhcp_ports(cfg: AgentConfig) -> privsep.DhcpPorts | None:
+    if Kind.DHCP not in cfg.kinds or not cfg.dhcp_trusted:
+        return None
+    return privsep.DhcpPorts(cfg.dhcp_trusted, list(cfg.dhcp_untrusted), cfg.dhcp_max_bindings)
+
 class AgentServer(Listener):
     """One agent: explicit ``start()``/``stop()``, or ``async with``.
 
@@ -67,6 +73,7 @@ class AgentServer(Listener):
     def __init__(self, config: AgentConfig, service: AgentService | None = None) -> None:
         super().__init__()
         self.config = config
+        self.connection_limits = config.connection_limits
         self.metrics = AgentMetrics()
         self._client: AgentClient | None = None
         self._service = service
@@ -74,6 +81,7 @@ class AgentServer(Listener):
         self._device_driven: DeviceDriven | None = None
         self._group: asyncio.DatagramTransport | None = None
         self._vdp: Any = None            # xfer.vdp.service.VdpService, imported only when configured
+        self._helper: privsep.Helper | None = None
         self.port = config.port
 
     @property
@@ -86,20 +94,29 @@ class AgentServer(Listener):
         cfg = self.config
         try:
             server_ctx = tls.server_context(cfg.tls)
+            if cfg.privsep_user and self._service is None:
+                # docs/privsep.md: the kernel work goes to a helper; this process drops below.
+                self._helper = privsep.Helper.start(cfg.netns, cfg.kinds, _dhcp_ports(cfg))
             if self._service is None or cfg.manager:
                 # Other agents and the manager are reached with this agent's own certificate.
                 self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
-                                           namespace=cfg.netns, max_bundle_bytes=cfg.max_bundle_bytes)
+                                           namespace=cfg.netns, max_bundle_bytes=cfg.max_bundle_bytes,
+                                           socket_factory=self._helper.transfer.socket_factory
+                                           if self._helper else None)
                 await self._client.start()
             if self._service is None:
                 self._service = AgentService(cfg, peers=self._client,
+                                             transfer=self._helper.transfer if self._helper else None,
                                              key=bundle_mod.load_key(cfg.bundle_key_file))
             attached = await asyncio.to_thread(device.bring_up, cfg)
             if attached:
                 self.emit({"event": "attached", "device": cfg.device_id, **attached})
-            if Kind.DHCP in cfg.kinds:
+            if Kind.DHCP in cfg.kinds and self._helper is not None:
+                await asyncio.to_thread(self._helper.transfer.keep_dhcp)
+            elif Kind.DHCP in cfg.kinds:
                 self._dhcp = device.DhcpKeeper(cfg.netns, trusted=cfg.dhcp_trusted,
-                                               untrusted=cfg.dhcp_untrusted)
+                                               untrusted=cfg.dhcp_untrusted,
+                                               max_bindings=cfg.dhcp_max_bindings)
                 await self._dhcp.start()
             # Before listening: no request may meet the remains of a crashed import.
             for item in await asyncio.to_thread(self.service.recover):
@@ -123,6 +140,8 @@ class AgentServer(Listener):
                 await self._join_group()
             if cfg.vdp:
                 await self._answer_vdp()
+            if self._helper is not None and cfg.privsep_user:
+                privsep.separate(cfg.privsep_user, cfg.state_dir)
         except BaseException:
             await self.stop()
             raise
@@ -175,6 +194,9 @@ class AgentServer(Listener):
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._helper is not None:
+            self._helper.stop()
+            self._helper = None
         self.stopped()
 
     # --- request plumbing ---------------------------------------------------------------
@@ -235,7 +257,10 @@ class AgentServer(Listener):
         return web.json_response(self.service.capabilities())
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
-        counts = await asyncio.to_thread(status_mod.counts, self.config.kinds, self.config.netns)
+        if self._helper is not None:
+            counts = await asyncio.to_thread(self._helper.transfer.counts)
+        else:
+            counts = await asyncio.to_thread(status_mod.counts, self.config.kinds, self.config.netns)
         unfinished = [{"bundle": u.bundle_id, "vm": u.vm.to_dict(), "kinds": [k.value for k in u.kinds]}
                       for u in self.service.journal.unfinished()]
         return web.json_response({**self.service.capabilities(), "counts": counts,
@@ -288,7 +313,9 @@ class AgentServer(Listener):
     async def metrics_registry(self) -> CollectorRegistry:
         if Kind.DHCP in self.config.kinds:
             # The DHCP guard's per-port counters, read from its map at scrape time.
-            self.metrics.dhcp_ports = await asyncio.to_thread(status_mod.dhcp_counters, self.config.netns)
+            read = (self._helper.transfer.dhcp_counters if self._helper is not None
+                    else lambda: status_mod.dhcp_counters(self.config.netns))
+            self.metrics.dhcp_ports = await asyncio.to_thread(read)
         return self.metrics.registry
 
 

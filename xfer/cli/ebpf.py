@@ -35,6 +35,10 @@ def counters_attach(
     dev: Annotated[str | None, typer.Option("--dev", help="The device's VM-facing interface "
                                             "(required unless --ebpf).", metavar="IFACE")] = None,
     netns: NetnsOpt = None,
+    max_keys: Annotated[int | None, typer.Option(
+        "--max-keys", metavar="N", help="Table size in (MAC, IP) keys; a dual-stack VM takes "
+        "two (default 65536: 23 MiB of kernel memory, then ~280 bytes a key). Pinned maps "
+        "keep their size.")] = None,
     ebpf: Annotated[bool, typer.Option("--ebpf", help="Print the BPF program and exit.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -42,7 +46,7 @@ def counters_attach(
 
     Ingress frames are what the VMs send (tx), egress what they receive (rx).
 
-    Example: xfer counters attach --dev vmif --netns fw-src
+    Example: xfer counters attach --dev vmif --netns fw-src --max-keys 131072
     """
     if ebpf:
         from xfer.counters.device import PROGRAM
@@ -54,11 +58,14 @@ def counters_attach(
         raise UsageError("--dev IFACE is required (the device's VM-facing interface)")
     from xfer.counters import device as counters_device
 
-    pins = counters_device.attach(dev, netns)
+    pins = counters_device.attach(dev, netns, max_keys=max_keys)
+    cap = counters_device.capacity(netns, dev)
     if as_json:
-        print_json({"dev": dev, "netns": netns, "pinned": str(pins)})
+        print_json({"dev": dev, "netns": netns, "pinned": str(pins), "max_keys": cap.max_keys,
+                    "memlock_bytes": cap.memlock_bytes})
         return
-    typer.echo(f"counting on {dev} (maps pinned in {pins})")
+    typer.echo(f"counting on {dev} (maps pinned in {pins}); room for {cap.max_keys} keys, "
+               f"{cap.memlock_bytes / 2**20:.1f} MiB of kernel memory")
 
 
 @counters_app.command("detach")
@@ -118,6 +125,12 @@ DbOpt = Annotated[Path | None, typer.Option(
     "/var/lib/xfer/dhcpsnoop, then <netns>.json).")]
 
 
+MaxBindingsOpt = Annotated[int, typer.Option(
+    "--max-bindings", help="Bindings DHCP may create on each untrusted port named (a VM-facing "
+    "port is hostile: one guest can invent MACs). 0: no per-port limit; the table holds 4096.",
+    metavar="N")]
+
+
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for text in values or [] for v in text.split(",") if v.strip()]
 
@@ -135,12 +148,13 @@ def dhcp_attach(
     follow: Annotated[bool, typer.Option("--follow", help="Stay in the foreground and attach to "
                                          "each new port matching a pattern as it appears "
                                          "(until SIGTERM/SIGINT).")] = False,
+    max_bindings: MaxBindingsOpt = 16,
     ebpf: Annotated[bool, typer.Option("--ebpf", hidden=True, help="Print the program.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Attach the snooper to a device's ports; again re-attaches and keeps every binding.
 
-    Example: xfer dhcp attach --trusted uplink --untrusted vm0,vm1 --netns sw1
+    Example: xfer dhcp attach --trusted uplink --untrusted vm0,vm1 --netns sw1 --max-bindings 4
 
     Example: xfer dhcp attach --trusted up0 --untrusted 'tap*' --netns hv2 --follow
     """
@@ -152,7 +166,7 @@ def dhcp_attach(
     ports = _split(untrusted)
     if follow and not any(datapath.is_pattern(p) for p in ports):
         raise UsageError("--follow needs a pattern among the untrusted ports (e.g. 'tap*')")
-    report = device.attach(netns, _split(trusted), ports, mode, db)
+    report = device.attach(netns, _split(trusted), ports, mode, db, max_bindings)
     if as_json:
         print_json({"ports": report.ports, "restored": report.restored, "kept": report.kept,
                      "warnings": report.warnings})
@@ -162,11 +176,11 @@ def dhcp_attach(
         for w in report.warnings:
             typer.echo(f"  warning: {w}", err=True)
     if follow:
-        _follow_ports(netns, _split(trusted), ports, mode, as_json)
+        _follow_ports(netns, _split(trusted), ports, mode, max_bindings, as_json)
 
 
 def _follow_ports(netns: str | None, trusted: list[str], untrusted: list[str], mode: str,
-                  as_json: bool) -> None:
+                  max_bindings: int, as_json: bool) -> None:
     """Follow new ports until a signal; one line (or JSON object) per port attached."""
     import json
     import signal
@@ -183,7 +197,8 @@ def _follow_ports(netns: str | None, trusted: list[str], untrusted: list[str], m
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    follower = device.follow(netns, trusted, untrusted, mode, on_attach=attached)
+    follower = device.follow(netns, trusted, untrusted, mode, on_attach=attached,
+                             max_bindings=max_bindings)
     try:
         if not as_json:
             typer.echo(f"following {', '.join(p for p in untrusted if datapath.is_pattern(p))}")
@@ -291,6 +306,26 @@ def dhcp_del(
     print_json({"mac": mac, "ip": ip, "deleted": True}) if as_json else typer.echo(f"deleted {mac} {ip}")
 
 
+@dhcp_app.command("ports")
+def dhcp_ports(netns: NetnsOpt = None, as_json: JsonOpt = False) -> None:
+    """Each port's role, mode, binding limit and the bindings it holds now.
+
+    Example: xfer dhcp ports --netns sw1 --json
+    """
+    from xfer.dhcp.store import TABLE_SIZE, BindingTable
+
+    with BindingTable(netns) as table:
+        ports = table.ports()
+    if as_json:
+        print_json([p.to_json() for p in ports])
+        return
+    for p in ports:
+        limit = "no limit" if p.max_bindings is None else f"limit {p.max_bindings}"
+        typer.echo(f"{p.name}: {p.role}, {p.mode}, {p.bindings} bindings"
+                   + (f" ({limit})" if p.role == "untrusted" else ""))
+    typer.echo(f"table size {TABLE_SIZE}", err=True)
+
+
 @dhcp_app.command("counters")
 def dhcp_counters(netns: NetnsOpt = None, as_json: JsonOpt = False) -> None:
     """Per-port counters: passed, drops by reason, observed, bindings added/removed.
@@ -318,6 +353,7 @@ def dhcp_serve(
     mode: Annotated[str, typer.Option(help="enforce or observe (with --untrusted).")] = "enforce",
     interval: Annotated[float, typer.Option(help="Seconds between sweeps/saves.")] = 0.2,
     db: DbOpt = None,
+    max_bindings: MaxBindingsOpt = 16,
 ) -> None:
     """Run in the foreground: persist the binding table after each change, sweep expired ones.
 
@@ -336,9 +372,10 @@ def dhcp_serve(
 
     follower = None
     if untrusted or trusted:
-        device.attach(netns, _split(trusted), _split(untrusted), mode, db)
+        device.attach(netns, _split(trusted), _split(untrusted), mode, db, max_bindings)
         # Patterns ('tap*'): the ports that appear while serving are snooped too.
-        follower = device.follow(netns, _split(trusted), _split(untrusted), mode)
+        follower = device.follow(netns, _split(trusted), _split(untrusted), mode,
+                                 max_bindings=max_bindings)
     logging.getLogger("xfer").setLevel(logging.INFO)
     try:
         asyncio.run(Snooper(netns, interval, db).run())

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from xfer.counters import model as counters
-from xfer.counters.maps import MAP_NAMES, CounterMaps
+from xfer.counters.maps import LIVE, MAP_NAMES, CounterMaps
 from xfer.ebpf import loader
 from xfer.ebpf.bpfsys import BpfMap
 from xfer.errors import BPFLoadError, UsageError
@@ -32,17 +33,85 @@ PROGRAM = loader.TcProgram(
 LOCK_DIR = Path("/run/xfer/locks")
 # Older builds kept carried counts in this hash (keyed and valued like xfer_ctr).
 OLD_CARRIED = "xfer_ctr_base"
+DEFAULT_MAX_KEYS = 65536        # XFER_CTR_MAX in counters.bpf.c: one key per (MAC, IP)
+MAX_KEYS_RANGE = (1024, 1 << 24)
+OPTION = "xfer counters attach --max-keys; agent [counters] max_keys"
 
 
-def attach(dev: str, netns: str | None = None, root: Path = loader.PIN_ROOT) -> Path:
+@dataclass(frozen=True)
+class Capacity:
+    """How many keys an interface's counters hold, use, and what they cost the kernel."""
+
+    max_keys: int           # of the live table (and of the carried one)
+    live_keys: int          # keys the datapath holds now
+    carried_keys: int       # keys imports carried in
+    memlock_bytes: int      # kernel memory charged for the maps (fdinfo "memlock")
+
+
+def check_max_keys(value: int) -> int:
+    """UsageError unless ``value`` is a table size xfer allows.
+
+    >>> check_max_keys(131072)
+    131072
+    """
+    low, high = MAX_KEYS_RANGE
+    if not low <= value <= high:
+        raise UsageError(f"--max-keys {value} is not between {low} and {high}")
+    return value
+
+
+def _pinned_max_keys(pins: Path) -> int | None:
+    if not (pins / LIVE).exists():
+        return None
+    with BpfMap.open_pinned(str(pins / LIVE)) as m:
+        return int(m.max_entries)
+
+
+def attach(dev: str, netns: str | None = None, root: Path = loader.PIN_ROOT,
+           max_keys: int | None = None) -> Path:
     """Count on ``dev`` (the VM-facing interface); idempotent. Returns the pin directory.
 
-    >>> attach("eth1", "fw-src")  # doctest: +SKIP
+    ``max_keys`` sizes the tables (default 65,536 keys; one key per VM MAC and
+    address, so a dual-stack VM takes two). Pinned maps keep their size: asking
+    for another one is refused (detach with ``unpin`` first, which loses the counts).
+
+    >>> attach("eth1", "fw-src", max_keys=131072)  # doctest: +SKIP
     PosixPath('/run/xfer/bpf/fw-src/eth1')
     """
-    pins = loader.attach(PROGRAM, dev, netns, root=root)
+    if max_keys is not None:
+        check_max_keys(max_keys)
+    pinned = _pinned_max_keys(loader.pin_dir(dev, netns, root))
+    if pinned is not None and max_keys is not None and max_keys != pinned:
+        raise UsageError(f"counters on {dev} are pinned with room for {pinned} keys; a table "
+                         f"of {max_keys} needs new maps: `xfer counters detach --dev {dev} "
+                         "--unpin` first (its counts are lost), then attach again")
+    size = pinned or max_keys or DEFAULT_MAX_KEYS
+    pins = loader.attach(PROGRAM, dev, netns, cflags=[f"-DXFER_CTR_MAX={size}"], root=root)
     _adopt_old_carried(pins)
     return pins
+
+
+def capacity(netns: str | None = None, dev: str | None = None,
+             root: Path = loader.PIN_ROOT) -> Capacity:
+    """The size, use and kernel memory of one interface's counters.
+
+    >>> capacity("fw-src", "eth1").max_keys  # doctest: +SKIP
+    65536
+    """
+    with open_maps(netns, dev, root) as maps, locked(maps, shared=True):
+        fds = [maps.live.map.fd, maps.carried.header.fd, maps.carried.pages.fd,
+               maps.imported.map.fd]
+        return Capacity(int(maps.live.map.max_entries), len(maps.live.map.keys()),
+                        int(maps.carried.state().count), sum(_memlock(fd) for fd in fds))
+
+
+def _memlock(fd: int) -> int:
+    """What the kernel charges for a map (fdinfo's ``memlock``, bytes)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _adopt_old_carried(pins: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from xfer import netns as xnetns
 from xfer.bundle import Bundle, Section
 from xfer.counters import model as counters
-from xfer.counters.device import locked, open_all, open_maps
+from xfer.counters.device import OPTION, locked, open_all, open_maps
 from xfer.counters.maps import CarriedCounters, CounterMaps, LiveCounters
 from xfer.ebpf import loader
 from xfer.errors import ForeignEntryError, ImportFailed, NamespaceNotFound, XferError
@@ -141,7 +141,15 @@ def _add_carried(maps: CounterMaps, bundle_id: str, incoming: counters.Columns, 
     before = carried.state()
     try:
         total, both = counters.merge(carried.read(before, batch), incoming)
+        room = min(carried.capacity, int(maps.live.map.max_entries))
+        if len(total) > room:
+            report.failed = len(incoming)
+            raise ImportFailed(f"counters import refused, nothing changed: {len(total)} keys "
+                               f"would be carried on {maps.pins.name}, the table has room for "
+                               f"{room} keys ({OPTION})", report)
         carried.commit(carried.stage(total, before, batch))
+    except ImportFailed:
+        raise
     except XferError as exc:
         report.failed = len(incoming)
         raise ImportFailed(f"counters import failed, nothing changed: {exc}", report) from None

@@ -16,6 +16,8 @@ ROLE_TRUSTED = 1
 ROLE_UNTRUSTED = 2
 MODE_ENFORCE = 0
 MODE_OBSERVE = 1
+DEFAULT_MAX_BINDINGS = 16      # DS_DEFAULT_MAX_BINDINGS: a port_cfg.max_bindings of 0
+NO_PORT_LIMIT = 0xFFFF         # DS_NO_PORT_LIMIT
 FLAG_DHCP = 1
 FLAG_STATIC = 2
 
@@ -36,6 +38,9 @@ class Counter(IntEnum):
     ACK_NO_CLIENT = 10
     DHCP_CLIENT = 11
     DROP_PORT_MISMATCH = 12
+    BINDING_RENEWED = 13
+    BINDING_REFUSED_PORT_LIMIT = 14
+    BINDING_REFUSED_TABLE_FULL = 15
 
 
 class BindingKey(ctypes.Structure):
@@ -57,7 +62,13 @@ class ClientPort(ctypes.Structure):
 
 
 class PortCfg(ctypes.Structure):
-    _fields_ = [("role", ctypes.c_uint8), ("mode", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
+    _fields_ = [("role", ctypes.c_uint8), ("mode", ctypes.c_uint8),
+                ("max_bindings", ctypes.c_uint16)]
+
+
+class Refusal(ctypes.Structure):
+    _fields_ = [("when_ns", ctypes.c_uint64), ("mac", ctypes.c_uint8 * 6),
+                ("counter", ctypes.c_uint16), ("ip", ctypes.c_uint8 * 4), ("pad", ctypes.c_uint32)]
 
 
 class StatKey(ctypes.Structure):
@@ -74,5 +85,5 @@ U64 = ctypes.c_uint64
 # struct name in the header -> ctypes mirror, for the layout test
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "binding_key": BindingKey, "binding": BindingValue, "mac_key": MacKey,
-    "client_port": ClientPort, "port_cfg": PortCfg, "stat_key": StatKey,
+    "client_port": ClientPort, "port_cfg": PortCfg, "stat_key": StatKey, "refusal": Refusal,
 }

@@ -90,14 +90,30 @@ def _ifname(namespace: str | None, index: int) -> str | None:
         return None
 
 
+def check_max_bindings(value: int) -> int:
+    """The ``port_cfg.max_bindings`` for a limit (0: no per-port limit); UsageError outside it.
+
+    >>> check_max_bindings(16), check_max_bindings(0)
+    (16, 65535)
+    """
+    if not 0 <= value < abi.NO_PORT_LIMIT:
+        raise UsageError(f"--max-bindings {value} is not between 0 (no per-port limit) and "
+                         f"{abi.NO_PORT_LIMIT - 1}")
+    return value or abi.NO_PORT_LIMIT
+
+
 def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[str],
-           mode: str = "enforce") -> Attached:
+           mode: str = "enforce", max_bindings: int = abi.DEFAULT_MAX_BINDINGS) -> Attached:
     """Attach the program to the ports (idempotent: again replaces the program, keeps maps).
 
-    >>> attach("fw-a", ["uplink"], ["vm0"], "observe")  # doctest: +SKIP
+    ``max_bindings`` is how many bindings DHCP may create on each untrusted port
+    it names (0: no per-port limit; the table's size still holds).
+
+    >>> attach("fw-a", ["uplink"], ["vm0"], "observe", max_bindings=4)  # doctest: +SKIP
     """
     if mode not in MODES:
         raise UsageError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    limit = check_max_bindings(max_bindings)
     overlap = set(trusted) & set(untrusted)
     if overlap:
         raise UsageError(f"ports both trusted and untrusted: {', '.join(sorted(overlap))}")
@@ -123,15 +139,16 @@ def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[st
         # The first compile creates the maps, so that port runs unconfigured (and
         # lets everything through) until _configure, a millisecond later.
         loader.attach(PROGRAM, order.pop(0), namespace, cflags=cflags)
-    _configure(pins, ports, trusted, mode)
+    _configure(pins, ports, trusted, mode, limit)
     for name in order:
         loader.attach(PROGRAM, name, namespace, cflags=cflags)
     return Attached(namespace, pins, ports, fresh)
 
 
-def configure(pins: str, ports: dict[str, int], trusted: Sequence[str], mode: str) -> None:
-    """Tell the programs each port's role and mode (the ``ports`` map, keyed by ifindex)."""
-    _configure(pins, ports, trusted, mode)
+def configure(pins: str, ports: dict[str, int], trusted: Sequence[str], mode: str,
+              max_bindings: int = abi.DEFAULT_MAX_BINDINGS) -> None:
+    """Tell the programs each port's role, mode and per-port binding limit (0: none)."""
+    _configure(pins, ports, trusted, mode, check_max_bindings(max_bindings))
 
 
 def unconfigure(pins: str, ifindex: int) -> None:
@@ -140,12 +157,14 @@ def unconfigure(pins: str, ifindex: int) -> None:
         pm.delete(abi.U32(ifindex))
 
 
-def _configure(pins: str, ports: dict[str, int], trusted: Sequence[str], mode: str) -> None:
+def _configure(pins: str, ports: dict[str, int], trusted: Sequence[str], mode: str,
+               limit: int) -> None:
     with TypedMap(os.path.join(pins, "ports"), abi.U32, abi.PortCfg) as pm:
         for name, index in ports.items():
             cfg = abi.PortCfg()
             cfg.role = abi.ROLE_TRUSTED if name in trusted else abi.ROLE_UNTRUSTED
             cfg.mode = MODES[mode]
+            cfg.max_bindings = limit
             pm.put(abi.U32(index), cfg)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xfer.dhcp import datapath
+from xfer.dhcp import abi, datapath
 from xfer.dhcp.follow import Followed, PortFollower
 from xfer.dhcp.model import Binding
 from xfer.dhcp.store import BindingTable
@@ -30,13 +30,16 @@ class AttachReport:
 
 
 def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[str],
-           mode: str = "enforce", db_path: Path | None = None) -> AttachReport:
+           mode: str = "enforce", db_path: Path | None = None,
+           max_bindings: int = abi.DEFAULT_MAX_BINDINGS) -> AttachReport:
     """Attach (or re-attach) the snooper; restore the database file into fresh maps.
+
+    ``max_bindings``: bindings DHCP may create per untrusted port (0: no limit).
 
     >>> attach("sw1", ["uplink"], ["vm0", "vm1"], mode="observe")  # doctest: +SKIP
     AttachReport(ports={'uplink': 2, 'vm0': 3, 'vm1': 4}, restored=0, kept=0, warnings=[])
     """
-    done = datapath.attach(namespace, trusted, untrusted, mode)
+    done = datapath.attach(namespace, trusted, untrusted, mode, max_bindings)
     report = AttachReport(done.ports)
     with BindingTable(namespace, db_path=db_path) as table:
         if done.fresh_maps:
@@ -50,8 +53,8 @@ def attach(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[st
 
 
 def follow(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[str],
-           mode: str = "enforce", on_attach: Callable[[Followed], None] | None = None
-           ) -> PortFollower | None:
+           mode: str = "enforce", on_attach: Callable[[Followed], None] | None = None,
+           max_bindings: int = abi.DEFAULT_MAX_BINDINGS) -> PortFollower | None:
     """Start following the untrusted patterns (``tap*``) once ``attach`` has run; None when
     ``untrusted`` names ports only. The caller stops the follower.
 
@@ -60,7 +63,7 @@ def follow(namespace: str | None, trusted: Sequence[str], untrusted: Sequence[st
     patterns = [p for p in untrusted if datapath.is_pattern(p)]
     if not patterns:
         return None
-    return PortFollower(namespace, patterns, trusted, mode, on_attach).start()
+    return PortFollower(namespace, patterns, trusted, mode, on_attach, max_bindings).start()
 
 
 def detach(namespace: str | None, purge: bool = False) -> int:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xfer import netns
-from xfer.dhcp import datapath
+from xfer.dhcp import abi, datapath
 from xfer.dhcp.store import pin_dir
 from xfer.ebpf import loader
 from xfer.errors import UsageError, XferError
@@ -114,7 +114,8 @@ class PortFollower:
     """
 
     def __init__(self, namespace: str | None, patterns: Sequence[str], trusted: Sequence[str],
-                 mode: str = "enforce", on_attach: Callable[[Followed], None] | None = None) -> None:
+                 mode: str = "enforce", on_attach: Callable[[Followed], None] | None = None,
+                 max_bindings: int = abi.DEFAULT_MAX_BINDINGS) -> None:
         if not patterns:
             raise UsageError("no port pattern to follow")
         if mode not in datapath.MODES:
@@ -123,6 +124,8 @@ class PortFollower:
         self.patterns = tuple(patterns)
         self.trusted = tuple(trusted)
         self.mode = mode
+        datapath.check_max_bindings(max_bindings)   # a bad limit fails now, not at the first port
+        self.max_bindings = max_bindings
         self.on_attach = on_attach
         self.attached: dict[int, Followed] = {}
         self._pins = pin_dir(namespace)
@@ -249,7 +252,8 @@ class PortFollower:
             return
         try:
             # The role first: the program lets an unconfigured port's packets through.
-            datapath.configure(self._pins, {event.name: event.index}, self.trusted, self.mode)
+            datapath.configure(self._pins, {event.name: event.index}, self.trusted, self.mode,
+                               self.max_bindings)
             loader.attach_loaded(self._loaded, self._ipr, event.name, self.namespace)  # type: ignore[arg-type]
         except (XferError, OSError) as exc:
             log.warning("could not snoop new port %s: %s", event.name, exc)

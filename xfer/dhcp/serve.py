@@ -7,7 +7,10 @@ user space can do:
 - writes the snooping database file within ``interval`` seconds of any change
   the datapath made (ACK, renewal, RELEASE, DECLINE, NAK), with fsync;
 - sweeps expired bindings from the map (the datapath already refuses them,
-  and deletes one when a packet meets it; the sweep catches the silent ones).
+  and deletes one when a packet meets it; the sweep catches the silent ones);
+- logs a warning when the datapath refused bindings since the last round (a
+  port at its limit, or the table full), one line per port and round, naming
+  the limit, how many were refused and the last MAC/IP refused.
 
 It runs in the foreground under a supervisor (systemd unit, or the test's
 ``Hosts.spawn``) and stops cleanly on SIGTERM/SIGINT, writing the file once more.
@@ -25,7 +28,7 @@ import signal
 import time
 from pathlib import Path
 
-from xfer.dhcp.store import BindingTable
+from xfer.dhcp.store import TABLE_SIZE, BindingTable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class Snooper:
         self.swept = 0
         self._stop = asyncio.Event()
         self._last: tuple[tuple[object, ...], ...] | None = None
+        self._refused: dict[tuple[str, str], int] | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -51,8 +55,33 @@ class Snooper:
         return tuple(sorted((bytes(k.mac), bytes(k.ip), v.expires_ns, v.ifindex, v.vlan, v.flags)
                             for k, v in table.map.items()))
 
+    def report_refusals(self, table: BindingTable) -> int:
+        """Log the bindings refused since the last call (the first call logs every one so far).
+
+        Returns how many lines were logged.
+        """
+        refused = {(port, name): n for port, counts in table.counters().items()
+                   for name, n in counts.items() if name.startswith("binding_refused")}
+        before, self._refused = self._refused or {}, refused
+        changed = {k: n - before.get(k, 0) for k, n in refused.items() if n > before.get(k, 0)}
+        if not changed:
+            return 0
+        last = table.refusals()
+        limits = {p.name: p.max_bindings for p in table.ports()}
+        for (port, name), n in sorted(changed.items()):
+            reason, mac, ip = last.get(port, (name, "?", "?"))
+            if reason != name:      # the last refusal had the other reason
+                mac, ip = "?", "?"
+            why = (f"port at its limit of {limits.get(port)} bindings (--max-bindings)"
+                   if name == "binding_refused_port_limit" else
+                   f"binding table full ({TABLE_SIZE} bindings)")
+            log.warning("dhcp binding refused on %s: %s; %d refused since the last report "
+                        "(%d in all), last %s %s", port, why, n, refused[(port, name)], mac, ip)
+        return len(changed)
+
     def tick(self, table: BindingTable) -> bool:
-        """One round: sweep, then save if anything changed. True when it saved."""
+        """One round: sweep, report refusals, then save if anything changed. True when it saved."""
+        self.report_refusals(table)
         swept = table.sweep()
         if swept:
             self.swept += swept

@@ -11,10 +11,13 @@ work from any process while the program keeps running in the kernel.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,11 +26,15 @@ from typing import Any
 from xfer import netns
 from xfer.dhcp import abi, persist
 from xfer.dhcp.maps import TypedMap
-from xfer.dhcp.model import Binding, mac_bytes
+from xfer.dhcp.model import Binding, mac_bytes, mac_text
 from xfer.ebpf import loader
+from xfer.errors import BPFLoadError
 
-MAP_NAMES = ("bindings", "dhcp_by_mac", "clients", "ports", "stats")
+MAP_NAMES = ("bindings", "dhcp_by_mac", "clients", "ports", "stats", "port_bound",
+             "port_bound_adj", "refusals")
 PIN_NAME = "dhcpsnoop"
+TABLE_SIZE = 4096      # MAX_BINDINGS in dhcpsnoop.bpf.c: bindings the device holds in all
+_U64 = (1 << 64) - 1
 
 
 def pin_dir(namespace: str | None, root: Path | None = None) -> str:
@@ -45,12 +52,30 @@ def boot_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
+def _signed(value: int) -> int:
+    value &= _U64
+    return value - (1 << 64) if value >> 63 else value
+
+
 @dataclass
 class Port:
     name: str
     ifindex: int
     role: str       # "trusted" | "untrusted"
     mode: str       # "enforce" | "observe"
+    max_bindings: int | None = None     # bindings DHCP may add on the port; None: no limit
+    bindings: int = 0                   # bindings the port holds now
+
+    def to_json(self) -> dict[str, Any]:
+        return {"port": self.name, "role": self.role, "mode": self.mode,
+                "max_bindings": self.max_bindings, "bindings": self.bindings}
+
+
+def port_limit(cfg: abi.PortCfg) -> int | None:
+    """The limit a port's config means (0: the datapath's default; NO_PORT_LIMIT: none)."""
+    if cfg.max_bindings == abi.NO_PORT_LIMIT:
+        return None
+    return int(cfg.max_bindings) or abi.DEFAULT_MAX_BINDINGS
 
 
 @dataclass
@@ -142,12 +167,68 @@ class BindingTable:
         out = []
         items = self.port_map.items()
         self._learn_names(int(k.value) for k, _ in items)
+        usage = self.port_usage()
         for key, cfg in items:
             idx = int(key.value)
             out.append(Port(self.ifname(idx) or "", idx,
                             "trusted" if cfg.role == abi.ROLE_TRUSTED else "untrusted",
-                            "observe" if cfg.mode == abi.MODE_OBSERVE else "enforce"))
+                            "observe" if cfg.mode == abi.MODE_OBSERVE else "enforce",
+                            port_limit(cfg), usage.get(idx, 0)))
         return sorted(out, key=lambda p: p.name)
+
+    # --- per-port usage: what the datapath counted plus what user space adjusted ----------
+
+    def _usage_map(self, name: str) -> TypedMap[Any, Any] | None:
+        try:
+            return self._open(name, abi.U32, abi.U64)
+        except BPFLoadError:
+            return None     # a program from before per-port limits: nothing to keep
+
+    def port_usage(self) -> dict[int, int]:
+        """Bindings held per port ifindex (0: imported for any port, not yet pinned)."""
+        total: Counter[int] = Counter()
+        for name in ("port_bound", "port_bound_adj"):
+            m = self._usage_map(name)
+            for key, value in (m.items() if m is not None else []):
+                total[int(key.value)] += int(value.value)
+        # both are u64 and either may be "negative" alone (wrapped): only their sum counts
+        return {k: _signed(v) for k, v in total.items()}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialize user-space writers of ``port_bound_adj`` (flock on the pin directory)."""
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _adjust(self, deltas: Counter[int]) -> None:
+        deltas = Counter({k: v for k, v in deltas.items() if v})
+        adj = self._usage_map("port_bound_adj") if deltas else None
+        if adj is None:
+            return
+        with self._locked():
+            for ifindex, delta in deltas.items():
+                cur = adj.get(abi.U32(ifindex))
+                adj.put(abi.U32(ifindex), abi.U64(((int(cur.value) if cur else 0) + delta) & _U64))
+
+    def refusals(self) -> dict[str, tuple[str, str, str]]:
+        """The last binding each port was refused: port -> (reason counter, MAC, IP)."""
+        try:
+            m = self._open("refusals", abi.U32, abi.Refusal)
+        except BPFLoadError:
+            return {}
+        out = {}
+        for key, r in m.items():
+            try:
+                reason = abi.Counter(r.counter).name.lower()
+            except ValueError:
+                continue
+            out[self.ifname(int(key.value)) or str(key.value)] = (
+                reason, mac_text(bytes(r.mac)), socket.inet_ntoa(bytes(r.ip)))
+        return out
 
     def _resolve_port(self, b: Binding, warnings: list[str]) -> int:
         if b.port is not None:
@@ -179,13 +260,19 @@ class BindingTable:
         """Install bindings (effective for the next packet); returns created/updated counts."""
         result = AddResult()
         now = boot_ns()
+        moved: Counter[int] = Counter()
         for b in bindings:
             ifindex = self._resolve_port(b, result.warnings)
             key, value = b.to_datapath(now, ifindex)
-            existed = self.map.get(key) is not None
+            old = self.map.get(key)
+            existed = old is not None
             if existed and not replace_existing:
                 continue
             self.map.put(key, value)
+            # Counted but never refused: an operator or an authenticated migration put it here.
+            moved[ifindex] += 1
+            if old is not None:
+                moved[int(old.ifindex)] -= 1
             if b.source == "dhcp":
                 mk = abi.MacKey()
                 mk.mac[:] = mac_bytes(b.mac)
@@ -194,6 +281,7 @@ class BindingTable:
                 result.updated += 1
             else:
                 result.created += 1
+        self._adjust(moved)
         if save:
             self.save()
         return result
@@ -201,6 +289,7 @@ class BindingTable:
     def remove(self, bindings: Iterable[Binding], save: bool = True) -> int:
         """Delete bindings by (MAC, IP); returns how many were there."""
         removed = 0
+        gone: Counter[int] = Counter()
         for b in bindings:
             key = b.key()
             mk = abi.MacKey()
@@ -208,7 +297,11 @@ class BindingTable:
             cur = self.by_mac.get(mk)
             if cur is not None and bytes(cur) == bytes(key.ip):
                 self.by_mac.delete(mk)
-            removed += self.map.delete(key)
+            value = self.map.get(key)
+            if value is not None and self.map.delete(key):
+                gone[int(value.ifindex)] -= 1
+                removed += 1
+        self._adjust(gone)
         if save:
             self.save()
         return removed

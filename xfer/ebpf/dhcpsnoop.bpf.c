@@ -14,6 +14,7 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/udp.h>
 #include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/errno.h>
 #include "dhcpsnoop.h"
 
 #ifndef DS_PIN_DIR
@@ -21,7 +22,8 @@
 #endif
 /* Let the next filter on the hook (counters) run: TC_ACT_OK would end the chain. */
 #define PASS TC_ACT_UNSPEC
-#define MAX_BINDINGS 4096
+#define MAX_BINDINGS 4096       /* the table's size (docs/dhcp.md; store.TABLE_SIZE) */
+#define MAX_PORTS 256
 #define MAX_OPTIONS 64          /* options walked per message before giving up */
 #define DHCP_FIXED 236          /* op..file, before the magic cookie */
 #define DHCP_MAGIC 0x63825363
@@ -33,8 +35,18 @@ BPF_TABLE_PINNED("hash", struct mac_key, __u32, dhcp_by_mac, MAX_BINDINGS, DS_PI
 /* the port a client MAC sent DHCP from: the port of the binding its ACK creates */
 BPF_TABLE_PINNED("lru_hash", struct mac_key, struct client_port, clients, MAX_BINDINGS,
                  DS_PIN_DIR "/clients");
-BPF_TABLE_PINNED("hash", __u32, struct port_cfg, ports, 256, DS_PIN_DIR "/ports");
-BPF_TABLE_PINNED("hash", struct stat_key, __u64, stats, 256 * DS_COUNTER_MAX, DS_PIN_DIR "/stats");
+BPF_TABLE_PINNED("hash", __u32, struct port_cfg, ports, MAX_PORTS, DS_PIN_DIR "/ports");
+BPF_TABLE_PINNED("hash", struct stat_key, __u64, stats, MAX_PORTS * DS_COUNTER_MAX,
+                 DS_PIN_DIR "/stats");
+/* Bindings held per port (ifindex; 0 = imported for "any port", not yet pinned) is the sum
+ * of two counts: port_bound, changed only here with atomic adds, and port_bound_adj, changed
+ * only by user space (under a lock) when it adds or removes bindings. Neither writer can
+ * lose the other's update, and the datapath never scans the table to know a port's usage. */
+BPF_TABLE_PINNED("hash", __u32, __u64, port_bound, MAX_PORTS + 1, DS_PIN_DIR "/port_bound");
+BPF_TABLE_PINNED("hash", __u32, __u64, port_bound_adj, MAX_PORTS + 1,
+                 DS_PIN_DIR "/port_bound_adj");
+/* the last binding each port was refused, for the log line (serve.py) */
+BPF_TABLE_PINNED("hash", __u32, struct refusal, refusals, MAX_PORTS, DS_PIN_DIR "/refusals");
 
 struct dhcp_info {
     __u8  op;
@@ -48,16 +60,6 @@ struct dhcp_info {
     __u8  chaddr[6];
 };
 
-static __always_inline void count(__u32 ifindex, __u32 counter)
-{
-    struct stat_key k = {.ifindex = ifindex, .counter = counter};
-    __u64 one = 1, *v = stats.lookup(&k);
-    if (v)
-        __sync_fetch_and_add(v, 1);
-    else
-        stats.update(&k, &one);
-}
-
 static __always_inline void mac_copy(__u8 *dst, const __u8 *src)
 {
     __builtin_memcpy(dst, src, 6);
@@ -67,6 +69,113 @@ static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 {
     return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
            a[5] == b[5];
+}
+
+/* Counters are created at 0 first: insert (NOEXIST) keeps a racing creator's value, so
+ * two CPUs' first adds are both counted. (bcc allows no map calls inside a macro.) */
+static __always_inline void count(__u32 ifindex, __u32 counter)
+{
+    struct stat_key k = {.ifindex = ifindex, .counter = counter};
+    __u64 zero = 0, *v = stats.lookup(&k);
+    if (!v) {
+        stats.insert(&k, &zero);
+        v = stats.lookup(&k);
+    }
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+static __always_inline void bound_add(__u32 ifindex, __s64 delta)
+{
+    __u64 zero = 0, *v = port_bound.lookup(&ifindex);
+    if (!v) {
+        port_bound.insert(&ifindex, &zero);
+        v = port_bound.lookup(&ifindex);
+    }
+    if (v)
+        __sync_fetch_and_add(v, delta);
+}
+
+/* Take a place for one more binding on the port; 0 when it is at its limit. */
+static __always_inline int admit(__u32 port)
+{
+    __u32 limit = DS_DEFAULT_MAX_BINDINGS;
+    struct port_cfg *cfg = ports.lookup(&port);
+    if (cfg && cfg->max_bindings)
+        limit = cfg->max_bindings;
+    __u64 zero = 0, adj = 0, *a = port_bound_adj.lookup(&port);
+    if (a)
+        adj = *a;
+    __u64 *v = port_bound.lookup(&port);
+    if (!v) {
+        port_bound.insert(&port, &zero);
+        v = port_bound.lookup(&port);
+        if (!v)
+            return 0;
+    }
+    /* fetch-and-add, then check: two CPUs can never both take the last place */
+    __u64 before = __sync_fetch_and_add(v, 1);
+    if (limit != DS_NO_PORT_LIMIT && (__s64)(before + adj) >= (__s64)limit) {
+        __sync_fetch_and_add(v, -1);
+        return 0;
+    }
+    return 1;
+}
+
+/* Count a binding refused for a client on `port` and remember it for the log line. */
+static __always_inline void refuse(__u32 port, struct binding_key *k, __u32 counter)
+{
+    struct refusal r = {};
+    r.when_ns = bpf_ktime_get_boot_ns();
+    mac_copy(r.mac, k->mac);
+    r.counter = counter;
+    r.ip = k->ip;
+    refusals.update(&port, &r);
+    count(port, counter);
+}
+
+/* Delete a binding (and the MAC's DHCP address when it is this one); 1 when this call did. */
+static __always_inline int drop_binding(struct binding_key *k)
+{
+    struct binding *b = bindings.lookup(k);
+    if (!b)
+        return 0;
+    __u32 port = b->ifindex;
+    if (bindings.delete(k) != 0)
+        return 0;                           /* someone else deleted it first */
+    bound_add(port, -1);
+    struct mac_key mk = {};
+    mac_copy(mk.mac, k->mac);
+    __u32 *cur = dhcp_by_mac.lookup(&mk);
+    if (cur && *cur == k->ip)
+        dhcp_by_mac.delete(&mk);
+    return 1;
+}
+
+/* The ifindex and lease_s of struct binding share one aligned 8-byte word. */
+union port_word {
+    __u64 word;
+    struct {
+        __u32 ifindex;
+        __u32 lease_s;
+    };
+};
+
+/* Pin a binding imported for "any port" to the port of its first packet, once.
+ * NOTE: BPF has compare-and-swap on 64 bits only (32-bit atomics need -mcpu=v3, which
+ * bcc 0.26 does not pass), so swap the word that holds ifindex and lease_s. */
+static __always_inline void pin_port(struct binding *b, __u32 ifindex)
+{
+    __u64 *word = (__u64 *)&b->ifindex;
+    union port_word old = {.word = *word};
+    if (old.ifindex != 0)
+        return;
+    union port_word pinned = old;
+    pinned.ifindex = ifindex;
+    if (__sync_val_compare_and_swap(word, old.word, pinned.word) == old.word) {
+        bound_add(0, -1);
+        bound_add(ifindex, 1);
+    }
 }
 
 /* Is (mac, ip) bound to this port and VLAN, and unexpired? Expired bindings are deleted. */
@@ -79,14 +188,14 @@ static __always_inline int bound(const __u8 *mac, __u32 ip, __u32 ifindex, __u16
     if (!b)
         return 0;
     if (b->expires_ns && bpf_ktime_get_boot_ns() >= b->expires_ns) {
-        bindings.delete(&k);
-        count(ifindex, DS_EXPIRED);
+        if (drop_binding(&k))
+            count(ifindex, DS_EXPIRED);
         return 0;
     }
     if (b->vlan != vlan)
         return 0;
     if (b->ifindex == 0)
-        b->ifindex = ifindex;   /* imported without a port: the VM's first packet pins it */
+        pin_port(b, ifindex);   /* imported without a port: the VM's first packet pins it */
     return b->ifindex == ifindex;
 }
 
@@ -162,12 +271,7 @@ static __always_inline int parse_dhcp(struct __sk_buff *skb, __u32 off, __u32 en
 
 static __always_inline void unbind(struct binding_key *k, __u32 ifindex)
 {
-    struct mac_key mk = {};
-    mac_copy(mk.mac, k->mac);
-    __u32 *cur = dhcp_by_mac.lookup(&mk);
-    if (cur && *cur == k->ip)
-        dhcp_by_mac.delete(&mk);
-    if (bindings.delete(k) == 0)
+    if (drop_binding(k))
         count(ifindex, DS_BINDING_REMOVED);
 }
 
@@ -200,20 +304,62 @@ static __always_inline void server_message(struct __sk_buff *skb, __u32 off, __u
         count(ifindex, DS_ACK_NO_CLIENT);
         return;
     }
+    __u32 port = cp->ifindex;               /* copied: an LRU entry can be reused under us */
+    __u16 vlan = cp->vlan;
     if (prev && *prev != d.yiaddr) {        /* a new address replaces the old one */
         k.ip = *prev;
-        bindings.delete(&k);
+        unbind(&k, ifindex);
+    }
+    __u64 expires = d.lease_s == 0xffffffff ? 0
+                    : bpf_ktime_get_boot_ns() + (__u64)d.lease_s * 1000000000ULL;
+    k.ip = d.yiaddr;
+    struct binding *cur = bindings.lookup(&k);
+    if (cur) {                              /* a renewal: refresh in place */
+        __u32 was = cur->ifindex;
+        if (was != port) {                  /* the client speaks from another port now */
+            if (was != 0 && !admit(port)) {
+                drop_binding(&k);           /* expired there (else its DHCP was dropped) */
+                refuse(port, &k, DS_BINDING_REFUSED_PORT_LIMIT);
+                return;
+            }
+            if (was == 0)
+                bound_add(port, 1);         /* an imported binding, placed like a pin */
+            bound_add(was, -1);
+            cur->ifindex = port;
+        }
+        cur->vlan = vlan;
+        cur->lease_s = d.lease_s;
+        cur->flags = DS_FLAG_DHCP;
+        cur->expires_ns = expires;
+        dhcp_by_mac.update(&mk, &d.yiaddr);
+        count(ifindex, DS_BINDING_RENEWED);
+        return;
+    }
+    if (!admit(port)) {
+        refuse(port, &k, DS_BINDING_REFUSED_PORT_LIMIT);
+        return;
     }
     struct binding b = {};
-    b.ifindex = cp->ifindex;
-    b.vlan = cp->vlan;
+    b.ifindex = port;
+    b.vlan = vlan;
     b.lease_s = d.lease_s;
     b.flags = DS_FLAG_DHCP;
-    b.expires_ns = d.lease_s == 0xffffffff ? 0
-                   : bpf_ktime_get_boot_ns() + (__u64)d.lease_s * 1000000000ULL;
-    k.ip = d.yiaddr;
-    bindings.update(&k, &b);
-    dhcp_by_mac.update(&mk, &d.yiaddr);
+    b.expires_ns = expires;
+    /* insert (NOEXIST): a full table says E2BIG here instead of being written over */
+    int err = bindings.insert(&k, &b);
+    if (err != 0) {
+        bound_add(port, -1);
+        if (err == -EEXIST)                 /* the same ACK's twin won the race on another CPU */
+            count(ifindex, DS_BINDING_RENEWED);
+        else
+            refuse(port, &k, DS_BINDING_REFUSED_TABLE_FULL);
+        return;
+    }
+    if (dhcp_by_mac.update(&mk, &d.yiaddr) != 0) {
+        drop_binding(&k);                   /* a binding NAK and RELEASE could not find */
+        refuse(port, &k, DS_BINDING_REFUSED_TABLE_FULL);
+        return;
+    }
     count(ifindex, DS_BINDING_ADDED);
 }
 

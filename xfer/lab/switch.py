@@ -123,8 +123,9 @@ def start_dnsmasq(hosts: Hosts, ns: str, iface: str, first: str, last: str, tmp:
                   tag: str, lease: str = "2m", extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """dnsmasq serving DHCP only (no DNS, no config files), bound to ``iface`` in ``ns``.
 
-    Its lease, pid and log files are ``tmp/<tag>.*``; ``hosts.close()`` stops it. ``extra``:
-    more dnsmasq options (another ``--interface=``...).
+    Its lease, pid and log files are ``tmp/<tag>.*``; ``hosts.close()`` stops it.
+    ``extra`` adds options: another ``--interface=``, or ``--no-ping`` (offer at once
+    instead of after a ~3 s ping check of the address, for tests that take many leases).
     """
     log = open(tmp / f"{tag}.log", "wb")  # noqa: SIM115 - handed to the process
     proc = hosts.spawn(ns, [

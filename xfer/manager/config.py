@@ -23,6 +23,11 @@
     key = "manager.key"
     ca = "ca.pem"
     allowed_peers = []                # optional: certificate names allowed to send messages
+
+    [limits]                          # slow clients (xfer/net/guard.py); these are the defaults
+    max_connections = 256             # open TCP connections, TLS handshakes included
+    handshake_timeout_s = 5
+    header_timeout_s = 10             # from the handshake to the first request's headers
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from xfer import tomlfile
 from xfer.errors import UsageError
 from xfer.manager.settings import DEFAULT_DEVICE_TIMEOUT_S, Cleanup, Settings
 from xfer.net import address as addr
+from xfer.net.guard import ConnectionLimits, limits_from
 from xfer.net.message import Mode
 from xfer.net.tls import TlsFiles
 
@@ -59,6 +65,7 @@ class ManagerConfig:
     multicast: tuple[str, int] | None = None
     multicast_interface: str = "0.0.0.0"
     allowed_peers: frozenset[str] = frozenset()
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     @property
     def url(self) -> str:
@@ -76,7 +83,7 @@ def load(path: Path) -> ManagerConfig:
 
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
-    unknown = sorted(set(raw) - {"manager", "listen", "tls"})
+    unknown = sorted(set(raw) - {"manager", "listen", "tls", "limits"})
     if unknown:
         raise UsageError(f"manager config: unknown section(s) {', '.join(unknown)}")
     mgr, listen, tls = (_table(raw, n) for n in ("manager", "listen", "tls"))
@@ -119,6 +126,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
         metrics=hostport("metrics"), udp=hostport("udp"), multicast=hostport("multicast"),
         multicast_interface=str(listen.get("multicast_interface", "0.0.0.0")),
         allowed_peers=frozenset(str(p) for p in peers),
+        connection_limits=limits_from(_table(raw, "limits"), "manager config: limits"),
     )
 
 

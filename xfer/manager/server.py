@@ -87,6 +87,7 @@ class ManagerServer(Listener):
         """``devices`` defaults to an agent client with the manager's certificate (tests give fakes)."""
         super().__init__()
         self.config = config
+        self.connection_limits = config.connection_limits
         self._devices = devices
         self.port = config.port
         self.udp_port: int | None = None

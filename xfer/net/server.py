@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from xfer.net import systemd
+from xfer.net.guard import ConnectionLimits, GuardedSite
 from xfer.net.log import emitter, error_record
 from xfer.net.sockets import bind_socket
 
@@ -34,6 +35,8 @@ class Listener:
     """
 
     log_name = "xfer"
+    # a subclass sets it from its configuration ([limits]) before start()
+    connection_limits = ConnectionLimits()
 
     def __init__(self) -> None:
         self.emit = emitter(self.log_name)
@@ -59,8 +62,9 @@ class Listener:
                      ssl_context: Any) -> int:
         """Serve ``app`` on ADDRESS:PORT inside ``namespace``; returns the port (0: the one it got)."""
         sock = bind_socket(address, port, namespace)
+        got = int(sock.getsockname()[1])    # before _site: the guarded site takes the socket over
         await self._site(app, sock, ssl_context)
-        return int(sock.getsockname()[1])
+        return got
 
     async def listen_metrics(self, address: str, port: int, namespace: str | None) -> None:
         """The plain-HTTP Prometheus endpoint (``[listen] metrics``)."""
@@ -86,7 +90,8 @@ class Listener:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
         self._runners.append(runner)
-        await web.SockSite(runner, sock, ssl_context=ctx).start()
+        # slow clients: handshake and header timeouts, a connection limit (xfer/net/guard.py)
+        await GuardedSite(runner, sock, ssl_context=ctx, limits=self.connection_limits).start()
 
     async def close_sites(self) -> None:
         """Stop listening and finish the requests under way."""
