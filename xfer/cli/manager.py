@@ -231,12 +231,15 @@ def migrations(
 
     Example: xfer migrations --journal /var/lib/xfer/manager.db --json
     """
-    from xfer.manager.journal import Journal
+    from xfer.manager.sqlite import SqliteJournal
 
     if not journal.exists():
         raise UsageError(f"journal {journal} not found")
-    with Journal(journal) as j:
-        items = [m.to_dict() for m in j.recent(limit)]
+    j = SqliteJournal(journal)
+    try:
+        items = [m.to_dict() for m in j.recent_now(limit)]
+    finally:
+        j.close_now()
     if as_json:
         print_json(items)
         return

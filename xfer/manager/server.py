@@ -34,13 +34,14 @@ from types import TracebackType
 from typing import Any, cast
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from xfer.agent.client import AgentClient
 from xfer.bundle import DEFAULT_MAX_SIZE
 from xfer.errors import AuthError, BundleError, UsageError, XferError
 from xfer.manager import topology
+from xfer.manager.backends import maintain, open_backend
 from xfer.manager.config import API_PATH, ManagerConfig
 from xfer.manager.desk import DeviceDesk
 from xfer.manager.journal import Journal
@@ -70,6 +71,9 @@ class ManagerMetrics:
                                buckets=_BUCKETS, registry=self.registry)
         self.over_budget = Counter("xfer_manager_over_budget", "Migrations over their time budget",
                                    registry=self.registry)
+        self.rollbacks_pending = Gauge("xfer_manager_rollbacks_pending",
+                                       "Rollbacks not done yet (a destination unreachable), retried",
+                                       registry=self.registry)
 
     def record(self, report: dict[str, Any]) -> None:
         if report.get("ms") is not None:
@@ -100,6 +104,7 @@ class ManagerServer:
         self._migrator: Migrator | None = None
         self._desk: DeviceDesk | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._daemons: list[asyncio.Task[Any]] = []   # run as long as the manager (cancelled at stop)
 
     @property
     def url(self) -> str:
@@ -131,14 +136,16 @@ class ManagerServer:
                                            namespace=cfg.netns, timeout=30)
                 await self._client.start()
                 devices = self._client
-            self._journal = Journal(cfg.journal)
-            self._store = Store(cfg.journal, cfg.store_ttl_s)
+            self._journal, self._store = open_backend(cfg)
             self._migrator = Migrator(topo, devices, self._journal, self._store, cfg.settings,
                                       on_record=self.metrics.record)
             self._desk = DeviceDesk(self._migrator)
+            pending = self._migrator.outcomes.pending
+            self.metrics.rollbacks_pending.set_function(lambda: len(pending))
             # Before listening: no message may meet the remains of a crashed run.
             for item in await self.migrator.recover():
                 emit({"event": "recovered", **item})
+            self._spawn(maintain(self._journal, self._store, cfg.backend))
             api = web.Application(client_max_size=64 * 1024, middlewares=[self._middleware])
             api.add_routes([
                 web.post(API_PATH, self._message), web.post("/migrations", self._message),
@@ -169,6 +176,9 @@ class ManagerServer:
         emit({"event": "listening", "url": self.url, "udp": cfg.udp, "multicast": cfg.multicast,
               "mode": cfg.settings.mode, "cleanup": cfg.settings.cleanup})
 
+    def _spawn(self, work: Any) -> None:
+        self._daemons.append(asyncio.ensure_future(work))
+
     async def _site(self, app: web.Application, sock: socket.socket, ctx: Any) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await runner.setup()
@@ -188,16 +198,21 @@ class ManagerServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        for task in self._daemons:
+            task.cancel()
+        await asyncio.gather(*self._daemons, return_exceptions=True)
+        self._daemons.clear()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._migrator is not None:
+            await self._migrator.outcomes.stop_retries()
             await self._migrator.wait_background()
         if self._client is not None:
             await self._client.close()
             self._client = None
         for closable in (self._store, self._journal):
             if closable is not None:
-                closable.close()
+                await closable.close()
         self._store = self._journal = None
         self._stopped.set()
 
@@ -269,7 +284,7 @@ class ManagerServer:
             raise UsageError("limit must be a number")
         limit = int(text)
         assert self._journal is not None
-        return web.json_response([m.to_dict() for m in self._journal.recent(limit)])
+        return web.json_response([m.to_dict() for m in await self._journal.recent(limit)])
 
     # --- the devices' own requests (device-driven variant) ------------------------------------
 
@@ -287,16 +302,16 @@ class ManagerServer:
     async def _deposit(self, request: web.Request) -> web.StreamResponse:
         packed = await _read_limited(request, DEFAULT_MAX_SIZE)
         size = packed_size(packed, request.headers.get(COMPRESSION_HEADER), DEFAULT_MAX_SIZE)
-        return web.json_response(self.desk.deposit(int(request.match_info["migration"]),
+        return web.json_response(await self.desk.deposit(int(request.match_info["migration"]),
                                                    request.match_info["device"], packed, size))
 
     async def _collect(self, request: web.Request) -> web.StreamResponse:
-        packed = self.desk.stored_bundle(int(request.match_info["migration"]), request.match_info["source"],
-                                         request.match_info["device"])
+        match = request.match_info
+        packed = await self.desk.stored_bundle(int(match["migration"]), match["source"], match["device"])
         return web.Response(body=packed, content_type=BUNDLE_TYPE, headers={COMPRESSION_HEADER: ZSTD})
 
     async def _report(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.desk.report(int(request.match_info["migration"]),
+        return web.json_response(await self.desk.report(int(request.match_info["migration"]),
                                                   request.match_info["device"], await self._json(request)))
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
