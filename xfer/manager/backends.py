@@ -1,6 +1,6 @@
 """Open the journal and store backend a manager configuration names; keep them tidy.
 
-    journal, store = open_backend(config)
+    journal, store = await open_backend(config)
     task = asyncio.ensure_future(maintain(journal, store, config.backend))
 """
 
@@ -9,20 +9,37 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 
 from xfer.errors import XferError
 from xfer.manager.config import JournalConfig, ManagerConfig
+from xfer.manager.etcd import EtcdJournal, EtcdStore
+from xfer.manager.etcdclient import EtcdClient
 from xfer.manager.journal import Journal
 from xfer.manager.sqlite import SqliteJournal, SqliteStore
 from xfer.manager.store import Store
+from xfer.net import tls
 
 log = logging.getLogger("xfer.manager")
 DAY_S = 86400.0
 
 
-def open_backend(config: ManagerConfig) -> tuple[Journal, Store]:
+async def open_backend(config: ManagerConfig) -> tuple[Journal, Store]:
     """The journal and bundle store of ``config`` (``[journal] backend``); SQLite by default."""
-    return SqliteJournal(config.journal), SqliteStore(config.journal, config.store_ttl_s)
+    cfg = config.backend
+    if cfg.backend == "sqlite":
+        return SqliteJournal(config.journal), SqliteStore(config.journal, config.store_ttl_s)
+    ctx = None
+    if any(e.startswith("https://") for e in cfg.endpoints):
+        files = (cfg.tls.cert, cfg.tls.key) if cfg.tls else (None, None)
+        ctx = tls.client_tls(cfg.ca, *files) or ssl.create_default_context()
+    client = EtcdClient(cfg.endpoints, ctx)
+    try:
+        journal = await EtcdJournal.open(client, cfg.prefix, cfg.retention_days * DAY_S)
+    except BaseException:
+        await client.close()
+        raise
+    return journal, EtcdStore(client, cfg.prefix, config.store_ttl_s, journal)
 
 
 async def maintain_once(journal: Journal, store: Store, cfg: JournalConfig) -> dict[str, int]:

@@ -47,6 +47,8 @@ __all__ = ["Conflict", "MigrationFailed", "Migrator", "Settings"]
 # A late abort (the hook gave up on a migration the manager then committed) comes
 # within seconds; an older commit is where the VM runs now and must not be undone.
 ABORT_WINDOW_S = 60.0
+# What a copy of an earlier message is answered with success for (journal states).
+_DONE = ("committed", "cleaned", "stored")
 _MOVES = {Mode.RELAY: modes.relay, Mode.PUSH: modes.push, Mode.PULL: modes.pull}
 
 
@@ -85,8 +87,12 @@ class Migrator:
             earlier = await self.journal.seen(dedupe[0], dedupe[1])
             if earlier is not None and dedupe[0] not in self._seen:
                 m = await self.journal.get(earlier)
-                return {"ok": m.outcome not in ("failed", "rolled-back", "aborted"), "migration": m.id,
-                        "vm": m.vm, "state": m.state, "outcome": m.outcome, "duplicate": True}
+                report = {"ok": m.state in _DONE, "migration": m.id, "vm": m.vm, "mode": m.mode,
+                          "state": m.state, "outcome": m.outcome, "error": m.error, "duplicate": True}
+                if m.state not in _DONE:
+                    raise MigrationFailed(f"migration {m.id} of VM {m.vm} is {m.state} (this message was "
+                                          f"acted on before: {m.error or 'no reason journaled'})", report)
+                return report
         entry, copy = self.accept(msg, budget_ms, transport)
         if entry is None:
             # "in" while a move of the VM is under way: the move happened on "out".

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import socket
 import time
@@ -39,12 +40,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from xfer.agent.client import AgentClient
 from xfer.bundle import DEFAULT_MAX_SIZE
-from xfer.errors import AuthError, BundleError, UsageError, XferError
+from xfer.errors import AuthError, BundleError, NotLeader, UsageError, XferError
 from xfer.manager import topology
 from xfer.manager.backends import maintain, open_backend
 from xfer.manager.config import API_PATH, ManagerConfig
 from xfer.manager.desk import DeviceDesk
+from xfer.manager.etcd import EtcdJournal
 from xfer.manager.journal import Journal
+from xfer.manager.leader import Election
 from xfer.manager.migration import Conflict, MigrationFailed, Migrator
 from xfer.manager.modes import Devices
 from xfer.manager.store import Store
@@ -105,6 +108,9 @@ class ManagerServer:
         self._desk: DeviceDesk | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._daemons: list[asyncio.Task[Any]] = []   # run as long as the manager (cancelled at stop)
+        self.election: Election | None = None
+        self._topo: topology.Topology | None = None
+        self._devices_in_use: Devices | None = None
 
     @property
     def url(self) -> str:
@@ -113,7 +119,9 @@ class ManagerServer:
 
     @property
     def migrator(self) -> Migrator:
-        assert self._migrator is not None, "start() first"
+        """The leader's migrator; NotLeader on a follower."""
+        if self._migrator is None or not self.leading:
+            raise self._not_leader()
         return self._migrator
 
     async def __aenter__(self) -> ManagerServer:
@@ -136,15 +144,14 @@ class ManagerServer:
                                            namespace=cfg.netns, timeout=30)
                 await self._client.start()
                 devices = self._client
-            self._journal, self._store = open_backend(cfg)
-            self._migrator = Migrator(topo, devices, self._journal, self._store, cfg.settings,
-                                      on_record=self.metrics.record)
-            self._desk = DeviceDesk(self._migrator)
-            pending = self._migrator.outcomes.pending
-            self.metrics.rollbacks_pending.set_function(lambda: len(pending))
-            # Before listening: no message may meet the remains of a crashed run.
-            for item in await self.migrator.recover():
-                emit({"event": "recovered", **item})
+            self._topo, self._devices_in_use = topo, devices
+            self._journal, self._store = await open_backend(cfg)
+            self.metrics.rollbacks_pending.set_function(
+                lambda: len(self._migrator.outcomes.pending) if self._migrator else 0)
+            if cfg.backend.backend == "sqlite":
+                # Before listening: no message may meet the remains of a crashed run (its
+                # rollbacks go on in the background; their VMs refuse messages meanwhile).
+                await self._lead()
             self._spawn(maintain(self._journal, self._store, cfg.backend))
             api = web.Application(client_max_size=64 * 1024, middlewares=[self._middleware])
             api.add_routes([
@@ -170,11 +177,53 @@ class ManagerServer:
             if cfg.multicast:
                 await self._listen_udp(multicast_socket(*cfg.multicast, cfg.multicast_interface, cfg.netns),
                                        "multicast")
+            if cfg.backend.backend == "etcd":
+                assert isinstance(self._journal, EtcdJournal)
+                self.election = Election(self._journal.client, cfg.backend.prefix,
+                                         f"{socket.gethostname()}-{os.getpid()}-{self.port}",
+                                         cfg.backend.url or self.url, cfg.backend.lease_s)
+                self._spawn(self.election.run(self._lead, self._follow))
         except BaseException:
             await self.stop()
             raise
         emit({"event": "listening", "url": self.url, "udp": cfg.udp, "multicast": cfg.multicast,
-              "mode": cfg.settings.mode, "cleanup": cfg.settings.cleanup})
+              "mode": cfg.settings.mode, "cleanup": cfg.settings.cleanup, "backend": cfg.backend.backend})
+
+    async def _lead(self) -> None:
+        """Become the one that acts: a fresh migrator over the journal, and recovery of what the
+        previous leader (or run) left under way."""
+        assert self._journal is not None and self._store is not None
+        assert self._topo is not None and self._devices_in_use is not None
+        if self.election is not None:
+            assert isinstance(self._journal, EtcdJournal)
+            self._journal.fence = self.election.fence
+        migrator = Migrator(self._topo, self._devices_in_use, self._journal, self._store,
+                            self.config.settings, on_record=self.metrics.record)
+        for item in await migrator.recover():
+            emit({"event": "recovered", **item})
+        self._migrator, self._desk = migrator, DeviceDesk(migrator)
+
+    async def _follow(self) -> None:
+        """Lost the leadership: stop acting (the journal already refuses this manager's writes)."""
+        migrator, self._migrator, self._desk = self._migrator, None, None
+        if isinstance(self._journal, EtcdJournal):
+            self._journal.fence = None
+        if migrator is not None:
+            await migrator.outcomes.stop_retries()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this manager acts on messages now (always, with the SQLite journal)."""
+        if self.election is None:
+            return self._migrator is not None
+        return self._migrator is not None and self.election.sure
+
+    def _not_leader(self) -> NotLeader:
+        leader = self.election.leader_url if self.election is not None else None
+        if leader == self.url:
+            leader = None
+        return NotLeader("this manager is not the leader" + (f"; the leader is {leader}" if leader else
+                                                             " (none elected yet)"), leader)
 
     def _spawn(self, work: Any) -> None:
         self._daemons.append(asyncio.ensure_future(work))
@@ -207,6 +256,8 @@ class ManagerServer:
         if self._migrator is not None:
             await self._migrator.outcomes.stop_retries()
             await self._migrator.wait_background()
+        if self.election is not None and self.election.leading:
+            await self.election.resign()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -290,7 +341,8 @@ class ManagerServer:
 
     @property
     def desk(self) -> DeviceDesk:
-        assert self._desk is not None, "start() first"
+        if self._desk is None or not self.leading:
+            raise self._not_leader()
         return self._desk
 
     async def _role(self, request: web.Request) -> web.StreamResponse:
@@ -320,7 +372,11 @@ class ManagerServer:
 
     def datagram(self, data: bytes, addr: tuple[str, int], transport: asyncio.DatagramTransport,
                  name: str = "udp") -> None:
-        """One datagram, heard on the unicast socket (``name`` udp) or the group (multicast)."""
+        """One datagram, heard on the unicast socket (``name`` udp) or the group (multicast).
+        Only the leader answers: a follower's answer would be a refusal the sender cannot tell
+        from the leader's, so it stays silent."""
+        if not self.leading:
+            return
         async def run() -> None:
             try:
                 answer: dict[str, Any] = await self.handle(json.loads(data), name)
