@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import tempfile
 import time
@@ -147,5 +148,6 @@ def run(sizes: list[int], repeat: int, out: Path, echo: Echo = None) -> dict[str
     result = {"levels": levels, "repeat": repeat, "xfer_growth_first_to_last": round(flat, 2),
               "baseline_tool": "the manager's journal before issue 12.5 (no indexes, on the loop)",
               "target": "per-migration cost flat from 0 to 1M journaled migrations"}
+    result["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     write_results(out, result)
     return result

@@ -128,6 +128,24 @@ def bench_journal(
         print_json(result)
 
 
+@bench_app.command("etcd")
+def bench_etcd(
+    count: Annotated[int, typer.Option("--count", help="Migrations through each backend.")] = 200,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/etcd.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Migrations through the etcd-backed manager vs the SQLite one (same run, instant agents):
+    what the highly available journal costs per migration.
+
+    Example: xfer bench etcd --count 200
+    """
+    from xfer.bench import journalbackends as bench
+
+    result = bench.run(count, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)
+
+
 @bench_app.command("dhcp")
 def bench_dhcp(
     repeat: Annotated[int, typer.Option(help="Runs of each measurement (median reported).")] = 20,

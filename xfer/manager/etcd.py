@@ -211,6 +211,9 @@ class EtcdJournal:
     # --- reads ---------------------------------------------------------------------------------
 
     async def get(self, migration: int) -> Migration:
+        if migration in self._cache and self.fence is not None:
+            # The leader's copy of a migration it writes is the journal's (writes are fenced).
+            return _migration(self._cache[migration][0])
         kv = await self.client.get(self.key("m", _mkey(migration)))
         if kv is None:
             raise KeyError(migration)

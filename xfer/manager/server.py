@@ -199,12 +199,15 @@ class ManagerServer:
             self._journal.fence = self.election.fence
         migrator = Migrator(self._topo, self._devices_in_use, self._journal, self._store,
                             self.config.settings, on_record=self.metrics.record)
+        if self.election is not None:
+            emit({"event": "leading", "url": self.url})
         for item in await migrator.recover():
             emit({"event": "recovered", **item})
         self._migrator, self._desk = migrator, DeviceDesk(migrator)
 
     async def _follow(self) -> None:
         """Lost the leadership: stop acting (the journal already refuses this manager's writes)."""
+        emit({"event": "following", "url": self.url, "reason": "the leader lease ended"})
         migrator, self._migrator, self._desk = self._migrator, None, None
         if isinstance(self._journal, EtcdJournal):
             self._journal.fence = None
