@@ -89,7 +89,12 @@ class Election:
                 if not self.leading:
                     if await self.campaign():
                         log.info(json.dumps({"event": "elected", "name": self.name, "url": self.url}))
-                        await elected()
+                        try:
+                            await elected()
+                        except EtcdError:
+                            # Could not take over (recovery's journal writes failed): let another try.
+                            await self.resign()
+                            raise
                 elif not await self.renew():
                     log.warning(json.dumps({"event": "deposed", "name": self.name,
                                             "reason": "the leader lease ended"}))
