@@ -121,3 +121,39 @@ def test_a_pending_rollback_survives_a_restart(tmp_path: Path) -> None:
         await second.journal.close()
 
     asyncio.run(scenario())
+
+
+def test_pending_rollbacks_are_a_metric(tmp_path: Path) -> None:
+    import time
+
+    import aiohttp
+
+    from tests.test_manager_server import _setup, msg
+    from xfer.errors import MigrationMessageError
+    from xfer.manager.server import ManagerServer
+    from xfer.net.notify import send_migration_message
+
+    cfg, ctx = _setup(tmp_path)
+    devices = FakeDevices()
+    devices.put("fw-a", [Kind.CONNTRACK, Kind.DHCP, Kind.COUNTERS])
+    devices.fail.add(URL["sw-b"])
+    devices.unreachable.add(URL["fw-b"])
+
+    async def metric(server: ManagerServer) -> str:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            async with s.get(server.url.replace("/v1/migrations", "/metrics")) as r:
+                return next(line for line in (await r.text()).splitlines()
+                            if line.startswith("xfer_manager_rollbacks_pending "))
+
+    async def scenario() -> None:
+        async with ManagerServer(cfg, devices) as server:
+            assert await metric(server) == "xfer_manager_rollbacks_pending 0.0"
+            with pytest.raises(MigrationMessageError, match="rollback is pending"):
+                await send_migration_message(server.url, msg(mode="relay"), time.monotonic() + 5, ctx)
+            assert await metric(server) == "xfer_manager_rollbacks_pending 1.0"
+            server.migrator.outcomes.retry_first_s = 0.05
+            devices.unreachable.clear()
+            await asyncio.wait_for(settle(server.migrator.outcomes), 40)
+            assert await metric(server) == "xfer_manager_rollbacks_pending 0.0"
+
+    asyncio.run(scenario())
