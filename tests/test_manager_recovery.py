@@ -140,10 +140,10 @@ def test_pending_rollbacks_are_a_metric(tmp_path: Path) -> None:
     devices.unreachable.add(URL["fw-b"])
 
     async def metric(server: ManagerServer) -> str:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-            async with s.get(server.url.replace("/v1/migrations", "/metrics")) as r:
-                return next(line for line in (await r.text()).splitlines()
-                            if line.startswith("xfer_manager_rollbacks_pending "))
+        url = server.url.replace("/v1/migrations", "/metrics")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s, s.get(url) as r:
+            return next(line for line in (await r.text()).splitlines()
+                        if line.startswith("xfer_manager_rollbacks_pending "))
 
     async def scenario() -> None:
         async with ManagerServer(cfg, devices) as server:
