@@ -232,7 +232,7 @@ def test_three_managers_one_leader_the_others_redirect_and_a_takeover_recovers(
             moving.cancel()
             new = await leader_of(followers)
             took_s = time.monotonic() - started
-            assert took_s < 1.5 * 3, f"takeover took {took_s:.1f} s"
+            assert took_s < 10, f"takeover took {took_s:.1f} s (the lease is 1.5 s)"
             devices.hang.clear()
             devices.release.set()
             await asyncio.wait_for(settle(new.migrator.outcomes), 10)
