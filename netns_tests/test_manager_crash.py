@@ -149,10 +149,12 @@ def test_abort_rolls_back_the_destinations_and_leaves_the_source(lab: ManagerLab
         aborting = lab.hosts.spawn(lab.ns["mg"], [*XFER, "migrate", "--abort", "vm1",
                                                   *lab.client_args()],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(0.5)
+        # Long enough for the CLI to start and send on a loaded machine (with 0.5 s the switch
+        # resumed first and the migration committed); the frozen switch holds the migration.
+        time.sleep(3)
     finally:
         os.killpg(switch.proc.pid, signal.SIGCONT)
-    assert aborting.wait(30) == 0
+    assert aborting.wait(30) == 0, aborting.stderr.read() if aborting.stderr else ""
     assert migrate.wait(30) == 1
     assert migrate.stderr is not None and b"aborted" in migrate.stderr.read()
     record = lab.migrations()[0]
