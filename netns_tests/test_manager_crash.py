@@ -73,8 +73,8 @@ def test_killed_mid_migration_the_restarted_manager_rolls_back_and_nothing_is_lo
     assert lab.migrations()[0]["outcome"] is None   # the journal says: under way
 
     manager.start()
-    assert '"event":"recovered"' in manager.log_text() and '"action":"rolled back"' in manager.log_text()
-    record = lab.migrations()[0]
+    assert '"event":"recovered"' in manager.log_text() and '"action":"rolling back"' in manager.log_text()
+    record = lab.wait_outcome(lab.migrations()[0]["id"])
     assert record["outcome"] == "rolled-back" and "manager restarted" in record["error"]
     # Destinations as before the migration; the source as it was.
     assert not conntrack_has_vm(lab, "fwdst") and bindings(lab, "swdst") == []
@@ -88,6 +88,48 @@ def test_killed_mid_migration_the_restarted_manager_rolls_back_and_nothing_is_lo
     lab.move_vm()
     assert conversation_continues(vm, srv, "after-restart"), "the connection died"
     assert counters(lab, "fwdst") is not None
+
+
+def test_restarted_while_a_destination_is_frozen_it_listens_at_once_and_rolls_back_after(
+        lab: ManagerLab) -> None:
+    """Issue 12.1: killed while the switch's agent is frozen mid-import, restarted while it is still
+    frozen. The manager listens at once, journals the rollback as pending (not done), and does it
+    once the switch resumes; meanwhile the VM refuses a new migration."""
+    conversation(lab)
+    before = counters(lab, "fwsrc")
+    switch, manager = lab.agents["sw-dst"], lab.manager
+    assert switch.proc is not None and manager is not None and manager.proc is not None
+    os.killpg(switch.proc.pid, signal.SIGSTOP)
+    try:
+        migrate = lab.hosts.spawn(lab.ns["mg"], [*XFER, "migrate", "vm1", "--from", SOURCE, "--to",
+                                                 DESTINATION, "--mode", "relay", *lab.client_args()],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait_for(lambda: conntrack_has_vm(lab, "fwdst"))   # the firewall's import committed
+        _wait_for(lambda: bool(lab.migrations()) and any(
+            p["name"] == "import" and p["device"] == "sw-dst" and p["ended"] is None
+            for p in lab.migrations()[0]["phases"]))
+        manager.kill()
+        migrate.wait(30)
+        # Listening within 10 s while the frozen switch holds a request for its 30 s timeout:
+        # the old manager waited for it (31 s) before listening.
+        manager.start(timeout=10)
+        mid = lab.migrations()[0]["id"]
+        # Still frozen: the firewall is rolled back, the switch cannot be; the journal says so.
+        _wait_for(lambda: not conntrack_has_vm(lab, "fwdst"))
+        record = lab.migrations()[0]
+        assert record["outcome"] is None and record["state"] == "rollback-pending", record
+        assert "rollback-pending" in lab.xfer("migrations", "--journal", str(lab.journal)).stdout
+        again = lab.xfer("migrate", "vm1", "--from", SOURCE, "--to", DESTINATION, "--mode", "relay",
+                         *lab.client_args())
+        assert again.returncode == 1 and "still pending" in again.stderr, again.stderr
+    finally:
+        os.killpg(switch.proc.pid, signal.SIGCONT)
+    # Resumed: the retry reaches the switch and the journal tells the truth.
+    record = lab.wait_outcome(mid, timeout=60)
+    assert record["outcome"] == "rolled-back" and "manager restarted" in record["error"]
+    assert bindings(lab, "swdst") == [] and not conntrack_has_vm(lab, "fwdst")
+    assert conntrack_has_vm(lab, "fwsrc") and bindings(lab, "fwsrc") == [VM_IP]
+    assert counters(lab, "fwsrc") == before
 
 
 def test_abort_rolls_back_the_destinations_and_leaves_the_source(lab: ManagerLab) -> None:
@@ -107,10 +149,12 @@ def test_abort_rolls_back_the_destinations_and_leaves_the_source(lab: ManagerLab
         aborting = lab.hosts.spawn(lab.ns["mg"], [*XFER, "migrate", "--abort", "vm1",
                                                   *lab.client_args()],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(0.5)
+        # Long enough for the CLI to start and send on a loaded machine (with 0.5 s the switch
+        # resumed first and the migration committed); the frozen switch holds the migration.
+        time.sleep(3)
     finally:
         os.killpg(switch.proc.pid, signal.SIGCONT)
-    assert aborting.wait(30) == 0
+    assert aborting.wait(30) == 0, aborting.stderr.read() if aborting.stderr else ""
     assert migrate.wait(30) == 1
     assert migrate.stderr is not None and b"aborted" in migrate.stderr.read()
     record = lab.migrations()[0]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from xfer.errors import AgentError
 from xfer.manager import topology
 from xfer.model import Kind, VmIdentity
 
@@ -37,11 +38,12 @@ def topo() -> topology.Topology:
 @dataclass
 class FakeDevices:
     """State per agent URL; ``fail``: URLs whose imports fail; ``hang``: URLs whose imports wait
-    for ``release``."""
+    for ``release``; ``unreachable``: URLs whose forget cannot reach the agent."""
 
     held: dict[str, set[tuple[str, Kind]]] = field(default_factory=dict)
     fail: set[str] = field(default_factory=set)
     hang: set[str] = field(default_factory=set)
+    unreachable: set[str] = field(default_factory=set)
     calls: list[tuple[str, str, tuple[Kind, ...]]] = field(default_factory=list)
     hanging: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -73,6 +75,8 @@ class FakeDevices:
 
     async def forget(self, url: str, vm: VmIdentity, kinds: Sequence[Kind]) -> dict[str, Any]:
         self.calls.append(("forget", url, tuple(kinds)))
+        if url in self.unreachable:
+            raise AgentError(f"agent {url}: connection refused (test)")
         self.held.get(url, set()).difference_update((vm.id, k) for k in kinds)
         return {k.value: {"deleted": 1} for k in kinds}
 

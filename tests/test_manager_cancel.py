@@ -75,7 +75,7 @@ def test_a_rollback_refuses_imports_that_arrive_after_it(tmp_path: Path) -> None
                 except XferError as exc:
                     logs.append(str(exc))
                 await asyncio.sleep(1.5)            # the source's pushes arrive, after the rollback
-                logs.append(server.migrator.journal.recent(1)[0])
+                logs.append((await server.migrator.journal.recent(1))[0])
         finally:
             for a in agents.values():
                 await a.stop()

@@ -135,7 +135,7 @@ def test_out_then_in_on_the_group_the_devices_deposit_and_collect_themselves(tmp
         await env.server.migrator.wait_background()
         # The source is cleaned by the manager, only after both destinations reported their import.
         assert env.devices.ops("forget") == [(URL["fw-a"], ALL)]
-        rec = env.server.migrator.journal.get(mid)
+        rec = (await env.server.migrator.journal.get(mid))
         assert rec.outcome == "cleaned"
         collects = [p for p in rec.phases if p.name == "collect"]
         cleanup = [p for p in rec.phases if p.name == "cleanup"]
@@ -174,7 +174,7 @@ def test_agents_first_and_in_before_the_deposit_is_complete(tmp_path: Path) -> N
         assert (await into)["state"] == "committed"
         await source
         assert all(a["outcome"] == "ok" for a in (await dests).values())
-        assert len(env.server.migrator.journal.recent(10)) == 1
+        assert len(await env.server.migrator.journal.recent(10)) == 1
 
     run(tmp_path, scenario)
 
@@ -190,7 +190,7 @@ def test_a_failing_destination_rolls_back_and_the_source_is_kept(tmp_path: Path)
         await env.server.migrator.wait_background()
         # Rolled back at both destinations by the manager; the source never asked to forget.
         assert {u for u, _ in env.devices.ops("forget")} == {URL["fw-b"], URL["sw-b"]}
-        assert env.server.migrator.journal.get(mid).outcome == "rolled-back"
+        assert (await env.server.migrator.journal.get(mid)).outcome == "rolled-back"
 
     run(tmp_path, scenario)
 
@@ -201,8 +201,8 @@ def test_a_device_that_does_not_act_fails_the_migration_in_time(tmp_path: Path) 
         with pytest.raises(MigrationFailed, match=r"fw-a did not deposit its bundle within 0\.3 s"):
             await env.server.handle(OUT, "multicast")
         assert time.monotonic() - started < 2
-        rec = env.server.migrator.journal.recent(1)[0]
-        assert rec.outcome == "failed" and env.server.migrator.store.devices(rec.id) == set()
+        rec = (await env.server.migrator.journal.recent(1))[0]
+        assert rec.outcome == "failed" and (await env.server.migrator.store.devices(rec.id)) == set()
 
     run(tmp_path, scenario, device_timeout_s=0.3)
 
@@ -232,7 +232,7 @@ def test_an_expired_stored_bundle_is_a_clear_error_and_nothing_is_imported(tmp_p
             await into
         assert "expired" in acted["fw-b"]["error"] and not acted["fw-b"]["acted"]
         assert env.fakes["fw-b"].imported == [] and env.fakes["sw-b"].imported == []
-        assert env.server.migrator.journal.get(mid).outcome == "failed"
+        assert (await env.server.migrator.journal.get(mid)).outcome == "failed"
         assert env.devices.calls == [], "the source was touched"
 
     run(tmp_path, scenario, store_ttl_s=0.3)
@@ -248,8 +248,8 @@ def test_abort_stops_waiting_for_the_devices_at_once(tmp_path: Path) -> None:
         assert (await env.server.handle(abort, "http"))["aborted"] and time.monotonic() - started < 2
         with pytest.raises(MigrationFailed, match="was aborted; nothing stored"):
             await out
-        first = env.server.migrator.journal.recent(1)[0]
-        assert first.outcome == "aborted" and env.server.migrator.store.devices(first.id) == set()
+        first = (await env.server.migrator.journal.recent(1))[0]
+        assert first.outcome == "aborted" and (await env.server.migrator.store.devices(first.id)) == set()
         # While waiting for the destinations' imports: every destination rolled back.
         mid = await env.stored()
         into = env.heard(IN)                     # the destinations never act
@@ -259,7 +259,7 @@ def test_abort_stops_waiting_for_the_devices_at_once(tmp_path: Path) -> None:
         assert answer["aborted"] and time.monotonic() - started < 2
         with pytest.raises(MigrationFailed, match="aborted"):
             await into
-        assert env.server.migrator.journal.get(mid).outcome == "aborted"
+        assert (await env.server.migrator.journal.get(mid)).outcome == "aborted"
         assert {u for u, _ in env.devices.ops("forget")} == {URL["fw-b"], URL["sw-b"]}
 
     run(tmp_path, scenario)
@@ -282,7 +282,7 @@ def test_a_source_without_destination_is_completed_by_the_destinations_in(tmp_pa
         report = await into
         assert report["state"] == "committed" and report["destination"] == "hv2"
         assert env.fakes["sw-b"].imported == [Kind.DHCP]
-        rec = env.server.migrator.journal.get(out["migration"])
+        rec = (await env.server.migrator.journal.get(out["migration"]))
         assert rec.destination == "hv2" and rec.plan["routes"][0]["destinations"] == ["fw-b"]
 
     run(tmp_path, scenario)

@@ -14,7 +14,10 @@ from xfer.errors import UsageError
 from xfer.manager import topology
 from xfer.manager.journal import Journal
 from xfer.manager.migration import MigrationFailed, Migrator, Settings
+from xfer.manager.recovery import settle
+from xfer.manager.sqlite import SqliteJournal, SqliteStore
 from xfer.manager.store import Store
+from xfer.manager.store import get as bundles
 from xfer.model import Kind
 from xfer.net.message import Message, parse
 
@@ -34,10 +37,10 @@ def env(tmp_path: Path) -> Iterator[tuple[FakeDevices, Journal, Store, Path]]:
     devices = FakeDevices()
     devices.put("fw-a", ALL)
     db = tmp_path / "m.db"
-    journal, store = Journal(db), Store(db, ttl_s=60)
+    journal, store = SqliteJournal(db), SqliteStore(db, ttl_s=60)
     yield devices, journal, store, db
-    journal.close()
-    store.close()
+    asyncio.run(journal.close())
+    asyncio.run(store.close())
 
 
 def migrator(env: tuple[FakeDevices, Journal, Store, Path], **settings: object) -> Migrator:
@@ -64,7 +67,7 @@ def test_every_mode_moves_each_kind_to_its_holder_and_cleans_the_source_after(en
     assert devices.has("sw-b", Kind.DHCP) and not devices.has("sw-b", Kind.CONNTRACK)
     assert not any(devices.has("fw-a", k) for k in ALL), "source not cleaned"
     # Cleanup came after the last import (journal order), and the journal closed the migration.
-    rec = journal.recent(1)[0]
+    rec = asyncio.run(journal.recent(1))[0]
     names = [p.name for p in rec.phases]
     assert names[-1] == "cleanup" and "cleanup" not in names[:-1]
     assert rec.outcome == "cleaned" and all(p.outcome == "ok" for p in rec.phases)
@@ -76,7 +79,7 @@ def test_age_out_leaves_the_source_alone(env) -> None:
     report = asyncio.run(run(migrator(env, cleanup="age-out"), out()))
     assert report["cleanup"] == "age-out"
     assert devices.has("fw-a", Kind.CONNTRACK) and devices.has("fw-b", Kind.CONNTRACK)
-    assert journal.recent(1)[0].outcome == "committed"
+    assert asyncio.run(journal.recent(1))[0].outcome == "committed"
 
 
 def test_failing_destination_rolls_back_every_destination_and_keeps_the_source(env) -> None:
@@ -87,7 +90,7 @@ def test_failing_destination_rolls_back_every_destination_and_keeps_the_source(e
     assert not devices.has("fw-b", Kind.CONNTRACK), "the committed destination was not rolled back"
     assert all(devices.has("fw-a", k) for k in ALL), "the source lost state"
     assert ("forget", URL["fw-a"]) not in [(n, u) for n, u, _ in devices.calls]
-    assert journal.recent(1)[0].outcome == "rolled-back"
+    assert asyncio.run(journal.recent(1))[0].outcome == "rolled-back"
 
 
 @pytest.mark.parametrize("grace", [30.0, 0.05], ids=["requests-finish-then-rollback", "grace-expired"])
@@ -111,7 +114,7 @@ def test_abort_under_way_rolls_back(env, grace: float) -> None:
     answer = asyncio.run(scenario())
     assert answer["aborted"] and answer["was"] == "under way"
     assert not devices.has("fw-b", Kind.CONNTRACK) and all(devices.has("fw-a", k) for k in ALL)
-    rec = journal.recent(1)[0]
+    rec = asyncio.run(journal.recent(1))[0]
     assert rec.outcome == "aborted" and [p.name for p in rec.phases].count("rollback") == 2
     if grace > 1:
         # The hung import finished before the rollback: the rollback came last at the switch.
@@ -123,10 +126,10 @@ def test_abort_between_store_out_and_in_drops_the_deposit(env) -> None:
     devices, journal, store, _ = env
     m = migrator(env)
     asyncio.run(run(m, out("store")))
-    mid = journal.recent(1)[0].id
-    assert store.get(mid)
+    mid = asyncio.run(journal.recent(1))[0].id
+    assert asyncio.run(bundles(store, mid))
     assert asyncio.run(m.handle(parse({"vm": "vm1", "indication": "abort"})))["was"] == "stored"
-    assert store.get(mid) == {} and all(devices.has("fw-a", k) for k in ALL)
+    assert asyncio.run(bundles(store, mid)) == {} and all(devices.has("fw-a", k) for k in ALL)
     with pytest.raises(UsageError, match="no stored bundles"):
         asyncio.run(run(m, into("store")))
 
@@ -163,20 +166,26 @@ def test_restart_rolls_back_a_transfer_under_way_and_finishes_a_pending_cleanup(
     plan = {"routes": [{"kind": "conntrack", "source": "fw-a", "destinations": ["fw-b"]}]}
     ident = t.vm("vm1").to_dict()
     # 1: the manager died mid-transfer: fw-b got conntrack, nothing was committed.
-    under_way = journal.begin("vm1", ident, "hv1", "hv2", "relay", plan, 300)
+    under_way = asyncio.run(journal.begin("vm1", ident, "hv1", "hv2", "relay", plan, 300))
     devices.put("fw-b", [Kind.CONNTRACK])
-    recovered = asyncio.run(migrator(env).recover())
-    assert recovered[0]["action"] == "rolled back"
+    async def recover_all(m: Migrator) -> list[dict[str, object]]:
+        done = await m.recover()
+        await settle(m.outcomes)
+        await m.wait_background()
+        return done
+
+    recovered = asyncio.run(recover_all(migrator(env)))
+    assert recovered[0]["action"] == "rolling back"
     assert not devices.has("fw-b", Kind.CONNTRACK) and devices.has("fw-a", Kind.CONNTRACK)
-    assert journal.get(under_way).outcome == "rolled-back"
+    assert asyncio.run(journal.get(under_way)).outcome == "rolled-back"
     # 2: it died after the commit, before the cleanup: the restart cleans the source.
-    committed = journal.begin("vm1", ident, "hv1", "hv2", "relay", plan, 300)
+    committed = asyncio.run(journal.begin("vm1", ident, "hv1", "hv2", "relay", plan, 300))
     devices.put("fw-b", [Kind.CONNTRACK])
-    journal.state(committed, "committed")
-    assert asyncio.run(migrator(env).recover())[0]["action"] == "finished cleanup"
+    asyncio.run(journal.state(committed, "committed"))
+    assert asyncio.run(recover_all(migrator(env)))[0]["action"] == "finishing cleanup"
     assert devices.has("fw-b", Kind.CONNTRACK) and not devices.has("fw-a", Kind.CONNTRACK)
-    assert journal.get(committed).outcome == "cleaned"
-    assert journal.unfinished() == []
+    assert asyncio.run(journal.get(committed)).outcome == "cleaned"
+    assert asyncio.run(journal.unfinished()) == []
 
 
 def test_message_parsing_refuses_bad_input() -> None:
@@ -220,7 +229,7 @@ def test_abort_during_cleanup_is_refused_and_after_age_out_commit_rolls_back(env
     # With age-out the source kept everything: a late abort (the hook gave up) rolls back.
     assert asyncio.run(aged.abort("vm1"))["was"] == "committed"
     assert not devices.has("fw-b", Kind.CONNTRACK) and all(devices.has("fw-a", k) for k in ALL)
-    assert journal.recent(1)[0].outcome == "aborted"
+    assert asyncio.run(journal.recent(1))[0].outcome == "aborted"
     with pytest.raises(UsageError, match="no migration of VM vm1 to abort"):
         asyncio.run(aged.abort("vm1"))
 
@@ -234,7 +243,7 @@ def test_the_report_names_other_source_holders_that_were_not_moved(env) -> None:
     assert report["also_held_by"] == {"conntrack": ["rt-a"]}
     # Only the nearest holder gave and was cleaned; the router was not touched.
     assert not [c for c in devices.calls if c[1] == "https://10.0.4.9:7443"]
-    assert journal.recent(1)[0].plan["routes"][0]["also_held_by"] == ["rt-a"]
+    assert asyncio.run(journal.recent(1))[0].plan["routes"][0]["also_held_by"] == ["rt-a"]
 
 
 def test_an_out_without_destination_is_stored_and_the_destinations_in_completes_it(env) -> None:
@@ -244,14 +253,14 @@ def test_an_out_without_destination_is_stored_and_the_destinations_in_completes_
     stored = asyncio.run(run(m, Message("vm1", "not-running", "out", "hv1", "", None, None)))
     assert stored["state"] == "stored" and stored["destination"] == ""
     assert devices.ops("import") == []
-    assert journal.get(stored["migration"]).plan["routes"][0]["destinations"] == []
+    assert asyncio.run(journal.get(stored["migration"])).plan["routes"][0]["destinations"] == []
     with pytest.raises(UsageError, match="came from hv1, not hv3"):
         asyncio.run(run(m, Message("vm1", "starting", "in", "hv3", "hv2")))
     report = asyncio.run(run(m, Message("vm1", "starting", "in", "", "hv2")))
     assert report["state"] == "committed" and report["destination"] == "hv2"
     assert devices.has("fw-b", Kind.CONNTRACK) and devices.has("sw-b", Kind.DHCP)
     assert not devices.has("fw-a", Kind.CONNTRACK), "not cleaned after commit"
-    assert journal.get(stored["migration"]).destination == "hv2"
+    assert asyncio.run(journal.get(stored["migration"])).destination == "hv2"
 
 
 def test_an_in_for_another_destination_than_announced_is_refused(env) -> None:

@@ -124,3 +124,12 @@ class MigrationFailed(XferError):
 class Conflict(UsageError):
     """A migration of that VM is already under way, or a device's request (device-driven
     variant) does not fit where its migration stands."""
+
+
+class NotLeader(XferError):
+    """This manager is not the leader of its group (etcd journal): nothing was done; ``leader`` is
+    the message URL of the one that is, when known."""
+
+    def __init__(self, message: str, leader: str | None = None) -> None:
+        self.leader = leader
+        super().__init__(message)

@@ -224,7 +224,9 @@ def _upstream(table: Mapping[str, Any], device_id: str) -> UpstreamConfig | None
     if unknown:
         raise UsageError(f"agent config: unknown key(s) in [manager]: {', '.join(unknown)}")
     try:
-        url = check_agent_url(_str(table, "manager.url", required=True, key="url"))
+        # Several managers sharing an etcd journal: comma-separated, the leader is found.
+        url = ",".join(check_agent_url(u.strip())
+                       for u in _str(table, "manager.url", required=True, key="url").split(",") if u.strip())
     except UsageError as exc:
         raise UsageError(f"agent config: manager.url: {exc}") from None
     group = addr.hostport(_str(table, "manager.group", required=True, key="group"),

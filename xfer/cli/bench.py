@@ -13,6 +13,7 @@ from xfer.cli.common import (
     print_json,
     progress,
 )
+from xfer.errors import UsageError
 
 bench_app = typer.Typer(help="Benchmarks against the baseline tools, measured in the same run.",
                         no_args_is_help=True)
@@ -127,6 +128,48 @@ def bench_qemu(
     with progress("bench qemu"):
         result = bench.run(repeat, transfer_ms, out, echo=None if as_json else typer.echo,
                            memory_mb=memory_mb)
+    if as_json:
+        print_json(result)
+
+
+@bench_app.command("journal")
+def bench_journal(
+    sizes: Annotated[str, typer.Option("--sizes", help="Journaled migrations at each level, "
+                                       "comma-separated.")] = "0,10000,100000,300000,1000000",
+    repeat: Annotated[int, typer.Option(help="Migrations measured at each level (median).")] = 200,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/journal.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """One migration's journal bookkeeping and recent(100) from 0 to 1M journaled migrations,
+    vs the journal before issue 12.5 (same run).
+
+    Example: xfer bench journal --sizes 0,100000,1000000 --repeat 200
+    """
+    from xfer.bench import journal as bench
+
+    try:
+        levels = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--sizes must be comma-separated counts, not {sizes!r}") from None
+    result = bench.run(levels, repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)
+
+
+@bench_app.command("etcd")
+def bench_etcd(
+    count: Annotated[int, typer.Option("--count", help="Migrations through each backend.")] = 200,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/etcd.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Migrations through the etcd-backed manager vs the SQLite one (same run, instant agents):
+    what the highly available journal costs per migration.
+
+    Example: xfer bench etcd --count 200
+    """
+    from xfer.bench import journalbackends as bench
+
+    result = bench.run(count, out, echo=None if as_json else typer.echo)
     if as_json:
         print_json(result)
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,7 +27,9 @@ manager_app = typer.Typer(help="The migration manager daemon.", no_args_is_help=
 app.add_typer(topology_app, name="topology")
 app.add_typer(manager_app, name="manager")
 
-ManagerUrlOpt = Annotated[str, typer.Option("--manager", help="The manager's message URL.",
+ManagerUrlOpt = Annotated[str, typer.Option("--manager", help="The manager's message URL; several, "
+                                            "comma-separated, for managers sharing an etcd journal "
+                                            "(the leader is found, a dead one skipped).",
                                             envvar="XFER_MANAGER", metavar="URL")]
 MgrCaOpt = Annotated[Path | None, typer.Option("--ca", help="CA that signs the manager's certificate.",
                                                envvar="XFER_MANAGER_CA", metavar="FILE")]
@@ -230,19 +233,50 @@ def migrate(
 @app.command("migrations")
 def migrations(
     journal: JournalOpt = Path("/var/lib/xfer/manager.db"),
+    config: Annotated[Path | None, typer.Option("--config", help="Read the journal the manager "
+                                                "configuration names (SQLite or etcd).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Newest N.")] = 50,
     as_json: JsonOpt = False,
 ) -> None:
-    """List migrations from the manager's journal with per-phase timings.
+    """List migrations from the manager's journal with per-phase timings. A rollback that could
+    not be done yet shows as state rollback-pending (retried by the manager until it is).
 
     Example: xfer migrations --journal /var/lib/xfer/manager.db --json
+    Example: xfer migrations --config /etc/xfer/manager.toml
     """
-    from xfer.manager.journal import Journal
+    from xfer.manager.sqlite import SqliteJournal
 
+    if config is not None:
+        from xfer.manager import config as manager_config
+
+        cfg = manager_config.load(config)
+        if cfg.backend.backend == "etcd":
+            items = asyncio.run(_recent_in(cfg, limit))
+            _list(items, as_json)
+            return
+        journal = cfg.journal
     if not journal.exists():
         raise UsageError(f"journal {journal} not found")
-    with Journal(journal) as j:
-        items = [m.to_dict() for m in j.recent(limit)]
+    j = SqliteJournal(journal)
+    try:
+        items = [m.to_dict() for m in j.recent_now(limit)]
+    finally:
+        j.close_now()
+    _list(items, as_json)
+
+
+async def _recent_in(cfg: Any, limit: int) -> list[dict[str, Any]]:
+    from xfer.manager.backends import open_backend
+
+    journal, store = await open_backend(cfg)
+    try:
+        return [m.to_dict() for m in await journal.recent(limit)]
+    finally:
+        await store.close()
+        await journal.close()
+
+
+def _list(items: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print_json(items)
         return

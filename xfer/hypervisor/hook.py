@@ -31,7 +31,7 @@ from xfer.hypervisor.qmp import QmpClient
 from xfer.hypervisor.report import WindowReport
 from xfer.net import DEFAULT_MANAGER_URL
 from xfer.net.message import MigrationMessage, Mode, messages_for
-from xfer.net.notify import ManagerLink, check_url
+from xfer.net.notify import ManagerLink, manager_urls
 
 log = logging.getLogger("xfer.hypervisor")
 
@@ -71,7 +71,7 @@ class HookOptions:
             raise UsageError(f"--on-fail must be one of {', '.join(ON_FAIL)}, not {self.on_fail!r}")
         if self.deadline_s <= 0:
             raise UsageError("the deadline must be positive")
-        check_url(self.manager)
+        manager_urls(self.manager)
         if self.mode is not None:
             object.__setattr__(self, "mode", Mode.of(self.mode))
 

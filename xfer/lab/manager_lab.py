@@ -34,6 +34,7 @@ from typing import Any
 from xfer import pki
 from xfer.errors import XferError
 from xfer.lab.agents import XFER, AgentProcess, LabAgents, device_toml, kind_available, unpin
+from xfer.lab.etcd import EtcdProcess
 from xfer.lab.hosts import Hosts, LabError
 from xfer.lab.topology import GW_IP, GW_IP6, SERVICE_IP, SERVICE_IP6, VM_IP, VM_IP6, firewall_ruleset
 
@@ -41,6 +42,7 @@ VM_MAC = "02:00:00:00:01:02"
 MANAGER_IP, MANAGER_PORT, UDP_PORT, MCAST_GROUP, MCAST_PORT = "10.0.4.9", 8700, 8701, "239.7.7.7", 8702
 AGENT_IPS = {"fw-src": "10.0.4.1", "fw-dst": "10.0.4.2", "sw-dst": "10.0.4.3"}
 SOURCE, DESTINATION = "hv-src", "hv-dst"
+ETCD_PORT = 2379   # in [mg]'s own network namespace: no clash with anything outside
 
 
 def topology_yaml(port: int = 7443, rules: bool = False) -> str:
@@ -117,6 +119,8 @@ class ManagerLab:
         self.lab_agents: LabAgents | None = None
         self.manager: AgentProcess | None = None
         self.journal = workdir / "manager.db"
+        self.etcd: EtcdProcess | None = None
+        self.group: list[ManagerProcess] = []
 
     def __enter__(self) -> ManagerLab:
         return self
@@ -237,6 +241,66 @@ class ManagerLab:
                                       self.workdir / "manager.log", self.url)
         return self.manager.start()
 
+    def start_etcd(self) -> EtcdProcess:
+        """A one-member etcd in [mg] on the manager's address (its own data dir, stopped at down())."""
+        self.etcd = EtcdProcess(self.workdir / "etcd", MANAGER_IP, ("ip", "netns", "exec", self.ns["mg"]),
+                                ETCD_PORT, ETCD_PORT + 1)
+        return self.etcd.start()
+
+    def start_manager_group(self, count: int = 3, mode: str = "relay") -> list[ManagerProcess]:
+        """``count`` managers in [mg] sharing the etcd journal (``start_etcd`` first), on ports
+        MANAGER_PORT, +10, +20; one becomes the leader."""
+        assert self.lab_agents is not None and self.etcd is not None, "start_agents() and start_etcd() first"
+        pki.issue(self.lab_agents.pki, "manager", ips=[MANAGER_IP])
+        (self.workdir / "topology.yaml").write_text(topology_yaml())
+        self.group = []
+        for i in range(count):
+            port = MANAGER_PORT + 10 * i
+            config = self.workdir / f"manager-{i}.toml"
+            url = f"https://{MANAGER_IP}:{port}/v1/migrations"
+            config.write_text(f"""
+[manager]
+topology = "topology.yaml"
+mode = "{mode}"
+cleanup = "{self.cleanup}"
+store_ttl_s = {self.store_ttl_s}
+
+[listen]
+address = "{MANAGER_IP}"
+port = {port}
+
+[tls]
+cert = "pki/manager.pem"
+key = "pki/manager.key"
+ca = "pki/ca.pem"
+
+[journal]
+backend = "etcd"
+endpoints = ["{self.etcd.url}"]
+prefix = "/xfer-lab/"
+lease_s = 2
+url = "{url}"
+""")
+            proc = ManagerProcess(self.hosts, f"manager-{i}", self.ns["mg"], config,
+                                  self.workdir / f"manager-{i}.log", url)
+            proc.start()
+            self.group.append(proc)
+        return self.group
+
+    def leader(self, timeout: float = 15.0) -> ManagerProcess:
+        """The group member that is leading now (its log's last role event says so)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leading = [m for m in self.group if m.proc is not None and m.proc.poll() is None
+                       and _last_role(m.log_text()) == "leading"]
+            if len(leading) == 1:
+                return leading[0]
+            time.sleep(0.05)
+        raise LabError("no single leader among the managers")
+
+    def group_urls(self) -> str:
+        return ",".join(m.url for m in self.group)
+
     @property
     def url(self) -> str:
         return f"https://{MANAGER_IP}:{MANAGER_PORT}/v1/migrations"
@@ -271,7 +335,9 @@ class ManagerLab:
                          "--interface", AGENT_IPS[name], "--json", *extra, ns=sender)
 
     def migrations(self) -> list[dict[str, Any]]:
-        out = self.xfer("migrations", "--journal", str(self.journal), "--json")
+        where = (["--config", str(self.workdir / "manager-0.toml")] if self.group
+                 else ["--journal", str(self.journal)])
+        out = self.xfer("migrations", *where, "--json")
         if out.returncode != 0:
             raise LabError(f"xfer migrations failed: {out.stderr.strip()}")
         result: list[dict[str, Any]] = json.loads(out.stdout)
@@ -288,6 +354,8 @@ class ManagerLab:
 
     def down(self) -> None:
         """Stop processes, remove namespaces and BPF pins, also those of an earlier crashed run."""
+        if self.etcd is not None:
+            self.etcd.stop()
         for short in self.ns.values():
             self.hosts.adopt(short)
         self.hosts.close()
@@ -305,3 +373,11 @@ class ManagerProcess(AgentProcess):
     """``xfer manager serve`` in a namespace: started, stopped and killed like an agent."""
 
     command = ("manager", "serve")
+
+
+def _last_role(log: str) -> str | None:
+    """"leading" or "following": the last such event in a manager's log."""
+    lead, follow = log.rfind('"event":"leading"'), log.rfind('"event":"following"')
+    if lead < 0 and follow < 0:
+        return None
+    return "leading" if lead > follow else "following"

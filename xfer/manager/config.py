@@ -28,6 +28,19 @@
     max_connections = 256             # open TCP connections, TLS handshakes included
     handshake_timeout_s = 5
     header_timeout_s = 10             # from the handshake to the first request's headers
+
+    [journal]                         # optional; where journal, store and message ids live
+    backend = "sqlite"                # sqlite (one manager) | etcd (several managers, one leader)
+    retention_days = 30               # finished migrations older than this are pruned
+    maintenance_s = 60                # how often expired bundles and old migrations are deleted
+    # backend = "etcd":
+    endpoints = ["https://10.0.4.20:2379", "https://10.0.4.21:2379"]
+    prefix = "/xfer/"                 # every key the managers write starts with it
+    ca = "etcd-ca.pem"                # TLS to etcd (optional: plain http:// endpoints need none)
+    cert = "etcd-client.pem"
+    key = "etcd-client.key"
+    lease_s = 3                       # the leader's lease: a dead leader is replaced within it
+    url = "https://10.0.4.9:8700/v1/migrations"   # how the others reach this manager (redirects)
 """
 
 from __future__ import annotations
@@ -48,6 +61,23 @@ from xfer.net.tls import TlsFiles
 DEFAULT_PORT = 8700
 DEFAULT_JOURNAL = Path("/var/lib/xfer/manager.db")
 API_PATH = "/v1/migrations"
+DEFAULT_RETENTION_DAYS = 30.0
+DEFAULT_LEASE_S = 3.0
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """The [journal] section: which backend keeps journal, store and message ids."""
+
+    backend: str = "sqlite"
+    retention_days: float = DEFAULT_RETENTION_DAYS
+    maintenance_s: float = 60.0
+    endpoints: tuple[str, ...] = ()
+    prefix: str = "/xfer/"
+    tls: TlsFiles | None = None        # client certificate for etcd
+    ca: Path | None = None             # CA of etcd's server certificate
+    lease_s: float = DEFAULT_LEASE_S
+    url: str | None = None             # this manager's message URL as the others redirect to it
 
 
 @dataclass(frozen=True)
@@ -66,6 +96,7 @@ class ManagerConfig:
     multicast_interface: str = "0.0.0.0"
     allowed_peers: frozenset[str] = frozenset()
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    backend: JournalConfig = field(default_factory=JournalConfig)
 
     @property
     def url(self) -> str:
@@ -83,7 +114,7 @@ def load(path: Path) -> ManagerConfig:
 
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
-    unknown = sorted(set(raw) - {"manager", "listen", "tls", "limits"})
+    unknown = sorted(set(raw) - {"manager", "listen", "tls", "limits", "journal"})
     if unknown:
         raise UsageError(f"manager config: unknown section(s) {', '.join(unknown)}")
     mgr, listen, tls = (_table(raw, n) for n in ("manager", "listen", "tls"))
@@ -127,7 +158,46 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
         multicast_interface=str(listen.get("multicast_interface", "0.0.0.0")),
         allowed_peers=frozenset(str(p) for p in peers),
         connection_limits=limits_from(_table(raw, "limits"), "manager config: limits"),
+        backend=_journal(_table(raw, "journal"), base),
     )
+
+
+def _journal(table: Mapping[str, Any], base: Path) -> JournalConfig:
+    known = {"backend", "retention_days", "maintenance_s", "endpoints", "prefix", "ca", "cert", "key",
+             "lease_s", "url"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise UsageError(f"manager config: unknown key(s) in [journal]: {', '.join(unknown)}")
+    backend = str(table.get("backend", "sqlite"))
+    if backend not in ("sqlite", "etcd"):
+        raise UsageError(f"manager config: journal.backend {backend!r} must be sqlite or etcd")
+    numbers = {}
+    for key, default in (("retention_days", DEFAULT_RETENTION_DAYS), ("maintenance_s", 60.0),
+                         ("lease_s", DEFAULT_LEASE_S)):
+        value = table.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise UsageError(f"manager config: journal.{key} must be a positive number")
+        numbers[key] = float(value)
+    endpoints = table.get("endpoints", [])
+    if not isinstance(endpoints, list) or not all(isinstance(e, str) for e in endpoints):
+        raise UsageError("manager config: journal.endpoints must be a list of URLs")
+    for e in endpoints:
+        if not e.startswith(("http://", "https://")):
+            raise UsageError(f"manager config: journal.endpoints: {e!r} must be http:// or https://")
+    if backend == "etcd" and not endpoints:
+        raise UsageError("manager config: journal.endpoints is required with backend = \"etcd\"")
+    prefix = str(table.get("prefix", "/xfer/"))
+    if not prefix or "\0" in prefix:
+        raise UsageError("manager config: journal.prefix must be a non-empty key prefix")
+    cert_file, key_file = table.get("cert"), table.get("key")
+    if bool(cert_file) != bool(key_file):
+        raise UsageError("manager config: journal.cert and journal.key go together")
+    ca = base / str(table["ca"]) if table.get("ca") else None
+    files = (TlsFiles(base / str(cert_file), base / str(key_file), ca or Path(""))
+             if cert_file and key_file else None)
+    url: str | None = str(table["url"]) if table.get("url") else None
+    return JournalConfig(backend, numbers["retention_days"], numbers["maintenance_s"], tuple(endpoints),
+                         prefix if prefix.endswith("/") else prefix + "/", files, ca, numbers["lease_s"], url)
 
 
 def _table(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -68,31 +68,31 @@ class DeviceDesk:
             return {"role": "none", "vm": msg.vm, "note": "the manager drives this migration"}
         return entry.round.role_of(device)
 
-    def deposit(self, migration: int, device: str, packed: bytes, size: int) -> dict[str, Any]:
+    async def deposit(self, migration: int, device: str, packed: bytes, size: int) -> dict[str, Any]:
         """A source device's bundle (as it travels, ``size`` bytes inflated) into the store."""
         key = (device, "")
-        rnd = self._round(migration, "out", key, f"a deposit from {device}")
+        rnd = await self._round(migration, "out", key, f"a deposit from {device}")
         if not rnd.awaits(key):
             if self._reported_ok(rnd, key):
                 return {"ok": True, "migration": migration, "duplicate": True}
-            raise Conflict(self._not_waiting(migration, f"a deposit from {device}"))
-        self.migrator.store.put_raw(migration, device, packed)
+            raise Conflict(await self._not_waiting(migration, f"a deposit from {device}"))
+        await self.migrator.store.put_raw(migration, device, packed)
         rnd.report(key, {"bytes": size})
         return {"ok": True, "migration": migration, "bytes": size}
 
-    def stored_bundle(self, migration: int, source: str, device: str) -> bytes:
+    async def stored_bundle(self, migration: int, source: str, device: str) -> bytes:
         """The bundle ``source`` deposited, for destination ``device`` to import (as it travels)."""
         key = (source, device)
-        rnd = self._round(migration, "in", key, f"{device} to collect {source}'s bundle")
+        rnd = await self._round(migration, "in", key, f"{device} to collect {source}'s bundle")
         if not rnd.awaits(key):
-            raise Conflict(self._not_waiting(migration, f"{device} to collect {source}'s bundle"))
-        packed = self.migrator.store.get_raw(migration, source)
+            raise Conflict(await self._not_waiting(migration, f"{device} to collect {source}'s bundle"))
+        packed = await self.migrator.store.get_raw(migration, source)
         if packed is None:
             raise StoreExpired(f"the stored bundle of {source} for migration {migration} expired "
                                f"({self.migrator.store.ttl_s:g} s after its deposit); nothing imported")
         return packed
 
-    def report(self, migration: int, device: str, body: Any) -> dict[str, Any]:
+    async def report(self, migration: int, device: str, body: Any) -> dict[str, Any]:
         """A destination's import report, or a device's failure; Conflict when it no longer counts."""
         if not isinstance(body, dict):
             raise UsageError("a device report must be a JSON object")
@@ -100,7 +100,7 @@ class DeviceDesk:
         rnd = self.migrator.rounds.get(migration)
         key = (source, device) if rnd is not None and rnd.direction == "in" else (device, "")
         what = f"{device}'s report" + (f" on {source}'s bundle" if source else "")
-        rnd = self._round(migration, None, key, what)
+        rnd = await self._round(migration, None, key, what)
         error, report = body.get("error"), body.get("report")
         if error:
             done = rnd.report(key, error=AgentError(str(error)[:500]))
@@ -109,15 +109,15 @@ class DeviceDesk:
         else:
             raise UsageError("a device report needs an \"error\", or (destination) a \"report\" object")
         if not done:
-            raise Conflict(self._not_waiting(migration, what))
+            raise Conflict(await self._not_waiting(migration, what))
         return {"ok": True, "migration": migration}
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _round(self, migration: int, direction: str | None, key: Key, what: str) -> Round:
+    async def _round(self, migration: int, direction: str | None, key: Key, what: str) -> Round:
         rnd = self.migrator.rounds.get(migration)
         if rnd is None or (direction and rnd.direction != direction) or key not in rnd.kinds:
-            raise Conflict(self._not_waiting(migration, what))
+            raise Conflict(await self._not_waiting(migration, what))
         return rnd
 
     @staticmethod
@@ -125,9 +125,9 @@ class DeviceDesk:
         fut = rnd.waiting[key]
         return fut.done() and not fut.cancelled() and fut.exception() is None
 
-    def _not_waiting(self, migration: int, what: str) -> str:
+    async def _not_waiting(self, migration: int, what: str) -> str:
         try:
-            state = self.migrator.journal.get(migration).state
+            state = (await self.migrator.journal.get(migration)).state
         except KeyError:
             return f"no migration {migration}"
         return f"migration {migration} is not waiting for {what} (it is {state})"

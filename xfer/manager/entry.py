@@ -39,6 +39,8 @@ class Entry:
     driver: Driver
     started: float                  # perf_counter when the message came: the report's ms count from it
     prior: Entry | None = None      # the deposit under way that this collect waits for
+    # A collect outside store mode: nothing stored means the move happened on "out" (no error).
+    optional: bool = False
     task: asyncio.Task[dict[str, Any]] | None = None
     round: Round | None = None      # device-driven: the reports awaited
     # Set once devices can be told their part (at once for work the manager drives).

@@ -1,45 +1,32 @@
-"""The manager's journal (SQLite): every migration and each of its phases, with times and outcome.
+"""The manager's journal: every migration and each of its phases, with times and outcome.
 
-A migration row is written before any device is touched and closed with its
+A migration record is written before any device is touched and closed with its
 outcome; each phase (one device operation: export, import, push, pull, forget,
-rollback) gets a row when it starts and is closed when it ends. What a crashed
+rollback) is recorded when it starts and closed when it ends. What a crashed
 manager leaves behind is a migration with no outcome: ``unfinished()`` lists
-them so the restarted manager finishes or rolls them back (``recovery.py``).
+them so the restarted (or newly elected) manager finishes or rolls them back
+(``recovery.py``).
 
-    with Journal(Path("/var/lib/xfer/manager.db")) as j:
-        mid = j.begin("vm1", "hv1", "hv2", "relay", plan_dict, budget_ms=300)
-        pid = j.phase(mid, "import", "fw-b", ["conntrack"])
-        j.end_phase(pid, "ok", {"created": 12})
-        j.finish(mid, "committed")
+The journal is an interface with two backends, chosen by ``[journal] backend``:
+``sqlite.py`` (the embedded default, one manager) and ``etcd.py`` (several
+managers, one leader). Every method is a coroutine: a backend's I/O never runs
+on the event loop that serves the pause window.
+
+    journal = open_journal(settings)                  # backends.py
+    mid = await journal.begin("vm1", ident, "hv1", "hv2", "relay", plan_dict, budget_ms=300)
+    pid = await journal.phase(mid, "import", "fw-b", ["conntrack"])
+    await journal.end_phase(mid, pid, "ok", {"created": 12})
+    await journal.finish(mid, "committed")
 """
 
 from __future__ import annotations
 
-import json
-import secrets
-import sqlite3
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS migrations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vm TEXT NOT NULL, vm_identity TEXT NOT NULL, source TEXT NOT NULL, destination TEXT NOT NULL,
-    mode TEXT NOT NULL, plan TEXT NOT NULL, budget_ms REAL NOT NULL,
-    state TEXT NOT NULL,            -- started | stored | committed, then the outcome
-    started REAL NOT NULL, ended REAL, outcome TEXT, error TEXT
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS phases (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    migration INTEGER NOT NULL REFERENCES migrations(id),
-    name TEXT NOT NULL, device TEXT NOT NULL, kinds TEXT NOT NULL,
-    started REAL NOT NULL, ended REAL, outcome TEXT, detail TEXT
-);
-"""
+# A rollback that did not happen yet (a destination unreachable): the migration stays
+# unfinished with this state and is retried in the background until it does.
+ROLLBACK_PENDING = "rollback-pending"
 
 
 @dataclass(frozen=True)
@@ -92,95 +79,59 @@ class Migration:
                            for p in self.phases]}
 
 
-class Journal:
-    """One SQLite file; every write is its own committed transaction (durable before the next step)."""
+class Journal(Protocol):
+    """What the manager needs of a journal backend; each write is durable when it returns."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: autocommit, each statement durable on return.
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL with WAL is durable against a process crash (the case the journal is for).
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('id', ?)", (secrets.token_hex(6),))
-        self.id = str(self._db.execute("SELECT value FROM meta WHERE key = 'id'").fetchone()[0])
+    id: str   # the journal's name, shared by every manager that uses it
 
     def token(self, migration: int) -> str:
         """The name agents know a migration by: unique to this journal, the same after a restart
-        (a recovering manager's rollback must reach work of the migration it names)."""
-        return f"{self.id}-{migration}"
+        or a takeover (a recovering manager's rollback must reach the work of the migration it names)."""
+        ...
 
-    def __enter__(self) -> Journal:
-        return self
+    async def begin(self, vm: str, vm_identity: dict[str, Any], source: str, destination: str, mode: str,
+                    plan: dict[str, Any], budget_ms: float, dedupe: str | None = None) -> int:
+        """Journal a new migration (state ``started``); ``dedupe``: the message's de-duplication key."""
+        ...
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+    async def state(self, migration: int, state: str, error: str | None = None) -> None: ...
 
-    def close(self) -> None:
-        self._db.close()
-
-    def begin(self, vm: str, vm_identity: dict[str, Any], source: str, destination: str, mode: str,
-              plan: dict[str, Any], budget_ms: float) -> int:
-        cur = self._db.execute(
-            "INSERT INTO migrations (vm, vm_identity, source, destination, mode, plan, budget_ms, state,"
-            " started) VALUES (?, ?, ?, ?, ?, ?, ?, 'started', ?)",
-            (vm, json.dumps(vm_identity), source, destination, mode, json.dumps(plan), budget_ms,
-             time.time()))
-        return int(cur.lastrowid or 0)
-
-    def state(self, migration: int, state: str) -> None:
-        self._db.execute("UPDATE migrations SET state = ? WHERE id = ?", (state, migration))
-
-    def resolve(self, migration: int, destination: str, plan: dict[str, Any]) -> None:
+    async def resolve(self, migration: int, destination: str, plan: dict[str, Any]) -> None:
         """Record the destination an "in" named for a migration whose "out" did not know it."""
-        self._db.execute("UPDATE migrations SET destination = ?, plan = ? WHERE id = ?",
-                         (destination, json.dumps(plan), migration))
+        ...
 
-    def finish(self, migration: int, outcome: str, error: str | None = None) -> None:
-        self._db.execute("UPDATE migrations SET state = ?, outcome = ?, error = ?, ended = ? WHERE id = ?",
-                         (outcome, outcome, error, time.time(), migration))
+    async def finish(self, migration: int, outcome: str, error: str | None = None) -> None: ...
 
-    def phase(self, migration: int, name: str, device: str, kinds: list[str] | tuple[str, ...]) -> int:
-        cur = self._db.execute(
-            "INSERT INTO phases (migration, name, device, kinds, started) VALUES (?, ?, ?, ?, ?)",
-            (migration, name, device, ",".join(kinds), time.time()))
-        return int(cur.lastrowid or 0)
+    async def phase(self, migration: int, name: str, device: str, kinds: list[str] | tuple[str, ...]) -> int:
+        ...
 
-    def end_phase(self, phase: int, outcome: str, detail: dict[str, Any] | None = None) -> None:
-        self._db.execute("UPDATE phases SET ended = ?, outcome = ?, detail = ? WHERE id = ?",
-                         (time.time(), outcome, json.dumps(detail or {}, default=str), phase))
+    async def end_phase(self, migration: int, phase: int, outcome: str,
+                        detail: dict[str, Any] | None = None) -> None: ...
 
-    def get(self, migration: int) -> Migration:
-        row = self._db.execute("SELECT * FROM migrations WHERE id = ?", (migration,)).fetchone()
-        if row is None:
-            raise KeyError(migration)
-        return self._migration(row)
+    async def get(self, migration: int) -> Migration:
+        """One migration with its phases; KeyError when there is none."""
+        ...
 
-    def recent(self, limit: int = 100) -> list[Migration]:
-        rows = self._db.execute("SELECT * FROM migrations ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return [self._migration(r) for r in rows]
+    async def recent(self, limit: int = 100) -> list[Migration]:
+        """The newest ``limit`` migrations, newest first."""
+        ...
 
-    def latest(self, vm: str, states: tuple[str, ...], outcomes: tuple[str, ...] = ()) -> Migration | None:
+    async def latest(self, vm: str, states: tuple[str, ...],
+                     outcomes: tuple[str, ...] = ()) -> Migration | None:
         """The newest migration of ``vm`` in one of ``states``, unfinished or ended with ``outcomes``."""
-        marks, omarks = ",".join("?" * len(states)), ",".join("?" * len(outcomes)) or "NULL"
-        row = self._db.execute(f"SELECT * FROM migrations WHERE vm = ? AND state IN ({marks}) AND "
-                               f"(outcome IS NULL OR outcome IN ({omarks})) ORDER BY id DESC LIMIT 1",
-                               (vm, *states, *outcomes)).fetchone()
-        return None if row is None else self._migration(row)
+        ...
 
-    def unfinished(self) -> list[Migration]:
-        """Migrations with no outcome: a manager died while they were under way."""
-        rows = self._db.execute("SELECT * FROM migrations WHERE outcome IS NULL ORDER BY id").fetchall()
-        return [self._migration(r) for r in rows]
+    async def unfinished(self) -> list[Migration]:
+        """Migrations with no outcome, oldest first: a manager died while they were under way."""
+        ...
 
-    def _migration(self, row: tuple[Any, ...]) -> Migration:
-        (mid, vm, ident, source, dest, mode, plan, budget, state, started, ended, outcome, error) = row
-        phases = tuple(
-            Phase(p[0], p[2], p[3], tuple(k for k in p[4].split(",") if k), p[5], p[6], p[7],
-                  json.loads(p[8]) if p[8] else {})
-            for p in self._db.execute("SELECT * FROM phases WHERE migration = ? ORDER BY id", (mid,)))
-        return Migration(mid, vm, json.loads(ident), source, dest, mode, json.loads(plan), budget, state,
-                         started, ended, outcome, error, phases)
+    async def seen(self, dedupe: str, within_s: float) -> int | None:
+        """The migration a message with this de-duplication key started within ``within_s``, if any
+        (copies reaching another manager after a takeover must not act twice)."""
+        ...
+
+    async def prune(self, older_than_s: float) -> int:
+        """Retention: forget migrations that ended more than ``older_than_s`` ago; returns how many."""
+        ...
+
+    async def close(self) -> None: ...

@@ -32,12 +32,12 @@ from xfer.errors import Conflict, MigrationFailed, UsageError, XferError
 from xfer.manager import modes
 from xfer.manager.entry import Driver, Entry, Work
 from xfer.manager.journal import Journal
-from xfer.manager.outcome import Aborted, Outcomes, all_destinations
+from xfer.manager.outcome import Aborted, Outcomes
 from xfer.manager.recovery import recover
 from xfer.manager.rounds import Round
 from xfer.manager.settings import Settings
 from xfer.manager.store import Store
-from xfer.manager.storeflow import StoreFlow
+from xfer.manager.storeflow import StoreFlow, status
 from xfer.manager.topology import Topology
 from xfer.model import VmIdentity
 from xfer.net.message import Message, Mode, dedupe_key
@@ -47,6 +47,8 @@ __all__ = ["Conflict", "MigrationFailed", "Migrator", "Settings"]
 # A late abort (the hook gave up on a migration the manager then committed) comes
 # within seconds; an older commit is where the VM runs now and must not be undone.
 ABORT_WINDOW_S = 60.0
+# What a copy of an earlier message is answered with success for (journal states).
+_DONE = ("committed", "cleaned", "stored")
 _MOVES = {Mode.RELAY: modes.relay, Mode.PUSH: modes.push, Mode.PULL: modes.pull}
 
 
@@ -78,10 +80,23 @@ class Migrator:
         """
         if msg.indication == "abort":
             return await self.abort(msg.vm)
+        dedupe = dedupe_key(msg, transport)
+        if dedupe is not None and dedupe[0] not in self._seen:
+            # A copy of a message that another manager (before a takeover) or an earlier run
+            # acted on: answer with what the journal says, act on nothing.
+            earlier = await self.journal.seen(dedupe[0], dedupe[1])
+            if earlier is not None and dedupe[0] not in self._seen:
+                m = await self.journal.get(earlier)
+                report = {"ok": m.state in _DONE, "migration": m.id, "vm": m.vm, "mode": m.mode,
+                          "state": m.state, "outcome": m.outcome, "error": m.error, "duplicate": True}
+                if m.state not in _DONE:
+                    raise MigrationFailed(f"migration {m.id} of VM {m.vm} is {m.state} (this message was "
+                                          f"acted on before: {m.error or 'no reason journaled'})", report)
+                return report
         entry, copy = self.accept(msg, budget_ms, transport)
         if entry is None:
-            # "in" with nothing stored, outside store mode: the move happened on "out".
-            return self._status(msg.vm)
+            # "in" while a move of the VM is under way: the move happened on "out".
+            return await status(self.journal, msg.vm)
         report = await self._answer(entry)
         return {**report, "duplicate": True} if copy else report
 
@@ -121,17 +136,23 @@ class Migrator:
         else:
             # "in" collects what the VM has in the store, whatever the mode (a libvirt
             # destination does not know how the source sent it).
+            # Whether anything is stored is the collect's first question (the journal is
+            # not asked here: copies arriving together must find each other at once).
             prior = current if current is not None and current.work == Work.DEPOSIT else None
-            if prior is None and self.journal.latest(msg.vm, ("stored",)) is None:
-                if mode == Mode.STORE:
-                    raise UsageError(f"no stored bundles of VM {msg.vm}: was \"out\" sent (store mode)?")
+            if prior is None and mode != Mode.STORE and current is not None and current.work == Work.MOVE:
                 return None
             work = Work.COLLECT
         if current is not None and current is not prior:
             raise Conflict(f"a migration of VM {msg.vm} is already under way")
+        pending = self.outcomes.pending_of(msg.vm)
+        if pending is not None:
+            # A rollback that lands after a newer import would undo it.
+            raise Conflict(f"the rollback of migration {pending} of VM {msg.vm} is still pending (a "
+                           "destination could not be reached): no new migration of it until it is done")
         # The device-driven variant is the store's: other modes heard on the group are the manager's.
         driver = Driver.DEVICES if transport == "multicast" and work != Work.MOVE else Driver.MANAGER
-        entry = Entry(msg, work, driver, time.perf_counter(), prior)
+        entry = Entry(msg, work, driver, time.perf_counter(), prior,
+                      optional=work == Work.COLLECT and prior is None and mode != Mode.STORE)
         if driver == Driver.MANAGER:
             entry.ready.set()
         return entry
@@ -162,11 +183,11 @@ class Migrator:
         """Relay, push or pull: source to destination now, then commit or roll back."""
         msg, out = entry.msg, self.outcomes
         mode = msg.mode or self.settings.mode
-        ident, plan, mid = out.prepare(msg, mode, budget_ms)
+        ident, plan, mid = await out.prepare(msg, mode, budget_ms, entry.key)
         step = out.stepper(mid)
         outcome = await out.guarded(mid, plan, ident, step, _MOVES[mode](self.devices, plan, ident, step),
                                     msg.vm)
-        return out.commit(mid, plan, ident, outcome, entry.started)
+        return await out.commit(mid, plan, ident, outcome, entry.started)
 
     async def abort(self, vm: str) -> dict[str, Any]:
         """Stop a migration of ``vm``: roll back its destinations, leave its source as it was.
@@ -181,7 +202,7 @@ class Migrator:
             await self._abort_under_way(entry)
             return {"ok": True, "vm": vm, "aborted": True, "was": "under way"}
         out = self.outcomes
-        pending = self.journal.latest(vm, ("committed", "stored"), ("committed",))
+        pending = await self.journal.latest(vm, ("committed", "stored"), ("committed",))
         if pending is not None and time.time() - pending.started > ABORT_WINDOW_S:
             pending = None
         if pending is None:
@@ -191,12 +212,17 @@ class Migrator:
             raise UsageError(f"migration {pending.id} of VM {vm} committed and its source is being "
                              "cleaned: too late to abort")
         plan = out.plan_of(pending)
+        await self.store.drop(pending.id)
         if pending.state == "committed":
             with out.naming(pending.id):
-                await out.rollback(plan, VmIdentity.from_dict(pending.vm_identity), out.stepper(pending.id),
-                                   all_destinations(plan))
-        self.store.drop(pending.id)
-        self.journal.finish(pending.id, "aborted", "aborted by request")
+                done = await out.roll_back(pending.id, plan, VmIdentity.from_dict(pending.vm_identity), vm,
+                                           "aborted", "aborted by request")
+            if not done:
+                return {"ok": True, "vm": vm, "aborted": True, "was": pending.state, "migration": pending.id,
+                        "state": "rollback-pending", "note": "a destination could not be reached: its "
+                        "rollback is retried in the background"}
+        else:
+            await self.journal.finish(pending.id, "aborted", "aborted by request")
         return {"ok": True, "vm": vm, "aborted": True, "was": pending.state, "migration": pending.id}
 
     async def _abort_under_way(self, entry: Entry) -> None:
@@ -227,9 +253,3 @@ class Migrator:
         """Wait for cleanups under way (stop, tests)."""
         await self.outcomes.wait_background()
 
-    def _status(self, vm: str) -> dict[str, Any]:
-        for m in self.journal.recent(20):
-            if m.vm == vm:
-                return {"ok": True, "vm": vm, "migration": m.id, "state": m.state, "note":
-                        f"\"in\" needs no action in {m.mode} mode"}
-        return {"ok": True, "vm": vm, "note": "no migration of this VM known; \"in\" needs no action"}

@@ -8,13 +8,17 @@ Rules (docs/architecture.md, reliability rules):
   is deleted and the entries time out on their own;
 - a failing destination, or an abort, rolls back what was imported at the
   destinations and leaves the source as it was;
-- each step is a journal phase, so a restarted manager knows what was under way.
+- each step is a journal phase, so a restarted manager knows what was under way;
+- a rollback is journaled as done only once every destination forgot the VM: until
+  then the migration stays ``rollback-pending`` (no outcome) and is retried in the
+  background with backoff, and the VM refuses new migrations (a late rollback must
+  not undo a newer import).
 
     outcomes = Outcomes(topo, devices, journal, settings)
-    ident, plan, mid = outcomes.prepare(msg, Mode.RELAY, 300.0)
+    ident, plan, mid = await outcomes.prepare(msg, Mode.RELAY, 300.0)
     step = outcomes.stepper(mid)
     result = await outcomes.guarded(mid, plan, ident, step, modes.relay(devices, plan, ident, step), msg.vm)
-    report = outcomes.commit(mid, plan, ident, result, started)
+    report = await outcomes.commit(mid, plan, ident, result, started)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 from xfer.agent.protocol import MIGRATION
 from xfer.errors import MigrationFailed, UsageError, XferError
 from xfer.manager import modes
-from xfer.manager.journal import Journal, Migration
+from xfer.manager.journal import ROLLBACK_PENDING, Journal, Migration
 from xfer.manager.plan import Plan, Route, select
 from xfer.manager.settings import Cleanup, Settings
 from xfer.manager.topology import Device, Topology
@@ -38,6 +42,8 @@ from xfer.model import Kind, VmIdentity
 from xfer.net.message import Message, Mode, kinds_of
 
 log = logging.getLogger("xfer.manager")
+RETRY_FIRST_S = 0.5     # a pending rollback's first retry; doubled after each failure
+RETRY_MAX_S = 30.0
 
 
 class Aborted(XferError):
@@ -53,10 +59,15 @@ class Outcomes:
         self.aborting: set[str] = set()    # VMs whose migration under way was asked to abort
         self.cleaning: set[int] = set()    # migrations whose source is being cleaned
         self._background: set[asyncio.Task[Any]] = set()
+        # Rollbacks not done yet, retried until they are: migration -> (VM, retry task).
+        self.pending: dict[int, tuple[str, asyncio.Task[None]]] = {}
+        self.retry_first_s, self.retry_max_s = RETRY_FIRST_S, RETRY_MAX_S
         self._on_record = on_record or (lambda r: None)
 
-    def prepare(self, msg: Message, mode: Mode, budget_ms: float) -> tuple[VmIdentity, Plan, int]:
-        """Plan the message's move and journal the migration; its task names it from now on."""
+    async def prepare(self, msg: Message, mode: Mode, budget_ms: float,
+                      dedupe: str | None = None) -> tuple[VmIdentity, Plan, int]:
+        """Plan the message's move and journal the migration (with the message's de-duplication
+        key); its task names it from now on."""
         ident = self.topo.vm(msg.vm)
         kinds = kinds_of(msg)
         plan = select(self.topo, msg.source, msg.destination, kinds)
@@ -64,8 +75,8 @@ class Outcomes:
             raise UsageError("cannot move " + "; ".join(plan.missing.values()))
         if not plan.routes:
             raise UsageError("nothing to move: " + ("; ".join(plan.missing.values()) or "no kinds"))
-        mid = self.journal.begin(msg.vm, ident.to_dict(), msg.source, msg.destination, mode,
-                                 plan.to_dict(), budget_ms)
+        mid = await self.journal.begin(msg.vm, ident.to_dict(), msg.source, msg.destination, mode,
+                                       plan.to_dict(), budget_ms, dedupe or None)
         # This migration's task (and the tasks it starts) name it in every agent request.
         MIGRATION.set(self.journal.token(mid))
         return ident, plan, mid
@@ -82,28 +93,29 @@ class Outcomes:
                                           for _, d, k, why in outcome.failed))
             return outcome
         except BaseException as exc:
-            # Shielded: a cancel must not interrupt its own rollback.
-            await asyncio.shield(self.rollback(plan, ident, step, all_destinations(plan)))
             aborted = isinstance(exc, asyncio.CancelledError | Aborted)
-            self.journal.finish(mid, "aborted" if aborted else "rolled-back", str(exc) or "aborted")
+            # Shielded: a cancel must not interrupt its own rollback.
+            done = await asyncio.shield(self.roll_back(mid, plan, ident, vm,
+                                                       "aborted" if aborted else "rolled-back",
+                                                       str(exc) or "aborted"))
             if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, XferError):
                 raise
-            what = "was aborted" if aborted else f"failed and was rolled back: {exc}"
+            what = (("was aborted" if aborted else f"failed and was rolled back: {exc}") if done else
+                    f"failed ({exc}); its rollback is pending (a destination could not be reached) and "
+                    "is retried in the background")
             raise MigrationFailed(f"migration {mid} of VM {vm} {what}",
-                                  self.report(mid, plan, None)) from None
+                                  await self.report(mid, plan, None)) from None
 
-    def commit(self, mid: int, plan: Plan, ident: VmIdentity, outcome: modes.Outcome,
+    async def commit(self, mid: int, plan: Plan, ident: VmIdentity, outcome: modes.Outcome,
                started: float) -> dict[str, Any]:
         """Every destination committed: journal it, start the source's cleanup, report."""
-        self.journal.state(mid, "committed")
-        report = self.report(mid, plan, started)
+        await self.journal.state(mid, "committed")
+        report = await self.report(mid, plan, started)
         if self.settings.cleanup == Cleanup.DELETE:
-            task = asyncio.ensure_future(self.cleanup(mid, plan, ident))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.background(self.cleanup(mid, plan, ident))
             report["cleanup"] = "pending"
         else:
-            self.journal.finish(mid, "committed")
+            await self.journal.finish(mid, "committed")
             report["cleanup"] = "age-out"
         self._on_record(report)
         return report
@@ -114,7 +126,8 @@ class Outcomes:
         try:
             errors = await modes.forget(self.devices, all_sources(plan), ident, self.stepper(mid),
                                         "cleanup")
-            self.journal.finish(mid, "cleaned" if not errors else "committed", "; ".join(errors) or None)
+            outcome = "cleaned" if not errors else "committed"
+            await self.journal.finish(mid, outcome, "; ".join(errors) or None)
         finally:
             self.cleaning.discard(mid)
 
@@ -125,6 +138,62 @@ class Outcomes:
         for e in errors:
             log.error(json.dumps({"event": "rollback failed", "error": e}))
         return errors
+
+    async def roll_back(self, mid: int, plan: Plan, ident: VmIdentity, vm: str, outcome: str,
+                        why: str) -> bool:
+        """Roll the destinations back and journal ``outcome``; if a destination could not be
+        reached, journal the migration ``rollback-pending`` and retry in the background.
+        Returns whether the rollback is done."""
+        errors = await self.rollback(plan, ident, self.stepper(mid), all_destinations(plan))
+        if not errors:
+            await self.journal.finish(mid, outcome, why)
+            return True
+        await self.journal.state(mid, ROLLBACK_PENDING, "; ".join([why, *errors]))
+        self.retry_rollback(mid, plan, ident, vm, outcome, why, self.retry_first_s)
+        return False
+
+    def retry_rollback(self, mid: int, plan: Plan, ident: VmIdentity, vm: str, outcome: str, why: str,
+                       delay: float) -> None:
+        """Retry migration ``mid``'s rollback after ``delay`` s, then with backoff, until it is done;
+        the journal then says ``outcome``."""
+        async def retry() -> None:
+            wait = delay
+            with self.naming(mid):
+                while True:
+                    await asyncio.sleep(wait)
+                    wait = min(max(wait, self.retry_first_s) * 2, self.retry_max_s)
+                    try:
+                        errors = await self.rollback(plan, ident, self.stepper(mid), all_destinations(plan))
+                        if not errors:
+                            await self.journal.finish(mid, outcome, why)
+                            log.info(json.dumps({"event": "rollback done", "migration": mid, "vm": vm}))
+                            return
+                        await self.journal.state(mid, ROLLBACK_PENDING, "; ".join([why, *errors]))
+                    except XferError as exc:
+                        # The journal itself unreachable (etcd): the rollback is not known done.
+                        log.error(json.dumps({"event": "rollback retry failed", "migration": mid,
+                                              "error": str(exc)}))
+
+        task = asyncio.ensure_future(retry())
+        self.pending[mid] = (vm, task)
+        task.add_done_callback(lambda _: self.pending.pop(mid, None))
+
+    def pending_of(self, vm: str) -> int | None:
+        """The migration of ``vm`` whose rollback is still pending, if any."""
+        return next((mid for mid, (v, _) in self.pending.items() if v == vm), None)
+
+    async def stop_retries(self) -> None:
+        """Stop retrying (the manager stops; the journal keeps them pending for the next run)."""
+        tasks = [t for _, t in self.pending.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def background(self, work: Awaitable[None]) -> None:
+        """Run ``work`` (a cleanup) after the answer; ``wait_background`` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def wait_background(self) -> None:
         """Wait for cleanups under way (stop, tests)."""
@@ -160,25 +229,27 @@ class Outcomes:
 
         async def step(name: str, device: Device, kinds: Sequence[Kind],
                        op: Callable[[], Awaitable[Any]]) -> Any:
-            pid = journal.phase(mid, name, device.id, [k.value for k in kinds])
+            pid = await journal.phase(mid, name, device.id, [k.value for k in kinds])
             try:
                 result = await op()
             except BaseException as exc:
-                journal.end_phase(pid, "aborted" if isinstance(exc, asyncio.CancelledError) else "failed",
-                                  {"error": str(exc)})
+                # Shielded: a cancelled migration still closes its phase.
+                await asyncio.shield(journal.end_phase(
+                    mid, pid, "aborted" if isinstance(exc, asyncio.CancelledError) else "failed",
+                    {"error": str(exc)}))
                 raise
             detail = ({"bytes": len(result)} if isinstance(result, bytes)
                       else _summary(result) if isinstance(result, dict) else {})
             ok = not isinstance(result, dict) or name in ("cleanup", "rollback") or modes.report_ok(
                 result.get("report", result) if name == "push" else result)
-            journal.end_phase(pid, "ok" if ok else "failed", detail)
+            await journal.end_phase(mid, pid, "ok" if ok else "failed", detail)
             return result
 
         return step
 
-    def report(self, mid: int, plan: Plan, started: float | None) -> dict[str, Any]:
+    async def report(self, mid: int, plan: Plan, started: float | None) -> dict[str, Any]:
         """The migration's report: state, timing against the budget, each phase."""
-        m = self.journal.get(mid)
+        m = await self.journal.get(mid)
         ms = (time.perf_counter() - started) * 1000 if started is not None else None
         phases: list[dict[str, Any]] = [
             {"name": p.name, "device": p.device, "kinds": list(p.kinds), "outcome": p.outcome,

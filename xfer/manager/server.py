@@ -27,20 +27,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import socket
 import time
 from typing import Any, cast
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from xfer.agent.client import AgentClient
 from xfer.bundle import DEFAULT_MAX_SIZE
-from xfer.errors import AuthError, BundleError, UsageError, XferError
+from xfer.errors import AuthError, BundleError, NotLeader, UsageError, XferError
 from xfer.manager import topology
+from xfer.manager.backends import maintain, open_backend
 from xfer.manager.config import API_PATH, ManagerConfig
 from xfer.manager.desk import DeviceDesk
+from xfer.manager.etcd import EtcdJournal
 from xfer.manager.journal import Journal
+from xfer.manager.leader import Election
 from xfer.manager.migration import Conflict, MigrationFailed, Migrator
 from xfer.manager.modes import Devices
 from xfer.manager.store import Store
@@ -67,6 +71,9 @@ class ManagerMetrics:
                                buckets=_BUCKETS, registry=self.registry)
         self.over_budget = Counter("xfer_manager_over_budget", "Migrations over their time budget",
                                    registry=self.registry)
+        self.rollbacks_pending = Gauge("xfer_manager_rollbacks_pending",
+                                       "Rollbacks not done yet (a destination unreachable), retried",
+                                       registry=self.registry)
 
     def record(self, report: dict[str, Any]) -> None:
         if report.get("ms") is not None:
@@ -99,6 +106,10 @@ class ManagerServer(Listener):
         self._migrator: Migrator | None = None
         self._desk: DeviceDesk | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._daemons: list[asyncio.Task[Any]] = []   # run as long as the manager (cancelled at stop)
+        self.election: Election | None = None
+        self._topo: topology.Topology | None = None
+        self._devices_in_use: Devices | None = None
 
     @property
     def url(self) -> str:
@@ -107,7 +118,9 @@ class ManagerServer(Listener):
 
     @property
     def migrator(self) -> Migrator:
-        assert self._migrator is not None, "start() first"
+        """The leader's migrator; NotLeader on a follower."""
+        if self._migrator is None or not self.leading:
+            raise self._not_leader()
         return self._migrator
 
     async def start(self) -> None:
@@ -122,14 +135,15 @@ class ManagerServer(Listener):
                                            namespace=cfg.netns, timeout=30)
                 await self._client.start()
                 devices = self._client
-            self._journal = Journal(cfg.journal)
-            self._store = Store(cfg.journal, cfg.store_ttl_s)
-            self._migrator = Migrator(topo, devices, self._journal, self._store, cfg.settings,
-                                      on_record=self.metrics.record)
-            self._desk = DeviceDesk(self._migrator)
-            # Before listening: no message may meet the remains of a crashed run.
-            for item in await self.migrator.recover():
-                self.emit({"event": "recovered", **item})
+            self._topo, self._devices_in_use = topo, devices
+            self._journal, self._store = await open_backend(cfg)
+            self.metrics.rollbacks_pending.set_function(
+                lambda: len(self._migrator.outcomes.pending) if self._migrator else 0)
+            if cfg.backend.backend == "sqlite":
+                # Before listening: no message may meet the remains of a crashed run (its
+                # rollbacks go on in the background; their VMs refuse messages meanwhile).
+                await self._lead()
+            self._spawn(maintain(self._journal, self._store, cfg.backend))
             api = web.Application(client_max_size=64 * 1024, middlewares=[self._middleware])
             api.add_routes([
                 web.post(API_PATH, self._message), web.post("/migrations", self._message),
@@ -150,11 +164,60 @@ class ManagerServer(Listener):
             if cfg.multicast:
                 await self._listen_udp(multicast_socket(*cfg.multicast, cfg.multicast_interface, cfg.netns),
                                        "multicast")
+            if cfg.backend.backend == "etcd":
+                assert isinstance(self._journal, EtcdJournal)
+                self.election = Election(self._journal.client, cfg.backend.prefix,
+                                         f"{socket.gethostname()}-{os.getpid()}-{self.port}",
+                                         cfg.backend.url or self.url, cfg.backend.lease_s)
+                self._spawn(self.election.run(self._lead, self._follow))
         except BaseException:
             await self.stop()
             raise
         self.emit({"event": "listening", "url": self.url, "udp": cfg.udp, "multicast": cfg.multicast,
-              "mode": cfg.settings.mode, "cleanup": cfg.settings.cleanup})
+                   "mode": cfg.settings.mode, "cleanup": cfg.settings.cleanup,
+                   "backend": cfg.backend.backend})
+
+    async def _lead(self) -> None:
+        """Become the one that acts: a fresh migrator over the journal, and recovery of what the
+        previous leader (or run) left under way."""
+        assert self._journal is not None and self._store is not None
+        assert self._topo is not None and self._devices_in_use is not None
+        if self.election is not None:
+            assert isinstance(self._journal, EtcdJournal)
+            self._journal.fence = self.election.fence
+        migrator = Migrator(self._topo, self._devices_in_use, self._journal, self._store,
+                            self.config.settings, on_record=self.metrics.record)
+        if self.election is not None:
+            self.emit({"event": "leading", "url": self.url})
+        for item in await migrator.recover():
+            self.emit({"event": "recovered", **item})
+        self._migrator, self._desk = migrator, DeviceDesk(migrator)
+
+    async def _follow(self) -> None:
+        """Lost the leadership: stop acting (the journal already refuses this manager's writes)."""
+        self.emit({"event": "following", "url": self.url, "reason": "the leader lease ended"})
+        migrator, self._migrator, self._desk = self._migrator, None, None
+        if isinstance(self._journal, EtcdJournal):
+            self._journal.fence = None
+        if migrator is not None:
+            await migrator.outcomes.stop_retries()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this manager acts on messages now (always, with the SQLite journal)."""
+        if self.election is None:
+            return self._migrator is not None
+        return self._migrator is not None and self.election.sure
+
+    def _not_leader(self) -> NotLeader:
+        leader = self.election.leader_url if self.election is not None else None
+        if leader == self.url:
+            leader = None
+        return NotLeader("this manager is not the leader" + (f"; the leader is {leader}" if leader else
+                                                             " (none elected yet)"), leader)
+
+    def _spawn(self, work: Any) -> None:
+        self._daemons.append(asyncio.ensure_future(work))
 
     async def _listen_udp(self, sock: socket.socket, name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -167,16 +230,23 @@ class ManagerServer(Listener):
             transport.close()
         self._udp.clear()
         await self.close_sites()
+        for task in self._daemons:
+            task.cancel()
+        await asyncio.gather(*self._daemons, return_exceptions=True)
+        self._daemons.clear()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._migrator is not None:
+            await self._migrator.outcomes.stop_retries()
             await self._migrator.wait_background()
+        if self.election is not None and self.election.leading:
+            await self.election.resign()
         if self._client is not None:
             await self._client.close()
             self._client = None
         for closable in (self._store, self._journal):
             if closable is not None:
-                closable.close()
+                await closable.close()
         self._store = self._journal = None
         self.stopped()
 
@@ -250,13 +320,14 @@ class ManagerServer(Listener):
             raise UsageError("limit must be a number")
         limit = int(text)
         assert self._journal is not None
-        return web.json_response([m.to_dict() for m in self._journal.recent(limit)])
+        return web.json_response([m.to_dict() for m in await self._journal.recent(limit)])
 
     # --- the devices' own requests (device-driven variant) ------------------------------------
 
     @property
     def desk(self) -> DeviceDesk:
-        assert self._desk is not None, "start() first"
+        if self._desk is None or not self.leading:
+            raise self._not_leader()
         return self._desk
 
     async def _role(self, request: web.Request) -> web.StreamResponse:
@@ -269,16 +340,16 @@ class ManagerServer(Listener):
     async def _deposit(self, request: web.Request) -> web.StreamResponse:
         packed = await _read_limited(request, DEFAULT_MAX_SIZE)
         size = packed_size(packed, request.headers.get(COMPRESSION_HEADER), DEFAULT_MAX_SIZE)
-        return web.json_response(self.desk.deposit(int(request.match_info["migration"]),
+        return web.json_response(await self.desk.deposit(int(request.match_info["migration"]),
                                                    request.match_info["device"], packed, size))
 
     async def _collect(self, request: web.Request) -> web.StreamResponse:
-        packed = self.desk.stored_bundle(int(request.match_info["migration"]), request.match_info["source"],
-                                         request.match_info["device"])
+        match = request.match_info
+        packed = await self.desk.stored_bundle(int(match["migration"]), match["source"], match["device"])
         return web.Response(body=packed, content_type=BUNDLE_TYPE, headers={COMPRESSION_HEADER: ZSTD})
 
     async def _report(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.desk.report(int(request.match_info["migration"]),
+        return web.json_response(await self.desk.report(int(request.match_info["migration"]),
                                                   request.match_info["device"], await self._json(request)))
 
     async def metrics_registry(self) -> CollectorRegistry:
@@ -286,7 +357,11 @@ class ManagerServer(Listener):
 
     def datagram(self, data: bytes, addr: tuple[str, int], transport: asyncio.DatagramTransport,
                  name: str = "udp") -> None:
-        """One datagram, heard on the unicast socket (``name`` udp) or the group (multicast)."""
+        """One datagram, heard on the unicast socket (``name`` udp) or the group (multicast).
+        Only the leader answers: a follower's answer would be a refusal the sender cannot tell
+        from the leader's, so it stays silent."""
+        if not self.leading:
+            return
         async def run() -> None:
             try:
                 answer: dict[str, Any] = await self.handle(json.loads(data), name)

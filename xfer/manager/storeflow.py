@@ -15,15 +15,28 @@ from typing import Any
 
 from xfer.agent.protocol import MIGRATION
 from xfer.errors import AgentError, MigrationFailed, StoreExpired, UsageError, XferError
-from xfer.manager import modes
+from xfer.manager import modes, store
 from xfer.manager.entry import Driver, Entry, Work
-from xfer.manager.journal import Migration
+from xfer.manager.journal import Journal, Migration
 from xfer.manager.outcome import Aborted, Outcomes
 from xfer.manager.plan import Plan, resolve
 from xfer.manager.rounds import Key, Round
 from xfer.manager.store import Store
 from xfer.model import Kind, VmIdentity
 from xfer.net.message import Message, Mode
+
+
+class NothingStored(UsageError):
+    """An "in" found nothing of its VM in the store."""
+
+
+async def status(journal: Journal, vm: str) -> dict[str, Any]:
+    """The answer to an "in" that needs no action (its move happened on "out")."""
+    for m in await journal.recent(20):
+        if m.vm == vm:
+            return {"ok": True, "vm": vm, "migration": m.id, "state": m.state, "note":
+                    f"\"in\" needs no action in {m.mode} mode"}
+    return {"ok": True, "vm": vm, "note": "no migration of this VM known; \"in\" needs no action"}
 
 
 class StoreFlow:
@@ -46,7 +59,7 @@ class StoreFlow:
         async def by_manager(mid: int, plan: Plan, ident: VmIdentity, step: modes.Step) -> dict[str, int]:
             bundles = await modes.export_all(self.devices, plan, ident, step)
             for device, data in bundles.items():
-                self.store.put(mid, device, data)
+                await store.put(self.store, mid, device, data)
             return {d: len(b) for d, b in bundles.items()}
 
         return await self._fill_store(entry, budget_ms, by_manager)
@@ -68,29 +81,30 @@ class StoreFlow:
                           ) -> dict[str, Any]:
         """Journal the migration, let ``fill`` put each source device's bundle in the store."""
         msg, aborting = entry.msg, self.outcomes.aborting
-        ident, plan, mid = self.outcomes.prepare(msg, Mode.STORE, budget_ms)
+        ident, plan, mid = await self.outcomes.prepare(msg, Mode.STORE, budget_ms, entry.key)
         try:
             sizes = await fill(mid, plan, ident, self.outcomes.stepper(mid))
             if msg.vm in aborting:
                 raise Aborted("aborted by request")
         except BaseException as exc:
-            self.store.drop(mid)
+            await self.store.drop(mid)
             # An abort also shows as the devices' reports failing with its reason.
             aborted = isinstance(exc, asyncio.CancelledError | Aborted) or msg.vm in aborting
-            self.journal.finish(mid, "aborted" if aborted else "failed", str(exc) or "aborted")
+            await self.journal.finish(mid, "aborted" if aborted else "failed", str(exc) or "aborted")
             if not isinstance(exc, XferError) or isinstance(exc, asyncio.CancelledError):
                 raise
             what = "was aborted" if aborted else f"failed: {exc}"
             raise MigrationFailed(f"migration {mid} of VM {msg.vm} {what}; nothing stored, the source "
-                                  "keeps its state", self.outcomes.report(mid, plan, None)) from None
+                                  "keeps its state", await self.outcomes.report(mid, plan, None)) from None
         finally:
             self.close_round(mid)
-        self.journal.state(mid, "stored")
-        return {**self.outcomes.report(mid, plan, entry.started), "stored": sizes, "driven_by": entry.driver}
+        await self.journal.state(mid, "stored")
+        report = await self.outcomes.report(mid, plan, entry.started)
+        return {**report, "stored": sizes, "driven_by": entry.driver}
 
     async def _collect(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
-        def by_manager(mid: int, plan: Plan, ident: VmIdentity, step: modes.Step) -> Awaitable[modes.Outcome]:
-            return modes.import_all(self.devices, plan, ident, self.store.get(mid), step)
+        async def by_manager(mid: int, plan: Plan, ident: VmIdentity, step: modes.Step) -> modes.Outcome:
+            return await modes.import_all(self.devices, plan, ident, await store.get(self.store, mid), step)
 
         return await self._empty_store(entry, by_manager)
 
@@ -108,7 +122,12 @@ class StoreFlow:
                            ) -> dict[str, Any]:
         """Once the deposit is in, import the stored bundles at the destinations (``move``), commit."""
         await self._after(entry)
-        stored, plan = self._stored_for(entry.msg)
+        try:
+            stored, plan = await self._stored_for(entry.msg)
+        except NothingStored:
+            if entry.optional:
+                return await status(self.journal, entry.msg.vm)
+            raise
         mid, ident = stored.id, VmIdentity.from_dict(stored.vm_identity)
         step = self.outcomes.stepper(mid)
         MIGRATION.set(self.journal.token(mid))
@@ -117,8 +136,8 @@ class StoreFlow:
                                                   entry.msg.vm)
         finally:
             self.close_round(mid)
-        self.store.drop(mid)
-        return self.outcomes.commit(mid, plan, ident, outcome, entry.started)
+        await self.store.drop(mid)
+        return await self.outcomes.commit(mid, plan, ident, outcome, entry.started)
 
     async def _after(self, entry: Entry) -> None:
         """Wait for the deposit that ``entry`` (a collect) follows, if it is still under way."""
@@ -135,31 +154,31 @@ class StoreFlow:
                 raise
             raise UsageError(f"nothing to collect: the \"out\" of VM {entry.msg.vm} was aborted") from None
 
-    def _stored_for(self, msg: Message) -> tuple[Migration, Plan]:
+    async def _stored_for(self, msg: Message) -> tuple[Migration, Plan]:
         """The VM's stored migration that "in" completes, its plan resolved to the destination.
 
         Refuses an "in" that contradicts the "out" (another source or destination), and
         fails the migration when its bundles expired.
         """
-        stored = self.journal.latest(msg.vm, ("stored",))
+        stored = await self.journal.latest(msg.vm, ("stored",))
         if stored is None:
-            raise UsageError(f"no stored bundles of VM {msg.vm}: was \"out\" sent (store mode)?")
+            raise NothingStored(f"no stored bundles of VM {msg.vm}: was \"out\" sent (store mode)?")
         if msg.source and msg.source != stored.source:
             raise UsageError(f"the stored bundles of VM {msg.vm} came from {stored.source}, not {msg.source}")
         plan = self.outcomes.plan_of(stored)
         if not plan.destination:
             # The source did not know the destination (libvirt): "in" names it.
             plan = resolve(plan, self.topo, msg.destination)
-            self.journal.resolve(stored.id, msg.destination, plan.to_dict())
+            await self.journal.resolve(stored.id, msg.destination, plan.to_dict())
         elif msg.destination != plan.destination:
             raise UsageError(f"VM {msg.vm} was announced to {plan.destination}, not {msg.destination}")
         needed = {r.source.id for r in plan.routes}
-        if not needed <= self.store.devices(stored.id):
-            self.journal.finish(stored.id, "failed", "stored bundles expired")
+        if not needed <= await self.store.devices(stored.id):
+            await self.journal.finish(stored.id, "failed", "stored bundles expired")
             raise StoreExpired(f"the stored bundles of VM {msg.vm} expired ({self.store.ttl_s:g} s after "
                                "\"out\"); nothing imported, the source keeps its state")
         if not plan.routes:
-            self.journal.finish(stored.id, "failed", "nothing to import")
+            await self.journal.finish(stored.id, "failed", "nothing to import")
             raise UsageError("nothing to import: " + "; ".join(plan.missing.values()))
         return stored, plan
 

@@ -17,6 +17,7 @@ from xfer.errors import (
     ImportFailed,
     MigrationCancelled,
     NamespaceNotFound,
+    NotLeader,
     StoreExpired,
     UsageError,
     XferError,
@@ -38,6 +39,7 @@ _STATUS: tuple[tuple[type[XferError], int], ...] = (
     (StoreExpired, 410),
     (UsageError, 400),
     (NamespaceNotFound, 503),
+    (NotLeader, 421),               # Misdirected: nothing done, ask the leader
     (AgentError, 502),
 )
 
@@ -52,7 +54,10 @@ def status_of(exc: XferError) -> int:
 
 def error_body(exc: XferError) -> dict[str, Any]:
     remote = getattr(exc, "remote_type", "")
-    return {"error": str(exc), "type": remote or type(exc).__name__}
+    body = {"error": str(exc), "type": remote or type(exc).__name__}
+    if isinstance(exc, NotLeader) and exc.leader:
+        body["leader"] = exc.leader
+    return body
 
 
 def compress(data: bytes) -> tuple[bytes, dict[str, str]]:

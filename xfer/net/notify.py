@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import socket
 import ssl
 import time
@@ -51,11 +52,34 @@ def check_url(url: str) -> SplitResult:
     return parts
 
 
+def manager_urls(urls: str) -> list[str]:
+    """Several managers (one leads, the others redirect to it) as one comma-separated string;
+    each is checked like ``check_url``.
+
+    >>> manager_urls("https://10.0.4.9:8700/v1/migrations,https://10.0.4.10:8700/v1/migrations")[1]
+    'https://10.0.4.10:8700/v1/migrations'
+    """
+    out = [u.strip() for u in urls.split(",") if u.strip()]
+    if not out:
+        raise UsageError("no manager URL given")
+    for u in out:
+        check_url(u)
+    return out
+
+
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class _Stale(Exception):
     """A connection opened before the window was closed by the manager while idle."""
+
+
+class _Elsewhere(Exception):
+    """Nothing was done here; ask ``leader`` (when known) or the next manager."""
+
+    def __init__(self, reason: str, leader: str | None = None) -> None:
+        self.reason, self.leader = reason, leader
+        super().__init__(reason)
 
 
 class ManagerLink:
@@ -67,20 +91,33 @@ class ManagerLink:
     by a fresh one; once the request is written nothing is retried, since the
     manager may have acted on it.
 
+    ``url`` may name several managers, comma-separated (an etcd-backed group: one
+    leads): a manager that is not the leader answers 421 naming the leader, and the
+    request goes there; an unreachable one passes it to the next. With several
+    managers each message gets an id if it has none, so that a request whose manager
+    died after reading it can be sent again: the new leader finds the id in the
+    shared journal and answers what became of it instead of acting twice.
+
         async with ManagerLink(url) as link:
             await link.open(1)                    # before the window
             report = await link.send(msg, deadline)
     """
 
     def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.url = url
-        self.parts = check_url(url)
-        self.tls = ssl_context if self.parts.scheme == "https" else None
-        if self.parts.scheme == "https" and self.tls is None:
-            self.tls = ssl.create_default_context()
-        self.port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
+        self.urls = manager_urls(url)
+        self.url = self.urls[0]
+        self._ssl = ssl_context
         self._idle: list[Stream] = []
         self.open_error: str | None = None
+
+    @property
+    def parts(self) -> SplitResult:
+        return check_url(self.url)
+
+    def _tls(self, parts: SplitResult) -> ssl.SSLContext | None:
+        if parts.scheme != "https":
+            return None
+        return self._ssl or ssl.create_default_context()
 
     async def __aenter__(self) -> ManagerLink:
         return self
@@ -89,14 +126,20 @@ class ManagerLink:
         await self.close()
 
     async def open(self, count: int, timeout: float = 5.0) -> None:
-        """Open ``count`` connections now. A failure is kept in ``open_error``, not
-        raised: the manager may be up by the time the window opens."""
-        try:
-            async with asyncio.timeout(timeout):
-                for _ in range(count - len(self._idle)):
-                    self._idle.append(await self._connect())
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            self.open_error = f"manager {self.url} not reachable before the window: {exc or 'timeout'}"
+        """Open ``count`` connections now (to the first manager that answers). A failure is kept
+        in ``open_error``, not raised: the manager may be up by the time the window opens."""
+        errors = []
+        for url in [self.url, *(u for u in self.urls if u != self.url)]:
+            try:
+                async with asyncio.timeout(timeout):
+                    for _ in range(count - len(self._idle)):
+                        self._idle.append(await self._connect(url))
+                self.url, self.open_error = url, None
+                return
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                await self.close()
+                errors.append(f"manager {url} not reachable before the window: {exc or 'timeout'}")
+        self.open_error = "; ".join(errors)
 
     async def close(self) -> None:
         while self._idle:
@@ -104,40 +147,87 @@ class ManagerLink:
 
     async def send(self, message: MigrationMessage | dict[str, Any], deadline: float) -> dict[str, Any]:
         """POST ``message``; return the manager's JSON report (see ``send_migration_message``)."""
-        body = json.dumps(message.to_json() if isinstance(message, MigrationMessage) else message).encode()
+        body_obj = message.to_json() if isinstance(message, MigrationMessage) else dict(message)
+        if len(self.urls) > 1 and not body_obj.get("id"):
+            body_obj["id"] = secrets.token_hex(8)
+        body = json.dumps(body_obj).encode()
         loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
+        order = [self.url, *(u for u in self.urls if u != self.url)]
+        tried: list[str] = []
+        errors: list[str] = []
         try:
             async with asyncio.timeout_at(loop_deadline):
-                stream = self._idle.pop(0) if self._idle else None
-                if stream is not None:
+                while order:
+                    url = order.pop(0)
+                    tried.append(url)
                     try:
-                        status, payload = await self._exchange(stream, body, deadline)
-                    except _Stale:
-                        stream = None
-                if stream is None:
-                    status, payload = await self._exchange(await self._connect(), body, deadline)
+                        status, payload = await self._post(url, body, deadline)
+                    except _Elsewhere as exc:
+                        errors.append(f"manager {url}: {exc.reason}")
+                        if exc.leader and exc.leader not in tried:
+                            order = [exc.leader, *(u for u in order if u != exc.leader)]
+                        elif not order:
+                            # No leader yet (an election under way): go round again shortly.
+                            await asyncio.sleep(0.2)
+                            order = [u for u in self.urls]
+                            tried.clear()
+                        continue
+                    self.url = url
+                    return _parse_answer(url, status, payload)
         except TimeoutError as exc:
-            raise MigrationMessageError(f"manager {self.url} did not answer within the deadline") from exc
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
-            raise MigrationMessageError(f"manager {self.url}: {exc or 'connection closed'}") from exc
-        return _parse_answer(self.url, status, payload)
+            raise MigrationMessageError(f"manager {self.url} did not answer within the deadline"
+                                        + (f" ({'; '.join(errors[-3:])})" if errors else "")) from exc
+        raise MigrationMessageError("; ".join(errors) or "no manager answered")
 
-    async def _connect(self) -> Stream:
-        assert self.parts.hostname is not None
-        reader, writer = await asyncio.open_connection(self.parts.hostname, self.port, ssl=self.tls)
+    async def _post(self, url: str, body: bytes, deadline: float) -> tuple[int, bytes]:
+        """One request to ``url``; _Elsewhere when it may go to another manager unchanged."""
+        written = False
+        try:
+            stream = self._idle.pop(0) if self._idle and url == self.url else None
+            if stream is not None:
+                try:
+                    written = True
+                    status, payload = await self._exchange(url, stream, body, deadline)
+                except _Stale:
+                    written, stream = False, None
+            if stream is None:
+                fresh = await self._connect(url)
+                written = True
+                status, payload = await self._exchange(url, fresh, body, deadline)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, MigrationMessageError) as exc:
+            reason = str(exc) or "connection closed"
+            # Written and lost: only a message with an id may go again (the journal knows it).
+            if len(self.urls) > 1 and (not written or b'"id"' in body):
+                raise _Elsewhere(reason) from exc
+            if isinstance(exc, MigrationMessageError):
+                raise
+            raise MigrationMessageError(f"manager {url}: {reason}") from exc
+        if status == 421:
+            answer = _json_or_empty(payload)
+            leader = answer.get("leader") if isinstance(answer.get("leader"), str) else None
+            if leader:
+                check_url(leader)
+            raise _Elsewhere(str(answer.get("error") or "not the leader"), leader)
+        return status, payload
+
+    async def _connect(self, url: str) -> Stream:
+        parts = check_url(url)
+        assert parts.hostname is not None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=self._tls(parts))
         sock = writer.get_extra_info("socket")
         if sock is not None:
             # The request goes out in one write; do not let Nagle hold the answer's ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return reader, writer
 
-    async def _exchange(self, stream: Stream, body: bytes, deadline: float) -> tuple[int, bytes]:
+    async def _exchange(self, url: str, stream: Stream, body: bytes, deadline: float) -> tuple[int, bytes]:
         reader, writer = stream
         try:
             if reader.at_eof():
                 raise _Stale("closed by the manager while idle")
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            p = self.parts
+            p = check_url(url)
             head = (f"POST {p.path or '/'}{'?' + p.query if p.query else ''} HTTP/1.1\r\n"
                     f"Host: {p.netloc}\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n"
@@ -148,6 +238,14 @@ class ManagerLink:
             return await _read_response(reader)
         finally:
             await _close(writer)
+
+
+def _json_or_empty(payload: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(payload) if payload.strip() else {}
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
