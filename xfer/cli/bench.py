@@ -37,6 +37,26 @@ def bench_conntrack(
         print_json(result)
 
 
+@bench_app.command("precopy")
+def bench_precopy(
+    total: Annotated[int, typer.Option(help="Entries in the source table.")] = 200_000,
+    vm_flows: Annotated[int, typer.Option("--vm-flows", help="Of which the VM's.")] = 20_000,
+    churn: Annotated[float, typer.Option(help="Share of the VM's flows changing per round.")] = 0.01,
+    repeat: Annotated[int, typer.Option(help="Rounds of each contender (median reported).")] = 5,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/precopy.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Pause cost with pre-copy (only the last delta in the pause) vs without, same run.
+
+    Example: xfer bench precopy --total 200000 --vm-flows 20000 --churn 0.01
+    """
+    from xfer.bench import precopy as bench
+
+    result = bench.run(total, vm_flows, churn, repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)
+
+
 @bench_app.command("agents")
 def bench_agents(
     vm_flows: Annotated[int, typer.Option("--vm-flows", help="The VM's conntrack entries.")] = 20_000,

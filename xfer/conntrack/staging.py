@@ -28,9 +28,11 @@ Every entry passes the import's ownership and well-formedness check
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import NamedTuple
@@ -106,14 +108,33 @@ def kernel_timeouts(namespace: str | None) -> Timeouts:
                         read("nf_conntrack_generic_timeout", d.generic))
 
 
+def _proto_and_state(attrs: dict[int, bytes]) -> tuple[int, int | None]:
+    """The protocol number of the original tuple and the TCP state, read without a full
+    decode (this runs per entry of a delta, inside the pause)."""
+    proto = 0
+    orig = attrs[c.CTA_TUPLE_ORIG]
+    for kind, s, e in wire.iter_attrs(orig, 4):
+        if kind == c.CTA_TUPLE_PROTO:
+            for k2, s2, _e2 in wire.iter_attrs(orig, s, e):
+                if k2 == c.CTA_PROTO_NUM:
+                    proto = orig[s2]
+    state = None
+    info = attrs.get(c.CTA_PROTOINFO)
+    if info is not None and proto == c.IPPROTO_TCP:
+        for kind, s, e in wire.iter_attrs(info, 4):
+            if kind == c.CTA_PROTOINFO_TCP:
+                for k2, s2, _e2 in wire.iter_attrs(info, s, e):
+                    if k2 == c.CTA_PROTOINFO_TCP_STATE:
+                        state = info[s2]
+    return proto, state
+
+
 def bounded(message: bytes, timeouts: Timeouts) -> tuple[bytes, int]:
     """``message`` with its CTA_TIMEOUT set to the kernel's limit for the entry's state,
     and that limit."""
-    blob = message[HDR:stream.length_at(message, 0)]
-    attrs = wire.split(blob)
-    proto = wire.parse_tuple(attrs[c.CTA_TUPLE_ORIG]).proto
-    tcp = wire.parse_tcp(attrs.get(c.CTA_PROTOINFO))
-    limit = timeouts.limit(proto, tcp.state if tcp else None, wire.entry_status(attrs))
+    attrs = wire.split(message[HDR:stream.length_at(message, 0)])
+    proto, state = _proto_and_state(attrs)
+    limit = timeouts.limit(proto, state, wire.entry_status(attrs))
     attrs[c.CTA_TIMEOUT] = wire.nla(c.CTA_TIMEOUT, _U32BE.pack(limit))
     body = b"".join(attrs.values())
     return struct.pack("=I", HDR + len(body)) + message[4:HDR] + body, limit
@@ -156,6 +177,8 @@ class Stage:
         self.timeouts = timeouts or kernel_timeouts(namespace)
         self.refresh_margin = refresh_margin
         self.staged: dict[bytes, _Staged] = {}
+        # (expires, key) of staged entries, soonest first; stale pairs are skipped
+        self._expiry: list[tuple[float, bytes]] = []
         self.applied = 0
         self._nat_checked = False
         self._ct: CtNetlink | None = None
@@ -223,11 +246,16 @@ class Stage:
             plan.append(("update" if old is not None else "create", key, sent))
             pending[key] = _Staged(sent, _entry_id(msg), now + limit)
         if final:
-            for key, st in self.staged.items():
-                if key not in touched and st.expires - now < self.refresh_margin:
-                    sent, limit = bounded(st.message, self.timeouts)
-                    plan.append(("refresh", key, sent))
-                    pending[key] = st._replace(expires=now + limit)
+            # only the staged entries that run out before the pause ends: O(those), not
+            # O(everything staged)
+            while self._expiry and self._expiry[0][0] - now < self.refresh_margin:
+                expires, key = heapq.heappop(self._expiry)
+                st = self.staged.get(key)
+                if st is None or st.expires != expires or key in touched or key in pending:
+                    continue
+                sent, limit = bounded(st.message, self.timeouts)
+                plan.append(("refresh", key, sent))
+                pending[key] = st._replace(expires=now + limit)
         failures = self._send(ct, plan)
         # an update of an entry the destination already let expire, or a create of one
         # it already holds from before us: try the other way once
@@ -268,7 +296,8 @@ class Stage:
             # ours, so abort leaves it (it was there before us).
             report.updated += 1
         else:
-            self.staged[key] = pending[key]
+            st = self.staged[key] = pending[key]
+            heapq.heappush(self._expiry, (st.expires, key))
             if what == "create":
                 report.created += 1
             elif what == "refresh":
@@ -282,7 +311,7 @@ class Stage:
             return {}
         base = ct.reserve(len(plan))
 
-        def requests() -> object:
+        def requests() -> Iterator[tuple[int, bytes]]:
             for i, (what, _key, msg) in enumerate(plan):
                 family, blob = msg[16], msg[HDR:stream.length_at(msg, 0)]
                 if what == "delete":
@@ -292,13 +321,17 @@ class Stage:
                     yield base + i, wire.create_message(family, blob, base + i,
                                                         update=what in ("update", "refresh", "adopt"))
 
-        failures = ct.batch(requests())  # type: ignore[arg-type]
+        if len(plan) < 2048:  # a delta: no sender thread (see CtNetlink.send_now)
+            failures = ct.send_now([msg for _seq, msg in requests()])
+        else:
+            failures = ct.batch(requests())
         return {seq - base: err for seq, err in failures.items()}
 
     def commit(self) -> int:
         """The migration completed: the entries are the destination's now. Returns how many."""
         n = len(self.staged)
         self.staged.clear()
+        self._expiry.clear()
         self.close()
         return n
 
@@ -312,6 +345,7 @@ class Stage:
         failures = self._send(self._socket(), plan)
         gone = sum(1 for i in range(len(plan)) if failures.get(i) in (None, errno.ENOENT))
         self.staged.clear()
+        self._expiry.clear()
         self.close()
         return gone
 
