@@ -4,6 +4,7 @@ staging on the destination. conntrack(8) fills and reads the tables as the witne
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -169,3 +170,47 @@ def test_stage_keeps_what_the_destination_had_before(hosts: Hosts) -> None:
         assert (report.created, report.updated) == (1, 1)
         assert stage.abort() == 1
     assert [wire.parse_entry(*e).orig.sport for e in stream.entries(_vm_dump(dst, vm))] == [1000]
+
+
+def test_device_precopy_sessions_stage_deltas_and_expire(hosts: Hosts) -> None:
+    from xfer import bundle as bundle_mod
+    from xfer.agent.precopy import PrecopySource, PrecopyStages
+    from xfer.bundle import Bundle
+    from xfer.conntrack.delta import read_delta
+    from xfer.conntrack.transfer import import_section
+    from xfer.errors import BundleError, UsageError
+
+    src, dst = hosts.add("src"), hosts.add("dst")
+    vm = parse_vm(VM)
+    for port in range(1000, 1020):
+        _insert(hosts, src, VM, PEER, port)
+    source = PrecopySource(src)
+    stages = PrecopyStages(dst, expire_s=60)
+    try:
+        whole = source.open(vm)
+        # travels in a bundle like any section; an importer that knows no deltas refuses it
+        data = bundle_mod.encode(Bundle(vm, {"device": "s"}, {whole.kind: whole}))
+        whole = bundle_mod.decode(data).sections[whole.kind]
+        with pytest.raises(BundleError):
+            import_section(whole, bundle_mod.decode(data), dst)
+        report, state = stages.apply("m1", vm, whole)
+        assert report.created == 20 and _count(hosts, dst) == 20
+        hosts.check(src, ["conntrack", "-D", "-s", VM, "-p", "tcp", "--sport", "1000"])
+        _insert(hosts, src, VM, PEER, 2000)
+        delta = source.changes(vm, state.cursor)
+        assert (read_delta(delta).upserts.offsets.__len__(), len(read_delta(delta).deletes)) == (1, 1)
+        with pytest.raises(UsageError):   # a delta for a session never staged here
+            stages.apply("m2", vm, delta)
+        report, state = stages.apply("m1", vm, delta, final=True)
+        assert (report.created, report.deleted) == (1, 1) and state.deltas == 1
+        assert _facts(_vm_dump(dst, vm)) == _facts(_vm_dump(src, vm))
+        # a second session for the VM, then silence: it expires and its entries go
+        hosts.check(dst, ["conntrack", "-F"])
+        stages.apply("m3", vm, source.open(vm))
+        assert _count(hosts, dst) == 20
+        assert stages.expire(time.monotonic() + 120) == ["m1", "m3"]
+        assert _count(hosts, dst) == 0
+        assert source.stats()["tracked_vms"] == 1
+    finally:
+        stages.close()
+        source.close()

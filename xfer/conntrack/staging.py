@@ -216,11 +216,14 @@ class Stage:
         payload = plan.payload
         return [payload[off:off + stream.length_at(payload, off)] for off in plan.offsets]
 
-    def apply(self, upserts: Stream, deletes: Stream = EMPTY, *, final: bool = False) -> StageReport:
+    def apply(self, upserts: Stream, deletes: Stream = EMPTY, *, final: bool = False,
+              whole: bool = False) -> StageReport:
         """Make the staged set reflect the changes, in one batch: destroyed entries go,
-        new ones are created, changed ones updated. With ``final`` (the pause), staged
-        entries about to run out are refreshed too. Raises ImportFailed when an entry
-        fails (what was staged stays staged: ``abort`` removes it)."""
+        new ones are created, changed ones updated. With ``whole`` the upserts are the
+        VM's every entry (a resync): staged entries they lack go too. With ``final``
+        (the pause), staged entries about to run out are refreshed too. Raises
+        ImportFailed when an entry fails (what was staged stays staged: ``abort``
+        removes it)."""
         started = time.perf_counter()
         report = StageReport()
         ups = self._checked(upserts)
@@ -245,6 +248,9 @@ class Stage:
                 old = None
             plan.append(("update" if old is not None else "create", key, sent))
             pending[key] = _Staged(sent, _entry_id(msg), now + limit)
+        if whole:
+            plan += [("delete", key, st.message) for key, st in self.staged.items()
+                     if key not in touched]
         if final:
             # only the staged entries that run out before the pause ends: O(those), not
             # O(everything staged)
