@@ -162,7 +162,7 @@ def test_capabilities(tmp_path: Path) -> None:
     svc, _ = _service(tmp_path)
     caps = svc.capabilities()
     assert caps["device"] == "dev" and caps["kinds"] == ["conntrack"]
-    assert caps["operations"] == ["export", "import", "forget", "push", "pull"]
+    assert caps["operations"] == ["export", "import", "forget", "push", "pull", "precopy"]
 
 
 def test_after_a_migrations_state_is_forgotten_its_late_imports_are_refused(tmp_path: Path) -> None:

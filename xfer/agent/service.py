@@ -62,6 +62,11 @@ class Peers(Protocol):
     async def import_(self, url: str, data: bytes, vm: VmIdentity,
                       kinds: Sequence[Kind]) -> dict[str, Any]: ...
 
+    async def precopy_changes(self, url: str, vm: VmIdentity, cursor: str) -> bytes: ...
+
+    async def precopy_stage(self, url: str, data: bytes, vm: VmIdentity, *,
+                            final: bool = False) -> dict[str, Any]: ...
+
 
 @dataclass
 class Trace:
@@ -93,7 +98,8 @@ class AgentService:
     """
 
     def __init__(self, config: AgentConfig, transfer: TransferApi | None = None,
-                 peers: Peers | None = None, key: bytes | None = None) -> None:
+                 peers: Peers | None = None, key: bytes | None = None, *,
+                 precopy_trusted: bool = False, precopy_expire_s: float = 600.0) -> None:
         if transfer is None:
             from xfer import transfer as transfer_module
 
@@ -111,6 +117,9 @@ class AgentService:
         # request under way, and two pushes of one VM cannot interleave.
         self._kernel_lock = asyncio.Lock()
         self._forgotten: dict[str, float] = {}   # migration -> when its state was forgotten here
+        from xfer.agent.precopyops import PrecopyOps
+
+        self.precopy = PrecopyOps(self, trust_seed=precopy_trusted, expire_s=precopy_expire_s)
 
     # --- validation ------------------------------------------------------------------------
 
@@ -216,6 +225,9 @@ class AgentService:
             self._forgotten = {m: t for m, t in self._forgotten.items() if now - t < FORGOTTEN_MEMORY_S}
             self._forgotten[migration] = now
         async with self._kernel_lock:
+            if Kind.CONNTRACK in kinds:
+                # a rollback here: what a pre-copy staged goes too
+                await asyncio.to_thread(self.precopy.forget_vm, vm)
             with trace.phase("forget"):
                 reports = await asyncio.to_thread(self.transfer.forget, vm, kinds, self.config.netns)
         for kind, r in reports.items():
@@ -283,7 +295,7 @@ class AgentService:
         return {"device": c.device_id, "type": c.device_type, "kinds": [k.value for k in c.kinds],
                 "netns": c.netns, "signed_bundles": self.key is not None,
                 "max_bundle_bytes": c.max_bundle_bytes,
-                "operations": ["export", "import", "forget", "push", "pull"]}
+                "operations": ["export", "import", "forget", "push", "pull", "precopy"]}
 
 
 def _report_ok(report: dict[str, Any]) -> bool:
