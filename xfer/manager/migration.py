@@ -39,6 +39,7 @@ from typing import Any
 from xfer.agent.protocol import MIGRATION
 from xfer.errors import AgentError, StoreExpired, UsageError, XferError
 from xfer.manager import modes
+from xfer.manager import precopy as precopy_mod
 from xfer.manager.journal import Journal, Migration
 from xfer.manager.messages import Message, dedupe_key, kinds_of
 from xfer.manager.plan import Plan, Route, resolve, select
@@ -75,6 +76,10 @@ class Settings:
     cleanup: str = "delete"          # delete | age-out
     budget_ms: float = DEFAULT_BUDGET_MS
     device_timeout_s: float = DEFAULT_DEVICE_TIMEOUT_S
+    # pre-copy: seconds between change rounds, and how long a prepared migration waits
+    # for its "not-running" before its staged state is removed
+    precopy_interval_s: float = precopy_mod.DEFAULT_INTERVAL_S
+    precopy_expire_s: float = precopy_mod.DEFAULT_EXPIRE_S
 
     def __post_init__(self) -> None:
         if self.mode not in modes.MODES:
@@ -83,6 +88,8 @@ class Settings:
             raise UsageError(f"cleanup {self.cleanup!r} must be delete or age-out")
         if not self.device_timeout_s > 0:
             raise UsageError("device_timeout_s must be a positive number of seconds")
+        if not (self.precopy_interval_s > 0 and self.precopy_expire_s > 0):
+            raise UsageError("precopy_interval_s and precopy_expire_s must be positive numbers of seconds")
 
 
 @dataclass(eq=False)
@@ -118,6 +125,9 @@ class Migrator:
         self._aborting: set[str] = set()   # VMs whose migration under way was asked to abort
         self.abort_grace_s = 30.0
         self._on_record = on_record or (lambda r: None)
+        self.precopy = precopy_mod.Precopy(devices, interval_s=settings.precopy_interval_s,  # type: ignore[arg-type]
+                                           expire_s=settings.precopy_expire_s,
+                                           on_expired=self._precopy_expired)
 
     # --- entry points ----------------------------------------------------------------------
 
@@ -131,6 +141,8 @@ class Migrator:
         """
         if msg.indication == "abort":
             return await self.abort(msg.vm)
+        if msg.indication == "migrating":
+            return await self.prepare(msg, budget_ms)
         entry, copy = self.accept(msg, budget_ms, transport)
         if entry is None:
             # "in" with nothing stored, outside store mode: the move happened on "out".
@@ -222,6 +234,13 @@ class Migrator:
         committing. Only after ``abort_grace_s`` is it cancelled outright.
         """
         entry = self.active.get(vm)
+        session = self.precopy.get(vm)
+        if session is not None and (entry is None or entry.task is None):
+            # prepared, "not-running" not come: remove what was staged
+            result = await self.precopy.abort(vm)
+            self.journal.finish(session.migration, "aborted", "aborted by request")
+            return {"ok": True, "vm": vm, "aborted": True, "was": "prepared",
+                    "migration": session.migration, **result}
         if entry is not None and entry.task is not None:
             task = entry.task
             self._aborting.add(vm)
@@ -281,15 +300,52 @@ class Migrator:
         MIGRATION.set(self.journal.token(mid))
         return ident, plan, mid
 
+    async def prepare(self, msg: Message, budget_ms: float | None) -> dict[str, Any]:
+        """"migrating": stage the VM's conntrack state at its destinations now (pre-copy);
+        returns once the whole copy is staged, changes keep flowing until "not-running"."""
+        started = time.perf_counter()
+        mode = msg.mode or self.settings.mode
+        if msg.vm in self.active:
+            raise Conflict(f"a migration of VM {msg.vm} is already under way")
+        ident, plan, mid = self._prepare(msg, mode, budget_ms or self.settings.budget_ms)
+        self.journal.state(mid, "prepared")
+        pid = self.journal.phase(mid, "precopy", "manager", [Kind.CONNTRACK.value])
+        try:
+            session = await self.precopy.open(msg.vm, ident, plan, mode, self.journal.token(mid), mid)
+        except XferError as exc:
+            self.journal.end_phase(pid, "failed", {"error": str(exc)})
+            self.journal.finish(mid, "failed", str(exc))
+            raise MigrationFailed(f"pre-copy of VM {msg.vm} failed (nothing left staged): {exc}",
+                                  {"ok": False, "vm": msg.vm, "migration": mid, "error": str(exc)}) from None
+        self.journal.end_phase(pid, "ok", {"precopy": session.summary()})
+        return {"ok": True, "vm": msg.vm, "migration": mid, "state": "prepared", "mode": mode,
+                "precopy": session.summary(), "ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    async def _precopy_expired(self, session: precopy_mod.Session) -> None:
+        self.journal.finish(session.migration, "aborted",
+                            f"no \"not-running\" within {self.settings.precopy_expire_s:g} s")
+
     async def _move(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
         msg = entry.msg
         mode = msg.mode or self.settings.mode
         ident, plan, mid = self._prepare(msg, mode, budget_ms)
         step = self._stepper(mid)
         move = {"relay": modes.relay, "push": modes.push, "pull": modes.pull}[mode]
-        outcome = await self._guarded(mid, plan, ident, step, move(self.devices, plan, ident, step),
-                                      msg.vm)
-        return self._commit(mid, plan, ident, outcome, entry.started)
+        session = self.precopy.get(msg.vm)
+        if session is not None and session.mode != mode:
+            await self.precopy.abort(msg.vm)
+            self.journal.finish(session.migration, "aborted", f"\"not-running\" came in mode {mode}")
+            session = None
+        work = (move(self.devices, plan, ident, step) if session is None
+                else precopy_mod.move_with(self.precopy, session, self.devices, plan, ident, step, move))
+        try:
+            outcome = await self._guarded(mid, plan, ident, step, work, msg.vm)
+        finally:
+            if session is not None:
+                self.journal.finish(session.migration, "committed" if self.journal.get(mid).outcome
+                                    is None else "rolled-back", f"continued by migration {mid}")
+        report = self._commit(mid, plan, ident, outcome, entry.started)
+        return report
 
     # Store semantics: "out" fills the store (deposit), "in" empties it (collect); each half
     # is driven by the manager or by the devices themselves.
@@ -486,6 +542,10 @@ class Migrator:
                 started: float) -> dict[str, Any]:
         self.journal.state(mid, "committed")
         report = self._report(mid, plan, started)
+        # the pause's cost as the hypervisor sees it: message received -> answer sent
+        pid = self.journal.phase(mid, "pause", "manager", [])
+        self.journal.end_phase(pid, "ok", {"pause_ms": report["ms"], "precopy": outcome.precopy})
+        report["pause_ms"], report["precopy"] = report["ms"], outcome.precopy
         if self.settings.cleanup == "delete":
             task = asyncio.ensure_future(self._cleanup(mid, plan, ident))
             self._background.add(task)
