@@ -55,6 +55,9 @@ DEFAULT_BUDGET_MS = 300.0   # QEMU's default downtime limit
 ABORT_WINDOW_S = 60.0
 # How long the device-driven variant waits for the devices' own deposits and imports.
 DEFAULT_DEVICE_TIMEOUT_S = 10.0
+# A "migrating" this soon after the VM's "not-running" belongs to the migration that just
+# switched over (the two crossed): it must not stage state for a VM no longer leaving.
+LATE_MIGRATING_S = 30.0
 
 
 class MigrationFailed(XferError):
@@ -123,6 +126,7 @@ class Migrator:
         self._background: set[asyncio.Task[Any]] = set()
         self._cleaning: set[int] = set()   # migrations whose source is being cleaned
         self._aborting: set[str] = set()   # VMs whose migration under way was asked to abort
+        self._switched: dict[str, float] = {}  # VM -> when its last "not-running" out came
         self.abort_grace_s = 30.0
         self._on_record = on_record or (lambda r: None)
         self.precopy = precopy_mod.Precopy(devices, interval_s=settings.precopy_interval_s,  # type: ignore[arg-type]
@@ -143,6 +147,8 @@ class Migrator:
             return await self.abort(msg.vm)
         if msg.indication == "migrating":
             return await self.prepare(msg, budget_ms)
+        if msg.indication == "not-running" and msg.direction == "out":
+            self._switched[msg.vm] = time.monotonic()
         entry, copy = self.accept(msg, budget_ms, transport)
         if entry is None:
             # "in" with nothing stored, outside store mode: the move happened on "out".
@@ -307,6 +313,11 @@ class Migrator:
         mode = msg.mode or self.settings.mode
         if msg.vm in self.active:
             raise Conflict(f"a migration of VM {msg.vm} is already under way")
+        switched = self._switched.get(msg.vm)
+        if switched is not None and time.monotonic() - switched < LATE_MIGRATING_S:
+            # it crossed its own "not-running" on the way (a migration of a few milliseconds)
+            raise Conflict(f"VM {msg.vm} was switched over {time.monotonic() - switched:.1f} s ago: "
+                           "\"migrating\" came too late to pre-copy")
         ident, plan, mid = self._prepare(msg, mode, budget_ms or self.settings.budget_ms)
         self.journal.state(mid, "prepared")
         pid = self.journal.phase(mid, "precopy", "manager", [Kind.CONNTRACK.value])
