@@ -33,6 +33,11 @@ Example (``/etc/xfer/agent.toml``)::
     trusted = "up0"                 # attached when the device holds dhcp
     untrusted = ["vm0"]
 
+    [precopy]                       # optional (conntrack devices)
+    events_trusted = false          # true: nf_conntrack_events was 1 before any flow (sysctl.d),
+                                    # so entries known from a dump need no re-read
+    expire_s = 600                  # a stage with no news this long is removed
+
     [manager]                       # optional: the device-driven variant
     url = "https://10.0.4.9:8700"   # the manager (mutual TLS, this agent's certificate)
     group = "239.7.7.7:8702"        # the multicast group migration messages are sent to
@@ -98,6 +103,8 @@ class AgentConfig:
     dhcp_trusted: str | None = None
     dhcp_untrusted: tuple[str, ...] = ()
     manager: UpstreamConfig | None = None
+    precopy_events_trusted: bool = False
+    precopy_expire_s: float = 600.0
 
     @property
     def url(self) -> str:
@@ -120,7 +127,7 @@ def load(path: Path) -> AgentConfig:
 
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     """Build an AgentConfig from parsed TOML; relative paths are taken from ``base``."""
-    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager"}
+    known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager", "precopy"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"agent config: unknown section(s) {', '.join(unknown)}")
@@ -180,7 +187,21 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         counter_interfaces=tuple(str(i) for i in interfaces),
         dhcp_trusted=trusted, dhcp_untrusted=tuple(str(i) for i in untrusted),
         manager=_upstream(_table(raw, "manager"), device_id),
+        **_precopy(_table(raw, "precopy")),
     )
+
+
+def _precopy(table: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(table) - {"events_trusted", "expire_s"})
+    if unknown:
+        raise UsageError(f"agent config: unknown key(s) in [precopy]: {', '.join(unknown)}")
+    trusted = table.get("events_trusted", False)
+    expire = table.get("expire_s", 600.0)
+    if not isinstance(trusted, bool):
+        raise UsageError("agent config: precopy.events_trusted must be true or false")
+    if not isinstance(expire, int | float) or isinstance(expire, bool) or expire <= 0:
+        raise UsageError("agent config: precopy.expire_s must be a positive number of seconds")
+    return {"precopy_events_trusted": trusted, "precopy_expire_s": float(expire)}
 
 
 def _upstream(table: Mapping[str, Any], device_id: str) -> UpstreamConfig | None:

@@ -88,7 +88,7 @@ class PrecopySource:
 
 
 @dataclass
-class _Session:
+class Session:
     stage: Stage
     cursor: str
     deltas: int
@@ -102,14 +102,14 @@ class PrecopyStages:
     def __init__(self, namespace: str | None, *, expire_s: float = DEFAULT_EXPIRE_S) -> None:
         self.namespace = namespace
         self.expire_s = expire_s
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
     def __contains__(self, session: object) -> bool:
         return session in self._sessions
 
     def apply(self, session: str, vm: VmIdentity, section: Section, *,
-              final: bool = False) -> tuple[StageReport, _Session]:
+              final: bool = False) -> tuple[StageReport, Session]:
         """Stage a delta section for the session (the first must be a whole copy)."""
         delta = read_delta(section)
         with self._lock:
@@ -118,7 +118,7 @@ class PrecopyStages:
                 if not delta.whole:
                     raise UsageError(f"pre-copy session {session} is not staged here: a delta "
                                      "needs the whole copy first")
-                state = _Session(Stage(vm, self.namespace), "", 0, time.monotonic(), time.monotonic())
+                state = Session(Stage(vm, self.namespace), "", 0, time.monotonic(), time.monotonic())
                 self._sessions[session] = state
             elif not state.stage.vm.same_vm(vm):
                 raise UsageError(f"pre-copy session {session} stages VM {state.stage.vm.id}, not {vm.id}")

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xfer import bundle as bundle_mod
-from xfer.agent.precopy import DEFAULT_EXPIRE_S, PrecopySource, PrecopyStages
+from xfer.agent.precopy import DEFAULT_EXPIRE_S, PrecopySource, PrecopyStages, Session
 from xfer.agent.protocol import MIGRATION, check_agent_url
-from xfer.bundle import Bundle
+from xfer.bundle import Bundle, Section
 from xfer.conntrack.delta import is_delta
+from xfer.conntrack.staging import StageReport
 from xfer.errors import BundleError, ForeignEntryError, UsageError
 from xfer.model import Kind, VmIdentity
 
@@ -102,15 +103,21 @@ class PrecopyOps:
                 self._journal[session] = svc.journal.begin(f"precopy{session}", vm, [Kind.CONNTRACK],
                                                            svc.config.netns)
             with trace.phase("stage"):
-                report, state = await asyncio.to_thread(self.stages.apply, session, vm, section,
-                                                        final=final)
-            staged = len(state.stage.staged)
+                report, state, staged = await asyncio.to_thread(self._apply, session, vm, section, final)
             if final:
-                await asyncio.to_thread(self.stages.commit, session)
                 svc.journal.end(self._journal.pop(session))
         trace.entries["conntrack"] = section.count
         return {"session": session, "staged": staged, "deltas": state.deltas, "cursor": state.cursor,
                 "committed": final, **report.to_dict()}
+
+    def _apply(self, session: str, vm: VmIdentity, section: Section, final: bool
+               ) -> tuple[StageReport, Session, int]:
+        """Stage, and with ``final`` commit, in one trip to the worker thread (the pause)."""
+        report, state = self.stages.apply(session, vm, section, final=final)
+        staged = len(state.stage.staged)
+        if final:
+            self.stages.commit(session)
+        return report, state, staged
 
     async def pull(self, vm: VmIdentity, source: str, final: bool, trace: Trace) -> dict[str, Any]:
         """Fetch the changes since this stage's cursor from the source agent and stage them."""

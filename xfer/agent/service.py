@@ -98,8 +98,7 @@ class AgentService:
     """
 
     def __init__(self, config: AgentConfig, transfer: TransferApi | None = None,
-                 peers: Peers | None = None, key: bytes | None = None, *,
-                 precopy_trusted: bool = False, precopy_expire_s: float = 600.0) -> None:
+                 peers: Peers | None = None, key: bytes | None = None) -> None:
         if transfer is None:
             from xfer import transfer as transfer_module
 
@@ -119,7 +118,8 @@ class AgentService:
         self._forgotten: dict[str, float] = {}   # migration -> when its state was forgotten here
         from xfer.agent.precopyops import PrecopyOps
 
-        self.precopy = PrecopyOps(self, trust_seed=precopy_trusted, expire_s=precopy_expire_s)
+        self.precopy = PrecopyOps(self, trust_seed=config.precopy_events_trusted,
+                                  expire_s=config.precopy_expire_s)
 
     # --- validation ------------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ def bench_precopy(
     vm_flows: Annotated[int, typer.Option("--vm-flows", help="Of which the VM's.")] = 20_000,
     churn: Annotated[float, typer.Option(help="Share of the VM's flows changing per round.")] = 0.01,
     repeat: Annotated[int, typer.Option(help="Rounds of each contender (median reported).")] = 5,
+    manager: Annotated[bool, typer.Option("--manager/--no-manager", help="Also through a manager and "
+                                          "two agents (processes, mutual TLS).")] = True,
+    mode: Annotated[str, typer.Option(help="Mode through the manager: relay|pull|push.")] = "relay",
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/precopy.json"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -52,7 +55,8 @@ def bench_precopy(
     """
     from xfer.bench import precopy as bench
 
-    result = bench.run(total, vm_flows, churn, repeat, out, echo=None if as_json else typer.echo)
+    result = bench.run(total, vm_flows, churn, repeat, out, echo=None if as_json else typer.echo,
+                       manager=manager, mode=mode)
     if as_json:
         print_json(result)
 

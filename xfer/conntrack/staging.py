@@ -132,12 +132,19 @@ def _proto_and_state(attrs: dict[int, bytes]) -> tuple[int, int | None]:
 def bounded(message: bytes, timeouts: Timeouts) -> tuple[bytes, int]:
     """``message`` with its CTA_TIMEOUT set to the kernel's limit for the entry's state,
     and that limit."""
+    sent, limit, _ = _bounded(message, timeouts)
+    return sent, limit
+
+
+def _bounded(message: bytes, timeouts: Timeouts) -> tuple[bytes, int, bytes]:
+    """``bounded`` and the entry's CTA_ID attribute (b"" if none), from one walk."""
     attrs = wire.split(message[HDR:stream.length_at(message, 0)])
     proto, state = _proto_and_state(attrs)
     limit = timeouts.limit(proto, state, wire.entry_status(attrs))
     attrs[c.CTA_TIMEOUT] = wire.nla(c.CTA_TIMEOUT, _U32BE.pack(limit))
     body = b"".join(attrs.values())
-    return struct.pack("=I", HDR + len(body)) + message[4:HDR] + body, limit
+    return (struct.pack("=I", HDR + len(body)) + message[4:HDR] + body, limit,
+            attrs.get(c.CTA_ID, b""))
 
 
 @dataclass
@@ -163,10 +170,6 @@ class _Staged(NamedTuple):
     expires: float   # monotonic time the destination's copy runs out, unrefreshed
 
 
-def _entry_id(message: bytes) -> bytes:
-    return wire.split(message[HDR:stream.length_at(message, 0)]).get(c.CTA_ID, b"")
-
-
 class Stage:
     """One VM's staged entries in one destination namespace (see the module docstring)."""
 
@@ -178,7 +181,8 @@ class Stage:
         self.refresh_margin = refresh_margin
         self.staged: dict[bytes, _Staged] = {}
         # (expires, key) of staged entries, soonest first; stale pairs are skipped
-        self._expiry: list[tuple[float, bytes]] = []
+        self._expiry: list[tuple[float, int, bytes]] = []
+        self._pushed = 0  # tiebreaker: equal expiry times never compare the keys
         self.applied = 0
         self._nat_checked = False
         self._ct: CtNetlink | None = None
@@ -241,13 +245,13 @@ class Stage:
         for msg in ups:
             key = entry_key(msg)
             touched.add(key)
-            sent, limit = bounded(msg, self.timeouts)
+            sent, limit, entry_id = _bounded(msg, self.timeouts)
             old = self.staged.get(key)
-            if old is not None and old.entry_id != _entry_id(msg):
+            if old is not None and old.entry_id != entry_id:
                 plan.append(("delete", key, old.message))  # the tuple was reused: a new entry
                 old = None
             plan.append(("update" if old is not None else "create", key, sent))
-            pending[key] = _Staged(sent, _entry_id(msg), now + limit)
+            pending[key] = _Staged(sent, entry_id, now + limit)
         if whole:
             plan += [("delete", key, st.message) for key, st in self.staged.items()
                      if key not in touched]
@@ -255,7 +259,7 @@ class Stage:
             # only the staged entries that run out before the pause ends: O(those), not
             # O(everything staged)
             while self._expiry and self._expiry[0][0] - now < self.refresh_margin:
-                expires, key = heapq.heappop(self._expiry)
+                expires, _n, key = heapq.heappop(self._expiry)
                 st = self.staged.get(key)
                 if st is None or st.expires != expires or key in touched or key in pending:
                     continue
@@ -303,7 +307,8 @@ class Stage:
             report.updated += 1
         else:
             st = self.staged[key] = pending[key]
-            heapq.heappush(self._expiry, (st.expires, key))
+            self._pushed += 1
+            heapq.heappush(self._expiry, (st.expires, self._pushed, key))
             if what == "create":
                 report.created += 1
             elif what == "refresh":

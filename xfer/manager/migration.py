@@ -56,8 +56,10 @@ ABORT_WINDOW_S = 60.0
 # How long the device-driven variant waits for the devices' own deposits and imports.
 DEFAULT_DEVICE_TIMEOUT_S = 10.0
 # A "migrating" this soon after the VM's "not-running" belongs to the migration that just
-# switched over (the two crossed): it must not stage state for a VM no longer leaving.
-LATE_MIGRATING_S = 30.0
+# switched over (the hook sends it just before the window: the two crossed); it must not
+# stage state for a VM no longer leaving. A new migration of the VM cannot start this soon.
+LATE_MIGRATING_S = 2.0
+PAUSE_RECORD_DELAY_S = 0.2
 
 
 class MigrationFailed(XferError):
@@ -349,14 +351,12 @@ class Migrator:
             session = None
         work = (move(self.devices, plan, ident, step) if session is None
                 else precopy_mod.move_with(self.precopy, session, self.devices, plan, ident, step, move))
-        try:
-            outcome = await self._guarded(mid, plan, ident, step, work, msg.vm)
-        finally:
-            if session is not None:
-                self.journal.finish(session.migration, "committed" if self.journal.get(mid).outcome
-                                    is None else "rolled-back", f"continued by migration {mid}")
-        report = self._commit(mid, plan, ident, outcome, entry.started)
-        return report
+        if session is not None:
+            # From here this migration's journal entry covers what was staged: a manager that
+            # dies now rolls back its destinations, pre-copied state included.
+            self.journal.finish(session.migration, "continued", f"continued by migration {mid}")
+        outcome = await self._guarded(mid, plan, ident, step, work, msg.vm)
+        return self._commit(mid, plan, ident, outcome, entry.started)
 
     # Store semantics: "out" fills the store (deposit), "in" empties it (collect); each half
     # is driven by the manager or by the devices themselves.
@@ -553,10 +553,11 @@ class Migrator:
                 started: float) -> dict[str, Any]:
         self.journal.state(mid, "committed")
         report = self._report(mid, plan, started)
-        # the pause's cost as the hypervisor sees it: message received -> answer sent
-        pid = self.journal.phase(mid, "pause", "manager", [])
-        self.journal.end_phase(pid, "ok", {"pause_ms": report["ms"], "precopy": outcome.precopy})
+        # the pause's cost as the hypervisor sees it: message received -> answer sent; a
+        # record for `xfer migrations`, written once the answer is out (not in the pause)
         report["pause_ms"], report["precopy"] = report["ms"], outcome.precopy
+        asyncio.get_running_loop().call_later(PAUSE_RECORD_DELAY_S, self._journal_pause, mid,
+                                              report["ms"], outcome.precopy)
         if self.settings.cleanup == "delete":
             task = asyncio.ensure_future(self._cleanup(mid, plan, ident))
             self._background.add(task)
@@ -567,6 +568,10 @@ class Migrator:
             report["cleanup"] = "age-out"
         self._on_record(report)
         return report
+
+    def _journal_pause(self, mid: int, ms: float | None, precopy: dict[str, int] | None) -> None:
+        pid = self.journal.phase(mid, "pause", "manager", [])
+        self.journal.end_phase(pid, "ok", {"pause_ms": ms, "precopy": precopy})
 
     async def _cleanup(self, mid: int, plan: Plan, ident: VmIdentity) -> None:
         """Forget the VM at the source devices: only ever called once every destination committed."""
