@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from xfer import netns as xnetns
-from xfer.ebpf import counters, counters_device
+from xfer.counters import device as counters_device
+from xfer.counters import model as counters
 from xfer.errors import XferError
 from xfer.lab.hosts import Hosts
 
@@ -54,7 +55,7 @@ class Site:
 
     def totals(self) -> dict[tuple[str, str], dict[str, int]]:
         """``{(mac, ip): {field: n}}`` as the device holds them."""
-        from xfer.ebpf import counters_transfer
+        from xfer.counters import transfer as counters_transfer
 
         rows = counters.rows(counters_transfer.show(None, self.fw))
         return {(r["mac"], r["ip"]): {f: r[f] for f in counters.FIELDS} for r in rows}

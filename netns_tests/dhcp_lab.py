@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from xfer.dhcpsnoop import datapath, packet
-from xfer.dhcpsnoop.store import pin_dir
+from xfer.dhcp import datapath, packet
+from xfer.dhcp.store import pin_dir
 from xfer.lab import switch
 from xfer.lab.hosts import Hosts
 from xfer.lab.switch import (  # noqa: F401 - re-exported for the tests
@@ -49,7 +49,7 @@ class SwitchLab:
         return self.hosts.check(ns, ["cat", f"/sys/class/net/{ifname}/address"]).strip()
 
     def attach(self, mode: str = "enforce", untrusted: Sequence[str] | None = None) -> None:
-        from xfer.dhcpsnoop import device
+        from xfer.dhcp import device
 
         ports = [self.port(v) for v in (untrusted or self.vms)]
         device.attach(self.sw, ["uplink"], ports, mode)
@@ -65,7 +65,7 @@ class SwitchLab:
         return json.loads(self.xfer("dhcp", "bindings", "--netns", self.sw, "--json").stdout)
 
     def counters(self, port: str) -> dict[str, int]:
-        from xfer.dhcpsnoop.store import BindingTable
+        from xfer.dhcp.store import BindingTable
 
         with BindingTable(self.sw) as table:
             return table.counters().get(port, {})

@@ -18,7 +18,7 @@ from xfer.lab.traffic import Peer, conversation_continues
 
 # The lab's devices hold every kind: a build without counters or DHCP snooping cannot run it.
 needs_all_kinds = pytest.mark.skipif(
-    not (kind_available("xfer.ebpf.counters_device") and kind_available("xfer.dhcpsnoop.device")),
+    not (kind_available("xfer.counters.device") and kind_available("xfer.dhcp.device")),
     reason="counters or DHCP snooping are not in this build")
 # Device operations that move state (the device-driven variant's deposit and collect included).
 TRANSFER_PHASES = ("export", "import", "push", "pull", "deposit", "collect")

@@ -167,3 +167,44 @@ def test_bundle_with_foreign_entries_is_refused(alab: AgentLab, tmp_path: Path) 
     assert out.returncode == 1 and "does not belong to VM" in out.stderr, out.stderr
     table = conntrack_list(alab.lab, alab.lab.fwdst)
     assert VM_IP not in table and "10.0.1.66" not in table, table
+
+
+def test_hostile_bundles_through_the_agent_leave_nothing(alab: AgentLab, tmp_path: Path) -> None:
+    """Issue 11 through the agent: a smuggled address inside a run of the VM's entries is
+    refused, and an entry the kernel refuses mid-way rolls the rest back (not an internal
+    error, as it was); in both cases the destination holds none of it and no import is left unfinished."""
+    import struct
+
+    from tests.ct_factory import bundle_of, tcp_entry
+    from xfer import bundle as bundle_mod
+    from xfer.conntrack import constants as c
+    from xfer.conntrack import wire
+    from xfer.conntrack.stream import RawEntry
+    from xfer.model import parse_vm
+
+    vm = parse_vm(VM, {})
+    honest = [tcp_entry(VM_IP, SERVICE_IP, 20000 + i) for i in range(1209)]
+    smuggler = wire.nest(c.CTA_TUPLE_IP, wire.nla(c.CTA_IP_V4_SRC, bytes([10, 0, 1, 66])),
+                         wire.nla(c.CTA_IP_V4_DST, bytes([10, 0, 3, 2])))
+    smuggled = list(honest)
+    orig = wire.split(honest[600].blob)[c.CTA_TUPLE_ORIG]
+    smuggled[600] = RawEntry(honest[600].family, wire.nest(c.CTA_TUPLE_ORIG, orig[4:], smuggler)
+                             + honest[600].blob[len(orig):])
+    refused = list(honest)
+    blob = bytearray(honest[600].blob)
+    blob[blob.rindex(struct.pack("=HH", 5, c.CTA_PROTOINFO_TCP_STATE)) + 4] = 200  # >= TCP_CONNTRACK_MAX
+    refused[600] = RawEntry(honest[600].family, bytes(blob))
+    for name, entries, reason in (("smuggled", smuggled, "entry 600 is malformed"),
+                                  ("refused", refused, "rolled back 1208")):
+        path = tmp_path / f"{name}.xfer"
+        bundle_mod.write(path, bundle_of(vm, entries))
+        out = alab.cli(alab.lab.fwdst, "import", alab.dst.url, str(path), "--vm", VM)
+        assert out.returncode == 1 and reason in out.stderr, out.stderr
+        assert "internal error" not in out.stderr, out.stderr
+        # a refusal is one line; a rolled-back import prints the kind's report line first
+        assert len(out.stderr.strip().splitlines()) == (1 if name == "smuggled" else 2), out.stderr
+        assert "Traceback" not in alab.dst.log_text()
+        table = conntrack_list(alab.lab, alab.lab.fwdst)
+        assert VM_IP not in table and "10.0.1.66" not in table, table
+    state = alab.agents.workdir / "state-fw-dst"
+    assert not list(state.glob("import-*")), "an import was left unfinished in the journal"

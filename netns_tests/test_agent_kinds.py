@@ -34,8 +34,8 @@ from xfer.lab.agents import (
 from xfer.lab.topology import SERVICE_IP, VM_IP, Lab
 from xfer.lab.traffic import conversation_continues
 
-pytest.importorskip("xfer.ebpf.counters_device", reason="counters are not in this build")
-HAVE_DHCP = kind_available("xfer.dhcpsnoop.device")
+pytest.importorskip("xfer.counters.device", reason="counters are not in this build")
+HAVE_DHCP = kind_available("xfer.dhcp.device")
 KINDS = ["conntrack", "counters", *(["dhcp"] if HAVE_DHCP else [])]
 DEVICE = device_toml(["vm0"], *(("up0", ["vm0"]) if HAVE_DHCP else ()))
 
@@ -79,8 +79,8 @@ def _before_move(lab: Lab, agents: LabAgents) -> tuple[AgentProcess, str]:
     src = agents.start("fw-src", lab.fwsrc, SRC_AGENT_IP, KINDS, extra=DEVICE)
     mac = _vm_mac(lab)
     if HAVE_DHCP:
-        from xfer.dhcpsnoop.device import add_static
-        from xfer.dhcpsnoop.model import Binding
+        from xfer.dhcp.device import add_static
+        from xfer.dhcp.model import Binding
 
         add_static(lab.fwsrc, Binding(mac, VM_IP, None, "vm0", source="static"))
     return src, mac

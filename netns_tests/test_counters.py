@@ -37,7 +37,9 @@ from netns_tests.counters_lab import (
 from xfer import bundle as bundle_mod
 from xfer import netns
 from xfer.bundle import Bundle
-from xfer.ebpf import counters, counters_device, loader
+from xfer.counters import device as counters_device
+from xfer.counters import model as counters
+from xfer.ebpf import loader
 from xfer.lab.hosts import Hosts
 from xfer.model import Kind, parse_vm
 
@@ -245,7 +247,7 @@ def _ping_both(site: Site) -> tuple[counters.Selection, counters.Selection]:
 
 
 def test_per_key_path_matches_the_batch_path(hosts: Hosts) -> None:
-    from xfer.ebpf import counters_transfer
+    from xfer.counters import transfer as counters_transfer
 
     site = build_site(hosts, "vm", "fw")
     with counting(site):
@@ -407,7 +409,7 @@ def test_bulk_move_of_a_vm_with_600_addresses_is_exact(hosts: Hosts, tmp_path: P
         assert shown(dst.fw) == _plus(own, sent_1, sent_1, sent_2)
 
         # The per-key path reads the same.
-        from xfer.ebpf import counters_transfer
+        from xfer.counters import transfer as counters_transfer
 
         sel = counters.selection(parse_vm(vm, inventory={}))
         assert counters_transfer.export_columns(sel, dst.fw, batch=False).table() == \
@@ -418,7 +420,8 @@ def test_bulk_move_of_a_vm_with_600_addresses_is_exact(hosts: Hosts, tmp_path: P
 def test_a_kernel_refusing_batch_ops_gets_the_same_counts(hosts: Hosts,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch map syscalls answered EINVAL (as before Linux 5.6): every call falls back per key."""
-    from xfer.ebpf import bpfsys, counters_transfer
+    from xfer.counters import transfer as counters_transfer
+    from xfer.ebpf import bpfsys
 
     site = build_site(hosts, "vm", "fw")
     with counting(site):
@@ -453,8 +456,8 @@ def test_failed_imports_leave_the_counts_as_they_were(hosts: Hosts,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure before the commit changes nothing (and the bundle can come again); one
     after it, recording the bundle id, is undone by committing the old half back."""
-    from xfer.ebpf import counters_transfer
-    from xfer.ebpf.counter_maps import CarriedCounters, ImportedBundles
+    from xfer.counters import transfer as counters_transfer
+    from xfer.counters.maps import CarriedCounters, ImportedBundles
     from xfer.errors import ImportFailed, KernelError
 
     site = build_site(hosts, "vm", "fw")

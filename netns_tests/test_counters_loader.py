@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from xfer.counters.device import PROGRAM
 from xfer.ebpf import loader
-from xfer.ebpf.counters_device import PROGRAM
 from xfer.errors import BPFLoadError, NamespaceNotFound
 from xfer.lab.hosts import Hosts
 

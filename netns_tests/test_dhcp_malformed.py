@@ -17,7 +17,7 @@ from netns_tests.dhcp_lab import (
     server_frame,
     switches,
 )
-from xfer.dhcpsnoop import packet
+from xfer.dhcp import packet
 from xfer.lab.hosts import Hosts
 
 IP = f"{NET}.60"

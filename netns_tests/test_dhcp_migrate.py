@@ -11,9 +11,9 @@ import pytest
 from netns_tests.dhcp_lab import NET, SwitchLab, switches
 from xfer import transfer
 from xfer.bundle import Bundle, Section
-from xfer.dhcpsnoop.model import Binding
-from xfer.dhcpsnoop.store import BindingTable
-from xfer.dhcpsnoop.transfer import ENCODING
+from xfer.dhcp.model import Binding
+from xfer.dhcp.store import BindingTable
+from xfer.dhcp.transfer import ENCODING
 from xfer.errors import ForeignEntryError
 from xfer.lab.hosts import Hosts
 from xfer.model import Kind, VmIdentity

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from netns_tests.dhcp_lab import NET, SwitchLab, switches
-from xfer.dhcpsnoop import datapath, device
+from xfer.dhcp import datapath, device
 from xfer.lab.hosts import Hosts, stop_process
 
 

@@ -18,7 +18,7 @@ from netns_tests.dhcp_lab import (
     switches,
     udp_frame,
 )
-from xfer.dhcpsnoop import packet
+from xfer.dhcp import packet
 from xfer.lab.hosts import Hosts
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from netns_tests.dhcp_lab import NET, SERVER_IP, SwitchLab, Wire, switches, udp_frame
-from xfer.ebpf import counters, counters_device, counters_transfer
+from xfer.counters import device as counters_device
+from xfer.counters import model as counters
+from xfer.counters import transfer as counters_transfer
 from xfer.lab.hosts import Hosts
 from xfer.model import VmIdentity
 

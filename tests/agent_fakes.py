@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from xfer import bundle as bundle_mod
-from xfer.agent.config import AgentConfig, TlsFiles
+from xfer.agent.config import AgentConfig
 from xfer.bundle import Bundle, Section
 from xfer.errors import ImportFailed, XferError
 from xfer.model import Kind, KindReport, VmIdentity, parse_vm
+from xfer.net.tls import TlsFiles
 from xfer.transfer import ImportReport
 
 VM = parse_vm("10.0.1.2,fd00:1::2", {})

@@ -5,16 +5,7 @@ from __future__ import annotations
 import pytest
 import zstandard
 
-from xfer.agent.protocol import (
-    check_agent_url,
-    compress,
-    decompress,
-    error_from,
-    parse_request_kinds,
-    parse_request_vm,
-    status_of,
-    vm_spec,
-)
+from xfer.agent.protocol import check_agent_url, error_from, parse_request_kinds, parse_request_vm, vm_spec
 from xfer.errors import (
     AgentError,
     AuthError,
@@ -25,6 +16,7 @@ from xfer.errors import (
     XferError,
 )
 from xfer.model import Kind, parse_vm
+from xfer.net.api import compress, decompress, status_of
 
 
 def test_compress_round_trip_and_plain_bodies() -> None:

@@ -16,13 +16,14 @@ import pytest
 
 from tests.agent_fakes import VM, FakeTransfer, bundle_bytes, config
 from xfer import pki
-from xfer.agent import tls
 from xfer.agent.client import AgentClient
-from xfer.agent.config import AgentConfig, TlsFiles
+from xfer.agent.config import AgentConfig
 from xfer.agent.server import AgentServer
 from xfer.agent.service import AgentService
 from xfer.errors import AgentError, AuthError, BundleError, ForeignEntryError
 from xfer.model import Kind
+from xfer.net import tls
+from xfer.net.tls import TlsFiles
 
 
 @pytest.fixture

@@ -10,9 +10,11 @@ from typer.testing import CliRunner
 from xfer import bundle as bundle_mod
 from xfer.bundle import Bundle, Section
 from xfer.cli import app
-from xfer.ebpf import counters, counters_transfer, loader
-from xfer.ebpf.counter_maps import ImportedBundles
-from xfer.ebpf.counters_device import PROGRAM
+from xfer.counters import model as counters
+from xfer.counters import transfer as counters_transfer
+from xfer.counters.device import PROGRAM
+from xfer.counters.maps import ImportedBundles
+from xfer.ebpf import loader
 from xfer.errors import BPFLoadError, BundleError, ForeignEntryError
 from xfer.model import Kind, VmIdentity, parse_vm
 

@@ -14,8 +14,9 @@ import random
 import numpy as np
 import pytest
 
-from xfer.ebpf import counters, keyjoin
-from xfer.ebpf.counter_maps import CARRIED_VERSION, PAGE, CarriedCounters, CarriedHeader
+from xfer.counters import keyjoin
+from xfer.counters import model as counters
+from xfer.counters.maps import CARRIED_VERSION, PAGE, CarriedCounters, CarriedHeader
 from xfer.errors import BPFLoadError, BundleError, ForeignEntryError, KernelError
 from xfer.model import VmIdentity
 

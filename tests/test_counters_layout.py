@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from xfer.ebpf import counters, loader
-from xfer.ebpf.counter_maps import (
+from xfer.counters import model as counters
+from xfer.counters.maps import (
     CARRIED_VERSION,
     PAGE,
     BundleId,
@@ -22,6 +22,7 @@ from xfer.ebpf.counter_maps import (
     CounterKey,
     CounterValue,
 )
+from xfer.ebpf import loader
 
 MIRRORS = {"xfer_ctr_key": CounterKey, "xfer_ctr_val": CounterValue, "xfer_bundle_id": BundleId,
            "xfer_ctr_carried": CarriedHeader, "xfer_ctr_page": CarriedPage}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from xfer.dhcpsnoop import abi
+from xfer.dhcp import abi
 
 
 def _c_layout(tmp: Path) -> dict[str, tuple[int, dict[str, int]]]:

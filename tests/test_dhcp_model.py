@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from xfer.bundle import Bundle, Section
-from xfer.dhcpsnoop import abi, persist
-from xfer.dhcpsnoop.model import NS, Binding, belongs, check_owned, for_vm
-from xfer.dhcpsnoop.transfer import ENCODING, section_bindings
+from xfer.dhcp import abi, persist
+from xfer.dhcp.model import NS, Binding, belongs, check_owned, for_vm
+from xfer.dhcp.transfer import ENCODING, section_bindings
 from xfer.errors import BundleError, ForeignEntryError, UsageError
 from xfer.model import Kind, VmIdentity
 

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from xfer.dhcpsnoop import packet as p
+from xfer.dhcp import packet as p
 
 MAC = "02:00:00:00:00:02"
 

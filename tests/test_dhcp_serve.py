@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from xfer.dhcpsnoop.serve import Snooper
+from xfer.dhcp.serve import Snooper
 
 
 class FakeMap:
@@ -59,7 +59,7 @@ def test_stop_ends_the_loop(monkeypatch) -> None:  # type: ignore[no-untyped-def
             return table
         def __exit__(self, *a: object) -> None: ...
 
-    monkeypatch.setattr("xfer.dhcpsnoop.serve.BindingTable", Ctx)
+    monkeypatch.setattr("xfer.dhcp.serve.BindingTable", Ctx)
     s = Snooper("ns", interval=0.01)
 
     async def main() -> None:

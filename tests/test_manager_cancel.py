@@ -22,15 +22,15 @@ from tests.agent_fakes import FakeTransfer
 from tests.agent_fakes import config as agent_config
 from tests.manager_fakes import TOPOLOGY
 from xfer import pki
-from xfer.agent import tls
 from xfer.agent.client import AgentClient
-from xfer.agent.config import TlsFiles
 from xfer.agent.server import AgentServer
 from xfer.agent.service import AgentService
 from xfer.errors import XferError
 from xfer.manager.config import ManagerConfig
 from xfer.manager.server import ManagerServer
 from xfer.model import Kind
+from xfer.net import tls
+from xfer.net.tls import TlsFiles
 
 # Conntrack only (other kinds would attach datapaths at the agents' start): both devices on
 # hv2's path take it.

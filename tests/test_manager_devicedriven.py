@@ -24,9 +24,7 @@ from tests.agent_fakes import FakeTransfer
 from tests.agent_fakes import config as agent_config
 from tests.manager_fakes import TOPOLOGY, URL, FakeDevices
 from xfer import pki
-from xfer.agent import tls
 from xfer.agent.client import AgentClient
-from xfer.agent.config import TlsFiles
 from xfer.agent.devicedriven import DeviceDriven, wanted
 from xfer.agent.service import AgentService
 from xfer.agent.upstream import Upstream
@@ -35,6 +33,8 @@ from xfer.manager.config import ManagerConfig
 from xfer.manager.migration import MigrationFailed, Settings
 from xfer.manager.server import ManagerServer
 from xfer.model import Kind
+from xfer.net import tls
+from xfer.net.tls import TlsFiles
 
 ALL = (Kind.CONNTRACK, Kind.DHCP, Kind.COUNTERS)
 KINDS = {"fw-a": ALL, "fw-b": (Kind.CONNTRACK, Kind.COUNTERS), "sw-b": (Kind.DHCP,)}

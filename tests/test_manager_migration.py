@@ -13,10 +13,10 @@ from tests.manager_fakes import TOPOLOGY, URL, FakeDevices, topo
 from xfer.errors import UsageError
 from xfer.manager import topology
 from xfer.manager.journal import Journal
-from xfer.manager.messages import Message, parse
 from xfer.manager.migration import MigrationFailed, Migrator, Settings
 from xfer.manager.store import Store
 from xfer.model import Kind
+from xfer.net.message import Message, parse
 
 ALL = (Kind.CONNTRACK, Kind.DHCP, Kind.COUNTERS)
 

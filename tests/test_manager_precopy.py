@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xfer.errors import UsageError
-from xfer.manager.messages import parse
+from xfer.net.message import parse
 from xfer.manager.precopy import conntrack_pairs
 
 

@@ -15,15 +15,16 @@ import yaml
 
 from tests.manager_fakes import TOPOLOGY, FakeDevices
 from xfer import pki
-from xfer.agent import tls
-from xfer.agent.config import TlsFiles
 from xfer.errors import MigrationMessageError
 from xfer.hypervisor import hook
-from xfer.hypervisor.notify import MigrationMessage, send_migration_message
-from xfer.manager import client
 from xfer.manager.config import ManagerConfig
 from xfer.manager.server import ManagerServer
 from xfer.model import Kind
+from xfer.net import notify as client
+from xfer.net import tls
+from xfer.net.message import MigrationMessage
+from xfer.net.notify import send_migration_message
+from xfer.net.tls import TlsFiles
 
 ALL = (Kind.CONNTRACK, Kind.DHCP, Kind.COUNTERS)
 

@@ -131,11 +131,13 @@ def test_load_yaml_and_the_cli(tmp_path: Path) -> None:
 
 
 def test_cli_default_manager_url_is_the_hooks() -> None:
-    from xfer.hypervisor.hook import HookOptions
-    from xfer.hypervisor.notify import DEFAULT_MANAGER_URL
-    from xfer.manager import cli
+    import inspect
 
-    assert cli.DEFAULT_URL == DEFAULT_MANAGER_URL == HookOptions("vm1").manager
+    from xfer.cli import manager as cli
+    from xfer.hypervisor.hook import HookOptions
+
+    for command in (cli.notify, cli.migrate):
+        assert inspect.signature(command).parameters["manager"].default == HookOptions("vm1").manager
 
 
 def test_topology_without_a_path_is_one_line_exit_2(tmp_path: Path) -> None:

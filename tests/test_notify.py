@@ -13,17 +13,12 @@ from pathlib import Path
 import pytest
 
 from xfer.errors import AuthError, MigrationMessageError, UsageError
-from xfer.hypervisor import http1
-from xfer.hypervisor.notify import (
-    ManagerLink,
-    MigrationMessage,
-    check_url,
-    client_tls,
-    messages_for,
-    send_migration_message,
-)
 from xfer.lab.qemu import free_port
 from xfer.lab.stub_manager import StubManager, self_signed_tls
+from xfer.net import http1
+from xfer.net.message import MigrationMessage, messages_for
+from xfer.net.notify import ManagerLink, check_url, send_migration_message
+from xfer.net.tls import client_tls
 
 MSG = MigrationMessage("vm1", "not-running", "out", "hv1", "hv2", ("conntrack",), "relay")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import Any
 
 
 class XferError(Exception):
@@ -99,3 +100,16 @@ class AgentError(XferError):
         self.status = status
         self.remote_type = remote_type
         super().__init__(message)
+
+
+class MigrationFailed(XferError):
+    """A migration could not be done; its destinations were rolled back (``report`` says how)."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+class Conflict(UsageError):
+    """A migration of that VM is already under way, or a device's request (device-driven
+    variant) does not fit where its migration stands."""

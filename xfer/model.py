@@ -27,6 +27,9 @@ from typing import Any
 from xfer.errors import UsageError
 
 DEFAULT_INVENTORY = Path("/etc/xfer/inventory.toml")
+MAX_ADDRESSES = 64  # of each family, and MACs, that one VM identity may name
+# What a stateful network device can be (agent config device.type, topology devices).
+DEVICE_TYPES = ("firewall", "router", "switch", "load-balancer")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 
 
@@ -105,20 +108,43 @@ class VmIdentity:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VmIdentity:
-        try:
-            return _identity(
-                str(data["id"]),
-                [*data.get("macs", ()), *data.get("ipv4", ()), *data.get("ipv6", ())],
-            )
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"malformed VM identity: {exc}") from None
+        """The identity ``to_dict`` wrote; UsageError names the first field that is wrong
+        (it may come from another device: every field is checked for its type)."""
+        if not isinstance(data, Mapping):
+            raise UsageError("malformed VM identity: not an object")
+        vm_id = data.get("id")
+        if not isinstance(vm_id, str) or not 0 < len(vm_id) <= 256:
+            raise UsageError("malformed VM identity: id must be a string of 1 to 256 characters")
+        tokens: list[str] = []
+        for key, version in (("macs", 0), ("ipv4", 4), ("ipv6", 6)):
+            values = data.get(key, [])
+            if (not isinstance(values, list) or len(values) > MAX_ADDRESSES
+                    or not all(isinstance(v, str) and len(v) <= 64 for v in values)):
+                raise UsageError(f"malformed VM identity: {key} must be a list of at most "
+                                 f"{MAX_ADDRESSES} addresses")
+            if version and any(_ip_version(v) != version for v in values):
+                raise UsageError(f"malformed VM identity: {key} holds an address that is not IPv{version}")
+            tokens += values
+        return make_identity(vm_id, tokens)
 
     def same_vm(self, other: VmIdentity) -> bool:
         """True when both name the same addresses (ids may differ: one may be an inventory name)."""
         return (set(self.macs), self._packed) == (set(other.macs), other._packed)
 
 
-def _identity(vm_id: str, tokens: Iterable[str]) -> VmIdentity:
+def _ip_version(text: str) -> int:
+    try:
+        return ipaddress.ip_address(text.strip()).version
+    except ValueError:
+        return 0
+
+
+def make_identity(vm_id: str, tokens: Iterable[str]) -> VmIdentity:
+    """A VM named ``vm_id`` from its address tokens (IPv4, IPv6, MAC); UsageError on a bad one.
+
+    >>> make_identity("vm1", ["10.0.0.2", "02:00:00:00:00:02"]).addresses
+    ('10.0.0.2',)
+    """
     macs: list[str] = []
     v4: list[str] = []
     v6: list[str] = []
@@ -152,7 +178,7 @@ def load_inventory(path: Path | None = None) -> dict[str, VmIdentity]:
     for name, entry in raw.get("vm", {}).items():
         tokens = [*_as_list(entry.get("mac")), *_as_list(entry.get("ipv4")),
                   *_as_list(entry.get("ipv6"))]
-        inventory[name] = _identity(name, tokens)
+        inventory[name] = make_identity(name, tokens)
     return inventory
 
 
@@ -177,7 +203,7 @@ def parse_vm(spec: str, inventory: Mapping[str, VmIdentity] | None = None) -> Vm
     if spec in inv:
         return inv[spec]
     try:
-        vm = _identity(spec, spec.split(","))
+        vm = make_identity(spec, spec.split(","))
     except UsageError:
         raise UsageError(
             f"--vm {spec!r} is neither a list of IPv4/IPv6/MAC addresses nor a VM of the inventory"

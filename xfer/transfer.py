@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from xfer.bundle import Bundle, Section
+from xfer.bundle import DEFAULT_MAX_AGE_S, Bundle, Section, check_fresh
 from xfer.errors import ImportFailed, UsageError, XferError
 from xfer.model import Kind, KindReport, VmIdentity
 
 KIND_MODULES: dict[Kind, str] = {
     Kind.CONNTRACK: "xfer.conntrack.transfer",
-    Kind.COUNTERS: "xfer.ebpf.counters_transfer",
-    Kind.DHCP: "xfer.dhcpsnoop.transfer",
+    Kind.COUNTERS: "xfer.counters.transfer",
+    Kind.DHCP: "xfer.dhcp.transfer",
 }
 
 
@@ -82,11 +82,14 @@ class ImportReport:
 
 
 def import_bundle(bundle: Bundle, namespace: str | None = None, *, vm: VmIdentity | None = None,
-                  kinds: Iterable[Kind] | None = None, options: Options | None = None) -> ImportReport:
+                  kinds: Iterable[Kind] | None = None, options: Options | None = None,
+                  max_age_s: float = DEFAULT_MAX_AGE_S) -> ImportReport:
     """Import every section (or those of ``kinds``); each kind is all-or-nothing.
 
     ``vm``, when given, is the VM the request names: a bundle for another VM is refused.
+    A bundle exported more than ``max_age_s`` ago (or in the future) is refused.
     """
+    check_fresh(bundle, max_age_s)
     if vm is not None and not vm.same_vm(bundle.vm):
         raise UsageError(f"bundle holds state of VM {bundle.vm.id} "
                          f"({', '.join(bundle.vm.addresses)}), not of the VM requested")

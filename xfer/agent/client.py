@@ -23,13 +23,9 @@ import aiohttp
 from xfer import netns as xnetns
 from xfer.agent.protocol import (
     API,
-    BUNDLE_TYPE,
-    COMPRESSION_HEADER,
     MIGRATION,
     MIGRATION_HEADER,
     check_agent_url,
-    compress,
-    decompress,
     error_from,
     kinds_text,
     vm_spec,
@@ -37,6 +33,7 @@ from xfer.agent.protocol import (
 from xfer.bundle import DEFAULT_MAX_SIZE
 from xfer.errors import AgentError, AuthError, XferError
 from xfer.model import Kind, VmIdentity
+from xfer.net.api import BUNDLE_TYPE, COMPRESSION_HEADER, compress, decompress
 
 DEFAULT_TIMEOUT = 120.0
 T = TypeVar("T")

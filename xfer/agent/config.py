@@ -56,21 +56,13 @@ from typing import Any
 from xfer import tomlfile
 from xfer.agent.protocol import check_agent_url
 from xfer.errors import UsageError
-from xfer.model import Kind, parse_kinds
+from xfer.model import DEVICE_TYPES, Kind, parse_kinds
+from xfer.net import address as addr
+from xfer.net.tls import TlsFiles
 
-DEVICE_TYPES = ("firewall", "router", "switch", "load-balancer")
 DEFAULT_PORT = 7443
 DEFAULT_MAX_BUNDLE = 64 * 1024 * 1024
 DEFAULT_STATE_DIR = Path("/var/lib/xfer/agent")
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """The device's certificate and key, and the CA that signs every peer it accepts."""
-
-    cert: Path
-    key: Path
-    ca: Path
 
 
 @dataclass(frozen=True)
@@ -150,9 +142,10 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     kinds = parse_kinds([str(k) for k in kinds_raw])
 
     address = _str(listen, "listen.address") or "127.0.0.1"
-    _check_ip(address, "listen.address")
-    port = _port(listen.get("port", DEFAULT_PORT), "listen.port")
-    metrics = _hostport(listen["metrics"], "listen.metrics") if listen.get("metrics") else None
+    addr.check_ip(address, "agent config: listen.address")
+    port = addr.port(listen.get("port", DEFAULT_PORT), "agent config: listen.port")
+    metrics = (addr.hostport(listen["metrics"], "agent config: listen.metrics")
+               if listen.get("metrics") else None)
 
     def path_of(table: Mapping[str, Any], key: str, name: str, required: bool) -> Path | None:
         text = _str(table, name, required=required, key=key)
@@ -215,11 +208,12 @@ def _upstream(table: Mapping[str, Any], device_id: str) -> UpstreamConfig | None
         url = check_agent_url(_str(table, "manager.url", required=True, key="url"))
     except UsageError as exc:
         raise UsageError(f"agent config: manager.url: {exc}") from None
-    group = _hostport(_str(table, "manager.group", required=True, key="group"), "manager.group")
+    group = addr.hostport(_str(table, "manager.group", required=True, key="group"),
+                          "agent config: manager.group")
     if ipaddress.ip_address(group[0]).version != 4 or not ipaddress.ip_address(group[0]).is_multicast:
         raise UsageError(f"agent config: manager.group {group[0]!r} is not an IPv4 multicast address")
     interface = _str(table, "manager.interface", required=True, key="interface")
-    _check_ip(interface, "manager.interface")
+    addr.check_ip(interface, "agent config: manager.interface")
     return UpstreamConfig(url, group, interface, _str(table, "manager.device", key="device") or device_id)
 
 
@@ -240,25 +234,3 @@ def _str(table: Mapping[str, Any], name: str, required: bool = False, key: str |
     if not isinstance(value, str):
         raise UsageError(f"agent config: {name} must be a string")
     return value
-
-
-def _check_ip(text: str, name: str) -> None:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        raise UsageError(f"agent config: {name} {text!r} is not an IP address") from None
-
-
-def _port(value: Any, name: str) -> int:
-    if not isinstance(value, int) or not 0 < value < 65536:
-        raise UsageError(f"agent config: {name} must be a port number (1-65535)")
-    return value
-
-
-def _hostport(text: Any, name: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    host = host.strip("[]")
-    if not sep or not port.isdigit():
-        raise UsageError(f"agent config: {name} must be ADDRESS:PORT")
-    _check_ip(host, name)
-    return host, _port(int(port), name)

@@ -45,14 +45,14 @@ def bring_up(config: AgentConfig) -> dict[str, Any]:
     """
     done: dict[str, Any] = {}
     if Kind.COUNTERS in config.kinds:
-        counters = _kind_package("xfer.ebpf.counters_device")
+        counters = _kind_package("xfer.counters.device")
         if counters is None:
             done["counters"] = {"error": "counters are not available in this build of xfer"}
         else:
             done["counters"] = {"interfaces": {dev: str(counters.attach(dev, config.netns))
                                                for dev in config.counter_interfaces}}
     if Kind.DHCP in config.kinds:
-        dhcp = _kind_package("xfer.dhcpsnoop.device")
+        dhcp = _kind_package("xfer.dhcp.device")
         if dhcp is None:
             done["dhcp"] = {"error": "dhcp snooping is not available in this build of xfer"}
         else:
@@ -76,7 +76,7 @@ class DhcpKeeper:
 
     async def start(self) -> bool:
         """Start keeping the database; False when this build has no DHCP snooping."""
-        serve = _kind_package("xfer.dhcpsnoop.serve")
+        serve = _kind_package("xfer.dhcp.serve")
         if serve is None:
             return False
         self._snooper = serve.Snooper(self.namespace, interval=self.interval)

@@ -15,8 +15,10 @@ them at restart (``AgentService.recover``). Stages with no news for
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from xfer import bundle as bundle_mod
 from xfer.agent.precopy import DEFAULT_EXPIRE_S, PrecopySource, PrecopyStages, Session
@@ -27,14 +29,36 @@ from xfer.conntrack.staging import StageReport
 from xfer.errors import BundleError, ForeignEntryError, UsageError
 from xfer.model import Kind, VmIdentity
 
-if TYPE_CHECKING:
-    from xfer.agent.service import AgentService, Trace
+
+class Trace(Protocol):
+    """What a request's trace offers (``xfer.agent.service.Trace``)."""
+
+    entries: dict[str, int]
+
+    def about(self, vm: VmIdentity, kinds: Sequence[Kind]) -> None: ...
+
+    def phase(self, name: str) -> AbstractContextManager[None]: ...
+
+
+class Host(Protocol):
+    """The agent service around the pre-copy operations (``xfer.agent.service.AgentService``)."""
+
+    config: Any
+    key: bytes | None
+    journal: Any
+    _kernel_lock: asyncio.Lock
+
+    def held(self, kinds: Sequence[Kind]) -> tuple[Kind, ...]: ...
+
+    def check_live(self) -> None: ...
+
+    def _peers(self) -> Any: ...
 
 
 class PrecopyOps:
     """Pre-copy for one agent (``service.precopy``)."""
 
-    def __init__(self, service: AgentService, *, trust_seed: bool = False,
+    def __init__(self, service: Host, *, trust_seed: bool = False,
                  expire_s: float = DEFAULT_EXPIRE_S) -> None:
         self.service = service
         netns = service.config.netns

@@ -18,9 +18,7 @@ from xfer.errors import (
     AuthError,
     BundleError,
     ForeignEntryError,
-    ImportFailed,
     MigrationCancelled,
-    NamespaceNotFound,
     StoreExpired,
     UsageError,
     XferError,
@@ -28,11 +26,6 @@ from xfer.errors import (
 from xfer.model import Kind, VmIdentity, parse_kinds, parse_vm
 
 API = "/v1"
-BUNDLE_TYPE = "application/octet-stream"
-# Bundle bodies travel compressed (our own header, so that aiohttp does not
-# inflate them on its own, without our size limit).
-COMPRESSION_HEADER = "Xfer-Compression"
-ZSTD = "zstd"
 # The migration that device work belongs to (the manager's token for it). The client sends
 # it with every request made while it is set; an agent sets it while handling a request
 # that carried it, so a push's or pull's own requests carry it on. An agent that has
@@ -41,36 +34,11 @@ ZSTD = "zstd"
 MIGRATION_HEADER = "Xfer-Migration"
 MIGRATION: ContextVar[str] = ContextVar("xfer_migration", default="")
 
-# Most precise first: ForeignEntryError is a BundleError.
-_STATUS: tuple[tuple[type[XferError], int], ...] = (
-    (AuthError, 403),
-    (ForeignEntryError, 422),
-    (BundleError, 422),
-    (ImportFailed, 409),
-    (MigrationCancelled, 409),
-    (StoreExpired, 410),
-    (UsageError, 400),
-    (NamespaceNotFound, 503),
-    (AgentError, 502),
-)
 # Errors a client re-raises as themselves, so a refusal reads the same end to end.
 _REBUILD: dict[str, type[XferError]] = {
     "AuthError": AuthError, "ForeignEntryError": ForeignEntryError, "BundleError": BundleError,
     "StoreExpired": StoreExpired, "MigrationCancelled": MigrationCancelled,
 }
-
-
-def status_of(exc: XferError) -> int:
-    """The HTTP status an agent answers an error with."""
-    for cls, status in _STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 500
-
-
-def error_body(exc: XferError) -> dict[str, Any]:
-    remote = getattr(exc, "remote_type", "")
-    return {"error": str(exc), "type": remote or type(exc).__name__}
 
 
 def error_from(status: int, body: Mapping[str, Any] | None, url: str) -> XferError:
@@ -118,59 +86,3 @@ def check_agent_url(url: Any) -> str:
     if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
         raise UsageError(f"agent URL {url!r} must look like https://HOST:PORT")
     return url.rstrip("/")
-
-
-def compress(data: bytes) -> tuple[bytes, dict[str, str]]:
-    """Bundle bytes as they travel, and the header that says so.
-
-    zstd level 1: a conntrack bundle shrinks about twentyfold in a few ms, which
-    saves more than it costs even on loopback, and far more on a real link.
-
-    >>> body, headers = compress(b"x" * 1000); len(body) < 100, headers
-    (True, {'Xfer-Compression': 'zstd'})
-    """
-    import zstandard
-
-    return zstandard.ZstdCompressor(level=1).compress(data), {COMPRESSION_HEADER: ZSTD}
-
-
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The bundle bytes of a body; BundleError (nothing touched) when over ``limit`` or malformed.
-
-    The frame must declare its size, within ``limit``, before anything is inflated:
-    a small body must not make the agent allocate gigabytes.
-    """
-    if not encoding:
-        return body
-    size = packed_size(body, encoding, limit)
-    import zstandard
-
-    try:
-        inflater = zstandard.ZstdDecompressor().decompressobj()
-        data = inflater.decompress(body)
-    except zstandard.ZstdError as exc:
-        raise BundleError(f"compressed bundle is corrupted: {exc}") from None
-    if len(data) != size or not inflater.eof or inflater.unused_data:
-        raise BundleError("compressed bundle is truncated or has trailing bytes")
-    return data
-
-
-def packed_size(body: bytes, encoding: str | None, limit: int) -> int:
-    """The size a compressed bundle declares; BundleError unless it is zstd and within ``limit``.
-
-    >>> packed_size(compress(b"x" * 1000)[0], ZSTD, 4096)
-    1000
-    """
-    if encoding != ZSTD:
-        raise BundleError(f"unknown bundle compression {encoding!r}")
-    import zstandard
-
-    try:
-        size = zstandard.frame_content_size(body)
-    except zstandard.ZstdError as exc:
-        raise BundleError(f"compressed bundle is corrupted: {exc}") from None
-    if size < 0:
-        raise BundleError("compressed bundle does not declare its size; refused")
-    if size > limit:
-        raise BundleError(f"bundle is {size} bytes, over this device's limit of {limit}")
-    return int(size)

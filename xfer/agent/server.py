@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
-import json
 import logging
 import signal
 import socket
@@ -40,56 +39,30 @@ from typing import Any
 from aiohttp import web
 
 from xfer import bundle as bundle_mod
-from xfer import netns as xnetns
-from xfer.agent import device, tls
+from xfer.agent import device
 from xfer.agent import status as status_mod
 from xfer.agent.client import AgentClient
 from xfer.agent.config import AgentConfig
 from xfer.agent.devicedriven import DeviceDriven, Heard
 from xfer.agent.metrics import CONTENT_TYPE, AgentMetrics
-from xfer.agent.protocol import (
-    API,
-    BUNDLE_TYPE,
-    COMPRESSION_HEADER,
-    MIGRATION,
-    MIGRATION_HEADER,
-    compress,
-    decompress,
-    error_body,
-    parse_request_kinds,
-    parse_request_vm,
-    status_of,
-)
+from xfer.agent.protocol import API, MIGRATION, MIGRATION_HEADER, parse_request_kinds, parse_request_vm
 from xfer.agent.service import AgentService, Trace
 from xfer.agent.upstream import Upstream
 from xfer.errors import AuthError, BundleError, UsageError, XferError
 from xfer.model import Kind
-from xfer.udp import multicast_socket
+from xfer.net import tls
+from xfer.net.api import BUNDLE_TYPE, COMPRESSION_HEADER, compress, decompress, error_body, status_of
+from xfer.net.log import emitter
+from xfer.net.sockets import bind_socket, multicast_socket
 
 log = logging.getLogger("xfer.agent")
+_emit = emitter("xfer.agent")
 
 # The trace of the request being handled (set by the middleware, read by the endpoints).
 TRACE: contextvars.ContextVar[Trace] = contextvars.ContextVar("xfer_agent_trace")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CONTROL_MAX = 64 * 1024
 EXPIRE_EVERY_S = 5.0
-
-
-def bind_socket(address: str, port: int, namespace: str | None) -> socket.socket:
-    """A listening TCP socket bound inside ``namespace`` (CAP_SYS_ADMIN to enter it)."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with xnetns.entered(namespace):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address, port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on {address}:{port}"
-                         f"{f' in {namespace}' if namespace else ''}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
 
 
 class AgentServer:
@@ -276,7 +249,7 @@ class AgentServer:
             outcome = "ok" if status == 200 else ("refused" if 400 <= status < 500 else "failed")
             if op != "metrics":
                 self.metrics.observe(op, outcome, seconds, trace)
-                _emit({"ts": round(time.time(), 3), "device": self.config.device_id, "op": op,
+                _emit({"device": self.config.device_id, "op": op,
                        "peer": peer, "vm": trace.vm, "kinds": list(trace.kinds), "status": status,
                        "ms": round(seconds * 1000, 3),
                        "phases_ms": {k: round(v * 1000, 3) for k, v in trace.phases.items()},
@@ -396,11 +369,6 @@ class AgentServer:
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-
-def _emit(record: dict[str, Any]) -> None:
-    """One structured log line (JSON)."""
-    log.info(json.dumps(record, separators=(",", ":"), default=str))
 
 
 async def serve(config: AgentConfig) -> None:

@@ -2,7 +2,7 @@
 
 Every device operation goes through ``xfer.transfer`` (injected, so unit tests
 give it fakes); kernel work runs in a worker thread (``asyncio.to_thread``) so
-the event loop keeps answering. Rules (DESIGN.md, reliability and security):
+the event loop keeps answering. Rules (docs/architecture.md, reliability rules):
 
 - only kinds this device holds are exported, imported or forgotten;
 - an import names its VM, and the bundle must be that VM's (the kind modules

@@ -25,10 +25,10 @@ def count(kind: Kind, namespace: str | None) -> int:
 
         return table_size(namespace)
     if kind is Kind.COUNTERS:
-        from xfer.ebpf.counters_transfer import show
+        from xfer.counters.transfer import show
 
         return len(show(None, namespace))
-    from xfer.dhcpsnoop.store import BindingTable
+    from xfer.dhcp.store import BindingTable
 
     with BindingTable(namespace) as table:
         return len(table.bindings())

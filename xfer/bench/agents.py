@@ -35,7 +35,6 @@ from typing import Any
 
 from xfer import bundle as bundle_mod
 from xfer import transfer
-from xfer.agent import tls
 from xfer.agent.client import AgentClient
 from xfer.bench.common import Echo, median, write_results
 from xfer.bench.conntrack import VM_IP, fill
@@ -51,6 +50,7 @@ from xfer.lab.agents import (
 )
 from xfer.lab.hosts import Hosts
 from xfer.model import Kind, VmIdentity, parse_vm
+from xfer.net import tls
 
 TARGET_OVERHEAD_S = 0.020
 ROUTE = ("in_process", "push", "pull")
@@ -105,8 +105,8 @@ def _vm_port(hosts: Hosts, src: str, dst: str) -> str:
 def _vm_traffic(hosts: Hosts, src: str, mac: str, dhcp: bool) -> None:
     """A binding for the VM (it passes the source guard) and counted traffic."""
     if dhcp:
-        from xfer.dhcpsnoop.device import add_static
-        from xfer.dhcpsnoop.model import Binding
+        from xfer.dhcp.device import add_static
+        from xfer.dhcp.model import Binding
 
         add_static(src, Binding(mac, VM_IP, None, "vm0", source="static"))
     hosts.check(hosts.name("vm"), ["ping", "-q", "-c", "5", "-i", "0.01", "10.0.1.1"])
@@ -129,8 +129,8 @@ def _env(name: str, value: str | None) -> Iterator[None]:
 
 @contextmanager
 def _site(vm_flows: int, total: int) -> Iterator[Site]:
-    counters = kind_available("xfer.ebpf.counters_device")
-    dhcp = kind_available("xfer.dhcpsnoop.device")
+    counters = kind_available("xfer.counters.device")
+    dhcp = kind_available("xfer.dhcp.device")
     datapath = counters or dhcp
     kinds = [Kind.CONNTRACK, *([Kind.COUNTERS] if counters else []), *([Kind.DHCP] if dhcp else [])]
     with Hosts("xa") as hosts, tempfile.TemporaryDirectory(prefix="xfer-bench-agents-") as tmp, \

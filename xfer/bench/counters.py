@@ -42,8 +42,10 @@ from typing import Any
 
 from xfer import bundle as bundle_mod
 from xfer.bundle import Bundle
-from xfer.ebpf import counters, counters_device, counters_transfer
-from xfer.ebpf.counter_maps import CounterMaps
+from xfer.counters import device as counters_device
+from xfer.counters import model as counters
+from xfer.counters import transfer as counters_transfer
+from xfer.counters.maps import CounterMaps
 from xfer.errors import UsageError, XferError
 from xfer.lab.hosts import Hosts, have
 from xfer.model import Kind, VmIdentity

@@ -38,9 +38,9 @@ from typing import Any
 from xfer import netns
 from xfer.bench import progrun
 from xfer.bundle import Bundle
-from xfer.dhcpsnoop import datapath, device, packet
-from xfer.dhcpsnoop import transfer as dhcp_transfer
-from xfer.dhcpsnoop.store import BindingTable, pin_dir
+from xfer.dhcp import datapath, device, packet
+from xfer.dhcp import transfer as dhcp_transfer
+from xfer.dhcp.store import BindingTable, pin_dir
 from xfer.lab.hosts import Hosts, stop_process
 from xfer.lab.switch import (
     NET,

@@ -40,16 +40,16 @@ from typing import Any
 
 from xfer import netns as xnetns
 from xfer import transfer
-from xfer.agent import tls
 from xfer.agent.client import AgentClient
 from xfer.bench.common import Echo, median, write_results
 from xfer.bench.conntrack import fill
-from xfer.hypervisor.notify import ManagerLink, messages_for
 from xfer.lab.agents import OPERATOR
 from xfer.lab.manager_lab import DESTINATION, MANAGER_IP, MCAST_GROUP, MCAST_PORT, SOURCE, VM_MAC, ManagerLab
 from xfer.lab.topology import GW_IP, VM_IP, VM_IP6
-from xfer.manager import messages
 from xfer.model import Kind, parse_vm
+from xfer.net import tls
+from xfer.net.message import encode, messages_for
+from xfer.net.notify import ManagerLink
 
 MODES = ("relay", "pull", "push", "store")
 VARIANTS = (*MODES, "devices")    # "devices": store mode, device-driven (multicast)
@@ -145,7 +145,7 @@ async def _rounds(lab: ManagerLab, flows: int, repeat: int, say: Echo) -> dict[s
                 answers = []
                 try:
                     for body in msgs:
-                        await loop.sock_sendto(sock, messages.encode(body), (MCAST_GROUP, MCAST_PORT))
+                        await loop.sock_sendto(sock, encode(body), (MCAST_GROUP, MCAST_PORT))
                         data, _ = await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), 30)
                         answers.append(json.loads(data))
                         if not answers[-1].get("ok"):

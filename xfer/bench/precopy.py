@@ -180,9 +180,9 @@ def managed(hosts: Hosts, src: str, dst: str, workdir: Path, interval_s: float =
             ) -> Iterator[tuple[str, ssl.SSLContext]]:
     """Agents on both firewalls and a manager (in the source's namespace, on the agents'
     link), as processes; yields the manager's URL and the operator's TLS context."""
-    from xfer.agent import tls
     from xfer.lab.agents import DST_AGENT_IP, OPERATOR, SRC_AGENT_IP, LabAgents
     from xfer.lab.manager_lab import ManagerProcess
+    from xfer.net import tls
 
     agents = LabAgents(hosts, workdir)
     agents.link(src, dst)

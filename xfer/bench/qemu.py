@@ -39,10 +39,11 @@ from typing import Any
 from xfer.bench.common import Echo, median, write_results
 from xfer.hypervisor import migrate
 from xfer.hypervisor.hook import HookOptions, Notify
-from xfer.hypervisor.notify import MigrationMessage, send_migration_message
 from xfer.hypervisor.report import WindowReport
 from xfer.lab.qemu import QemuPair
 from xfer.lab.stub_manager import StubManager, self_signed_tls
+from xfer.net.message import MigrationMessage
+from xfer.net.notify import send_migration_message
 
 TARGET_OVERHEAD_MS = 5.0
 

@@ -1,7 +1,7 @@
 """The ``xfer`` command: parse, call the library, print. Nothing is implemented here.
 
 One module per group of subcommands (``state``, ``lab``, ``bench``, ``agent``,
-``ebpf``, ``hypervisor``; the manager's in ``xfer.manager.cli``), all on the app
+``ebpf``, ``hypervisor``; the manager's in ``xfer.cli.manager``), all on the app
 of ``common``.
 
 Exit status: 0 success, 1 the operation failed (one-line reason on stderr), 2 usage.
@@ -15,7 +15,6 @@ import sys
 from xfer import heap
 from xfer.cli.common import app, fail
 from xfer.errors import UsageError, XferError
-from xfer.manager.cli import register as _register_manager
 
 # Each module adds its commands to ``app`` when imported, in this order (the order
 # of `xfer --help`).
@@ -23,12 +22,11 @@ from xfer.manager.cli import register as _register_manager
 from xfer.cli import state  # noqa: F401
 from xfer.cli import hypervisor  # noqa: F401
 from xfer.cli import lab  # noqa: F401
-from xfer.cli import bench
+from xfer.cli import bench  # noqa: F401
 from xfer.cli import agent  # noqa: F401
 from xfer.cli import ebpf  # noqa: F401
+from xfer.cli import manager  # noqa: F401
 # isort: on
-
-_register_manager(app, bench.bench_app)
 
 # Commands a hypervisor hook runs inside the pause window. typer inspects the
 # signature of every registered command at start (~70 ms for all of them), so for

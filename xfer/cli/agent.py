@@ -7,17 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from xfer.cli.common import (
-    JsonOpt,
-    KindsOpt,
-    VmOpt,
-    app,
-    fail,
-    log_lines_to_stderr,
-    print_json,
-    print_report,
-    report_failed,
-)
+from xfer.cli.common import JsonOpt, KindsOpt, VmOpt, app, fail, print_json, print_report, report_failed
+from xfer.net.log import log_lines_to_stderr
 
 agent_app = typer.Typer(help="The device agent: serve, and drive agents over mutual TLS.",
                         no_args_is_help=True)
@@ -41,7 +32,8 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait fo
 
 
 def _agent_run(ca: Path, cert: Path | None, key: Path | None, timeout: float, op: Any) -> Any:
-    from xfer.agent import client, tls
+    from xfer.agent import client
+    from xfer.net import tls
 
     return client.run_sync(tls.client_context(ca, cert, key), op, timeout)
 

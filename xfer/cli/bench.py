@@ -145,3 +145,24 @@ def bench_dhcp(
                        rounds=rounds)
     if as_json:
         print_json(result)
+
+
+@bench_app.command("migrate")
+def bench_migrate(
+    flows: Annotated[str, typer.Option("--flows", help="The VM's conntrack entries, one run per "
+                                       "comma-separated count.")] = "1000,20000",
+    repeat: Annotated[int, typer.Option(help="Rounds after the cold one (median reported).")] = 5,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/migrate.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Migration message → every destination committed, each mode and the device-driven variant,
+    vs a direct agent push (same run).
+
+    Example: xfer bench migrate --flows 1000,20000 --repeat 5
+    """
+    from xfer.bench import migrate as bench
+
+    counts = tuple(int(f) for f in flows.split(",") if f.strip())
+    result = bench.run(counts, repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -60,13 +59,3 @@ def print_report(report: dict[str, Any]) -> None:
 
 def report_failed(report: dict[str, Any]) -> bool:
     return bool(report.get("failed")) or any("error" in r for r in report.get("kinds", {}).values())
-
-
-def log_lines_to_stderr(logger: str) -> None:
-    """A daemon's log lines (already JSON or plain) straight to stderr, for journald."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = logging.getLogger(logger)
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False

@@ -44,14 +44,14 @@ def counters_attach(
     Example: xfer counters attach --dev vmif --netns fw-src
     """
     if ebpf:
+        from xfer.counters.device import PROGRAM
         from xfer.ebpf import loader
-        from xfer.ebpf.counters_device import PROGRAM
 
         sys.stdout.write(loader.source_text(PROGRAM))
         return
     if not dev:
         raise UsageError("--dev IFACE is required (the device's VM-facing interface)")
-    from xfer.ebpf import counters_device
+    from xfer.counters import device as counters_device
 
     pins = counters_device.attach(dev, netns)
     typer.echo(f"counting on {dev} (maps pinned in {pins})")
@@ -68,7 +68,7 @@ def counters_detach(
 
     Example: xfer counters detach --dev vmif --netns fw-src
     """
-    from xfer.ebpf import counters_device
+    from xfer.counters import device as counters_device
 
     removed = counters_device.detach(dev, netns, unpin=unpin)
     typer.echo(f"removed {removed} filter(s) from {dev}" + ("; maps unpinned" if unpin else ""))
@@ -86,7 +86,8 @@ def counters_show(
 
     Example: xfer counters show --vm 10.0.0.2 --netns fw-dst --json
     """
-    from xfer.ebpf import counters, counters_transfer
+    from xfer.counters import model as counters
+    from xfer.counters import transfer as counters_transfer
     from xfer.model import parse_vm
 
     rows = counters.rows(counters_transfer.show(parse_vm(vm) if vm else None, netns, dev=dev))
@@ -129,7 +130,7 @@ def dhcp_attach(
 
     Example: xfer dhcp attach --trusted uplink --untrusted vm0,vm1 --netns sw1
     """
-    from xfer.dhcpsnoop import datapath, device
+    from xfer.dhcp import datapath, device
 
     if ebpf:
         typer.echo(datapath.source_text())
@@ -155,7 +156,7 @@ def dhcp_detach(
 
     Example: xfer dhcp detach --netns sw1 --purge
     """
-    from xfer.dhcpsnoop import device
+    from xfer.dhcp import device
 
     n = device.detach(netns, purge)
     typer.echo(f"detached from {n} ports" + (", maps unpinned" if purge else ""))
@@ -171,7 +172,7 @@ def dhcp_bindings(
 
     Example: xfer dhcp bindings --netns sw1 --json
     """
-    from xfer.dhcpsnoop.store import BindingTable
+    from xfer.dhcp.store import BindingTable
 
     with BindingTable(netns) as table:
         rows = table.bindings(include_expired=show_all)
@@ -205,8 +206,8 @@ def dhcp_add(
 
     Example: xfer dhcp add --mac 02:00:00:00:00:09 --ip 10.0.0.9 --port vm0 --netns sw1
     """
-    from xfer.dhcpsnoop import device
-    from xfer.dhcpsnoop.model import Binding
+    from xfer.dhcp import device
+    from xfer.dhcp.model import Binding
 
     b = Binding(mac, ip, None if lease is None else float(lease), port, vlan, "static",
                 lease or 0)
@@ -227,7 +228,7 @@ def dhcp_del(
 
     Example: xfer dhcp del --mac 02:00:00:00:00:09 --ip 10.0.0.9 --netns sw1
     """
-    from xfer.dhcpsnoop import device
+    from xfer.dhcp import device
 
     if not device.delete(netns, mac, ip, db):
         fail(f"no binding {mac} {ip}")
@@ -240,7 +241,7 @@ def dhcp_counters(netns: NetnsOpt = None, as_json: JsonOpt = False) -> None:
 
     Example: xfer dhcp counters --netns sw1 --json
     """
-    from xfer.dhcpsnoop.store import BindingTable
+    from xfer.dhcp.store import BindingTable
 
     with BindingTable(netns) as table:
         counters = table.counters()
@@ -272,8 +273,8 @@ def dhcp_serve(
     """
     import asyncio
 
-    from xfer.dhcpsnoop import device
-    from xfer.dhcpsnoop.serve import Snooper
+    from xfer.dhcp import device
+    from xfer.dhcp.serve import Snooper
 
     if untrusted or trusted:
         device.attach(netns, _split(trusted), _split(untrusted), mode, db)

@@ -50,13 +50,14 @@ def _hook_options(vm: str, manager: str, source: str | None, destination: str, d
                   on_fail: str, kinds: str | None, mode: str | None, tls: tuple[Path | None, ...],
                   **kw: Any) -> Any:
     from xfer.hypervisor.hook import HookOptions
-    from xfer.hypervisor.notify import client_tls
     from xfer.model import parse_kinds
+    from xfer.net.message import Mode
+    from xfer.net.tls import client_tls
 
     extra: dict[str, Any] = {"source": source} if source else {}
     return HookOptions(vm=vm, manager=manager, destination=destination, deadline_s=deadline_ms / 1000,
                        on_fail=on_fail, kinds=tuple(k.value for k in parse_kinds(kinds)) if kinds else None,
-                       mode=mode, ssl_context=client_tls(*tls), **extra, **kw)
+                       mode=Mode.of(mode) if mode else None, ssl_context=client_tls(*tls), **extra, **kw)
 
 
 def _window_report(report: Any, as_json: bool) -> None:

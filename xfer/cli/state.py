@@ -83,6 +83,8 @@ def import_cmd(
     key_file: KeyOpt = None,
     max_size: Annotated[int, typer.Option("--max-size", help="Refuse bundles larger than this "
                                           "many bytes.")] = 256 * 1024 * 1024,
+    max_age: Annotated[float, typer.Option("--max-age", help="Refuse bundles exported more than "
+                                           "this many seconds ago.", metavar="SECONDS")] = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Import a bundle into a device; prints created/updated/skipped/failed counts.
@@ -99,8 +101,8 @@ def import_cmd(
         Kind.CONNTRACK: {"replace": not no_replace, "partial": partial}}
     if dev:
         options[Kind.COUNTERS] = {"dev": dev}
-    report = transfer.import_bundle(b, netns, vm=ident,
-                                    kinds=parse_kinds(kinds) if kinds else None, options=options)
+    report = transfer.import_bundle(b, netns, vm=ident, kinds=parse_kinds(kinds) if kinds else None,
+                                    options=options, max_age_s=max_age)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -155,15 +157,18 @@ def bundle_show(
     Example: xfer bundle show vm.xfer --json
     """
     from xfer import bundle as bundle_mod
-    from xfer.conntrack.transfer import section_entries
+    from xfer.conntrack.transfer import section_entries, verdict
     from xfer.model import Kind
 
     b = bundle_mod.read(file, bundle_mod.load_key(key_file))
     header = b.header()
     ct = b.sections.get(Kind.CONNTRACK)
-    records = section_entries(ct) if ct is not None else []
+    # read as an import reads them: a malformed entry fails the command (one line)
+    records = section_entries(ct) if ct is not None and (entries or as_json) else []
+    refused = verdict(ct, b.vm) if ct is not None else None
     if as_json:
         header["age_s"] = round(b.age(), 3)
+        header["import_check"] = refused or "ok"
         if ct is not None:
             header["conntrack"] = [e.to_json() for e in records]
         print_json(header)
@@ -175,6 +180,8 @@ def bundle_show(
     for s in header["sections"]:
         typer.echo(f"  section {s['kind']}: {s['count']} entries, {s['length']} bytes, "
                    f"{s['encoding']}, sha256 {s['sha256'][:16]}…")
+    if ct is not None:
+        typer.echo(f"  import check: {refused or 'ok'}")
     if entries:
         for e in records:
             typer.echo("    " + e.summary())

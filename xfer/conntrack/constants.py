@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import struct
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
 NETLINK_NETFILTER = 12
 
 # netlink
+NLMSGHDR = struct.Struct("=IHHII")  # struct nlmsghdr: len, type, flags, seq, pid
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
@@ -23,6 +25,15 @@ SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+
+
+def align4(n: int) -> int:
+    """NLMSG_ALIGN / NLA_ALIGN: messages and attributes start on 4-byte boundaries.
+
+    >>> align4(5), align4(8)
+    (8, 8)
+    """
+    return (n + 3) & ~3
 
 # nfnetlink
 NFNL_SUBSYS_CTNETLINK = 1

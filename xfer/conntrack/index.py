@@ -187,7 +187,7 @@ class ConntrackIndex:
     def _owners(self, message: bytes) -> list[_Vm]:
         blob = message[HDR:_HEAD.unpack_from(message)[0]]
         try:
-            orig_src, reply_src, _ = wire.endpoint_sources(blob, trusted=False)
+            orig_src, reply_src, _ = wire.endpoint_sources(blob)
         except (ValueError, KeyError, IndexError, struct.error):
             return []
         owners = self._owner.get(orig_src, [])

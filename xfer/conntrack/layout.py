@@ -10,8 +10,9 @@ left as dumped. This is what makes an import cost under a microsecond of Python
 per entry instead of a walk over its attributes (``runs`` does long runs at once).
 
 An entry whose layout holds anything a create must not receive as dumped (NAT
-bindings, helper, expectation master, security context, counters, timestamps,
-an unknown attribute) has no layout and goes through ``wire.create_message``.
+bindings, helper, expectation master, security context, counters, timestamps),
+or that ``strict`` refuses, has no layout and goes through ``wire.create_message``
+(after the strict check, for a bundle's entries).
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import struct
 from typing import NamedTuple
 
 from xfer.conntrack import constants as c
-from xfer.conntrack import wire
+from xfer.conntrack import strict
 from xfer.conntrack.stream import HDR, length_at
 from xfer.conntrack.wire import CREATE_FLAGS, STATUS_DROP, TCP_FLAGS_KEEP
 
-_HEADER = struct.Struct("=I")
 _U32BE = struct.Struct(">I")
 _MSG_HEAD = struct.Struct("=IHHIIBBH")
 
@@ -33,22 +33,13 @@ _MSG_HEAD = struct.Struct("=IHHIIBBH")
 _AS_DUMPED = frozenset({c.CTA_TUPLE_ORIG, c.CTA_TUPLE_REPLY, c.CTA_STATUS, c.CTA_TIMEOUT,
                         c.CTA_PROTOINFO, c.CTA_MARK, c.CTA_ID, c.CTA_USE, c.CTA_ZONE, c.CTA_LABELS,
                         c.CTA_SEQ_ADJ_ORIG, c.CTA_SEQ_ADJ_REPLY, c.CTA_SYNPROXY})
-_TCP_FIELDS = frozenset({c.CTA_PROTOINFO_TCP_STATE, c.CTA_PROTOINFO_TCP_WSCALE_ORIGINAL,
-                         c.CTA_PROTOINFO_TCP_WSCALE_REPLY, c.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL,
-                         c.CTA_PROTOINFO_TCP_FLAGS_REPLY})
-_TCP_FLAGS = (c.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, c.CTA_PROTOINFO_TCP_FLAGS_REPLY)
-_SRC_HEADS = {_HEADER.unpack(struct.pack("=HH", 8, c.CTA_IP_V4_SRC))[0]: 4,
-              _HEADER.unpack(struct.pack("=HH", 20, c.CTA_IP_V6_SRC))[0]: 16}
-_DST_HEADS = {4: _HEADER.unpack(struct.pack("=HH", 8, c.CTA_IP_V4_DST))[0],
-              16: _HEADER.unpack(struct.pack("=HH", 20, c.CTA_IP_V6_DST))[0]}
-_TUPLE_IP = c.CTA_TUPLE_IP | c.NLA_F_NESTED
 
 
 class Layout(NamedTuple):
     """Offsets (from the message start) of what an import reads and patches."""
 
     check: struct.Struct          # unpacks the message's length, type and family and every
-    expect: tuple[int, ...]       # attribute header that fixes the offsets, and what they must read
+    expect: tuple[int, ...]       # attribute header at every level, and what they must read
     length: int
     step: int                     # the length rounded up to 4: where the next message starts
     words: tuple[int, ...]        # the same checks as 32-bit words (for ``runs``): offsets
@@ -59,75 +50,51 @@ class Layout(NamedTuple):
     status: int
     timeout: int
     tcp_flags: tuple[int, ...]    # value bytes of the TCP flag attributes (none for other protocols)
+    # (offset, offset, size) pairs that must be equal unless the entry is SNATed / DNATed:
+    # the reply tuple is the original's inverse on each side NAT leaves alone (see ``strict``)
+    unless_snat: tuple[tuple[int, int, int], ...]
+    unless_dnat: tuple[tuple[int, int, int], ...]
 
 
 def learn(payload: bytes, off: int) -> Layout | None:
-    """The layout of the message at ``off``, or None when it needs the full rewrite."""
+    """The layout of the message at ``off``, or None when it needs the full rewrite.
+
+    The entry is read strictly (``strict.walk``) and the layout pins every attribute
+    header it walked, at every level, plus the protocol numbers: an entry that matches
+    has the very structure that was checked here, so no second address can hide in it.
+    """
     end = off + length_at(payload, off)
-    heads: list[int] = []
-    found: dict[int, int] = {}
-    flags: list[int] = []
-    addr_len = 0
-    pos = off + HDR
     try:
-        for kind, start, stop in wire.iter_attrs(payload, pos, end):
-            head = start - 4
-            heads.append(head)
-            if kind not in _AS_DUMPED or kind in found:
-                return None
-            found[kind] = head
-            if kind in (c.CTA_TUPLE_ORIG, c.CTA_TUPLE_REPLY):
-                # The kernel's tuple starts with CTA_TUPLE_IP holding exactly the source
-                # and the destination address: all three headers are pinned, so no
-                # second source can hide behind the one the ownership check reads.
-                ip_head, src_head = (_HEADER.unpack_from(payload, start + i)[0] for i in (0, 4))
-                n = _SRC_HEADS.get(src_head, 0)
-                if (ip_head >> 16 != _TUPLE_IP or not n or addr_len not in (0, n)
-                        or ip_head & 0xFFFF != 4 + 2 * (4 + n)
-                        or _HEADER.unpack_from(payload, start + 8 + n)[0] != _DST_HEADS[n]):
-                    return None
-                addr_len = n
-                heads += [start, start + 4, start + 8 + n]
-            elif kind in (c.CTA_STATUS, c.CTA_TIMEOUT):
-                if stop - start != 4:
-                    return None
-            elif kind == c.CTA_PROTOINFO:
-                inner = list(wire.iter_attrs(payload, start, stop))
-                if len(inner) != 1:
-                    return None
-                pkind, pstart, pstop = inner[0]
-                heads.append(pstart - 4)
-                if pkind != c.CTA_PROTOINFO_TCP:
-                    continue  # SCTP, DCCP: the kernel takes its own encoding back
-                for fkind, fstart, fstop in wire.iter_attrs(payload, pstart, pstop):
-                    heads.append(fstart - 4)
-                    if fkind not in _TCP_FIELDS:
-                        return None
-                    if fkind in _TCP_FLAGS:
-                        if fstop - fstart != 2:
-                            return None
-                        flags.append(fstart)
-                if len(flags) != 2:
-                    return None
-    except ValueError:
+        w = strict.walk(payload[off + 16], payload, off + HDR, end)
+    except strict.Refused:
         return None
-    if not all(k in found for k in (c.CTA_TUPLE_ORIG, c.CTA_TUPLE_REPLY, c.CTA_STATUS,
-                                    c.CTA_TIMEOUT)):
+    if not set(w.top) <= _AS_DUMPED:
         return None
-    # the message header too: length, type and family
-    rel = sorted(h - off for h in heads)
+    if w.protoinfo == c.CTA_PROTOINFO_TCP and len(w.tcp_flags) != 2:
+        return None
+    orig, reply = w.tuples[c.CTA_TUPLE_ORIG], w.tuples[c.CTA_TUPLE_REPLY]
+    n = w.addr_len
+    # the protocol numbers' words (number and zero padding) are pinned like headers
+    rel = sorted(h - off for h in (*w.heads, orig.proto, reply.proto))
     fmt, at = ["=IH10xB3x"], HDR
     for r in rel:
         fmt.append(f"{r - at}xI" if r > at else "I")
         at = r + 4
     check = struct.Struct("".join(fmt))
     words = (0, 16, *rel)
+
+    def pairs(*candidates: tuple[int, int, int]) -> tuple[tuple[int, int, int], ...]:
+        return tuple((a - off, b - off, size) for a, b, size in candidates if a >= 0)
+
+    top = w.top
     return Layout(check, check.unpack_from(payload, off), end - off, (end - off + 3) & ~3, words,
-                  tuple(payload[off + w:off + w + 4] for w in words),
-                  orig_src=found[c.CTA_TUPLE_ORIG] + 12 - off,
-                  reply_src=found[c.CTA_TUPLE_REPLY] + 12 - off, addr_len=addr_len,
-                  status=found[c.CTA_STATUS] + 4 - off, timeout=found[c.CTA_TIMEOUT] + 4 - off,
-                  tcp_flags=tuple(f - off for f in flags))
+                  tuple(payload[off + w_:off + w_ + 4] for w_ in words),
+                  orig_src=orig.src - off, reply_src=reply.src - off, addr_len=n,
+                  status=top[c.CTA_STATUS][0] - off, timeout=top[c.CTA_TIMEOUT][0] - off,
+                  tcp_flags=tuple(f - off for f in w.tcp_flags),
+                  unless_snat=pairs((orig.src, reply.dst, n), (orig.sport, reply.dport, 2),
+                                    (orig.icmp_id, reply.icmp_id, 2)),
+                  unless_dnat=pairs((orig.dst, reply.src, n), (orig.dport, reply.sport, 2)))
 
 
 class Layouts:

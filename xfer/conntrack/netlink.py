@@ -24,7 +24,6 @@ from xfer.conntrack import stream, wire
 from xfer.conntrack.stream import Stream
 from xfer.errors import KernelError, PermissionDenied, XferError
 
-_NLMSG = struct.Struct("=IHHII")
 _ERR = struct.Struct("=i")
 RECV_SIZE = 1 << 20
 # The kernel fills at most 32 KiB per dump read (netlink caps max_recvmsg_len), so
@@ -137,7 +136,7 @@ class CtNetlink:
             if sent is not None:
                 sent.set()
         recv = self.sock.recv
-        unpack = _NLMSG.unpack_from
+        unpack = c.NLMSGHDR.unpack_from
         parts: list[bytes] = []
         offsets: list[int] = []
         base = 0
@@ -276,7 +275,7 @@ class CtNetlink:
         in O(their number) whatever the size of the host's table.
         """
         parts: list[bytes] = []
-        unpack = _NLMSG.unpack_from
+        unpack = c.NLMSGHDR.unpack_from
         i = 0
         while i < len(requests):
             chunk: list[bytes] = []
@@ -319,7 +318,7 @@ class CtNetlink:
         self._drain_errors(failures)
 
     def _drain_errors(self, failures: dict[int, int]) -> None:
-        unpack = _NLMSG.unpack_from
+        unpack = c.NLMSGHDR.unpack_from
         while True:
             try:
                 buf = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)

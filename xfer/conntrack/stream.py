@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from xfer.conntrack import constants as c
+from xfer.conntrack.constants import align4
 
 HDR = 20  # nlmsghdr + nfgenmsg
 _HEAD = struct.Struct("=IHHIIBBH")
@@ -40,10 +41,6 @@ class Stream(NamedTuple):
 
 
 EMPTY = Stream(b"", [])
-
-
-def align4(n: int) -> int:
-    return (n + 3) & ~3
 
 
 def scan(payload: bytes) -> list[int]:

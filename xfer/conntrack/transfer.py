@@ -19,13 +19,13 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple, NoReturn
 
 from xfer.bundle import Bundle, Section
-from xfer.conntrack import runs, stream, wire
+from xfer.conntrack import runs, stream, strict, wire
 from xfer.conntrack.hooks import nat_hooks_registered
 from xfer.conntrack.layout import Layout, patch
 from xfer.conntrack.model import ConntrackEntry
 from xfer.conntrack.netlink import SEND_CHUNK, BatchInterrupted, CtNetlink, dump_many, table_size
 from xfer.conntrack.stream import HDR, RawEntry, Stream
-from xfer.errors import BundleError, ForeignEntryError, ImportFailed, KernelError
+from xfer.errors import BundleError, ForeignEntryError, ImportFailed, KernelError, XferError
 from xfer.model import Kind, KindReport, VmIdentity
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,29 @@ def _section(entries: Stream, selectors: Selectors) -> Section:
 
 
 def section_entries(section: Section) -> list[ConntrackEntry]:
-    """Readable records of a section (for `xfer bundle show`)."""
-    return [wire.parse_entry(e.family, e.blob) for e in decode_entries(section.payload, section.count)]
+    """Readable records of a section (for `xfer bundle show`).
+
+    Each entry is read strictly first, as an import reads it: what is shown is what
+    the kernel would be given, and an entry an import would refuse as malformed is
+    refused here too (BundleError), never half shown.
+    """
+    out: list[ConntrackEntry] = []
+    for i, e in enumerate(decode_entries(section.payload, section.count)):
+        try:
+            strict.walk(e.family, e.blob, 0, len(e.blob))
+        except strict.Refused as exc:
+            raise BundleError(f"conntrack entry {i} is malformed: {exc}") from None
+        out.append(wire.parse_entry(e.family, e.blob))
+    return out
+
+
+def verdict(section: Section, vm: VmIdentity) -> str | None:
+    """Why an import for ``vm`` would refuse the section (None: it would take it)."""
+    try:
+        _validated(section, vm)
+    except BundleError as exc:
+        return str(exc)
+    return None
 
 
 class _Plan(NamedTuple):
@@ -218,8 +239,10 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
     """Every entry well formed and the VM's, or BundleError / ForeignEntryError.
 
     This runs over every entry before anything reaches the kernel, so it is the
-    import's Python cost: runs of one layout are checked at once (``runs``), an
-    entry with a layout by its known offsets, any other the way the kernel reads it.
+    import's Python cost. Each entry is read as the kernel's create will read it
+    (``strict``): a run of one layout is checked column by column (``runs``: the
+    layout pins every attribute header the strict reading walked), any other
+    entry by itself.
     """
     if section.encoding != ENCODING:
         raise BundleError(f"conntrack section encoding {section.encoding!r} is not supported")
@@ -237,10 +260,10 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
     layouts: list[Layout | None] = []
     nated = 0
     for pos, k, lay, length in segments:
-        if k > 1 and views is not None and lay is not None:
-            first = runs.first_foreign(views, pos, lay, k, owned)
-            if first is not None:
-                _foreign(payload, pos + first * lay.step, len(offsets) + first, vm)
+        if views is not None and lay is not None:
+            bad = runs.first_refused(payload, views, pos, lay, k, owned)
+            if bad is not None:
+                _refuse(payload, pos + bad * lay.step, len(offsets) + bad, vm)
             run: list[Layout | None] = [lay] * k
             for i in runs.nat_indices(payload, pos, lay, k):
                 run[i] = None  # NAT: see create_message
@@ -248,19 +271,13 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
             layouts += run
             offsets += range(pos, pos + k * lay.step, lay.step)
             continue
-        if lay is not None:
-            n = lay.addr_len
-            orig_src = payload[pos + lay.orig_src:pos + lay.orig_src + n]
-            reply_src = payload[pos + lay.reply_src:pos + lay.reply_src + n]
-            status = _U32BE.unpack_from(payload, pos + lay.status)[0]
-        else:
-            try:
-                orig_src, reply_src, status = wire.endpoint_sources(payload[pos + HDR:pos + length],
-                                                                    trusted=False)
-            except (ValueError, KeyError, IndexError, struct.error):
-                raise BundleError(f"conntrack entry {len(offsets)} is malformed") from None
-        if orig_src not in owned and reply_src not in owned:
-            _foreign(payload, pos, len(offsets), vm)
+        try:
+            w = strict.walk(payload[pos + 16], payload, pos + HDR, pos + length)
+        except strict.Refused:
+            _refuse(payload, pos, len(offsets), vm)
+        if strict.judge(payload, w, owned) is not None:
+            _refuse(payload, pos, len(offsets), vm)
+        status = strict.status(payload, w)
         nated += bool(status & wire.NAT_BITS)
         layouts.append(None if status & wire.NAT_BITS else lay)  # NAT: see create_message
         offsets.append(pos)
@@ -269,15 +286,28 @@ def _validated(section: Section, vm: VmIdentity) -> _Plan:
     return _Plan(payload, offsets, layouts, nated)
 
 
-def _foreign(payload: bytes, pos: int, i: int, vm: VmIdentity) -> NoReturn:
+def _refuse(payload: bytes, pos: int, i: int, vm: VmIdentity) -> NoReturn:
+    """Raise the reason why entry ``i`` (at ``pos``) cannot be imported for ``vm``."""
     e = stream.entry_at(payload, pos)
     try:
+        why = strict.check(e.family, e.blob, vm.packed_addresses)
+    except strict.Refused as exc:
+        raise BundleError(f"conntrack entry {i} is malformed: {exc}; nothing imported") from None
+    raise ForeignEntryError(f"conntrack entry {i}{describe(e)} does not belong to VM {vm.id} "
+                            f"({', '.join(vm.addresses)}): {why or 'refused'}; nothing imported")
+
+
+def describe(e: RawEntry) -> str:
+    """`` (src -> dst)`` of an entry's original tuple, or "" when it cannot be read.
+
+    Never raises: it runs on error paths (a refusal, a rollback), which must not
+    fail while describing what failed.
+    """
+    try:
         orig = wire.parse_entry(e.family, e.blob).orig
-        what = f" ({orig.src} -> {orig.dst})"
-    except (ValueError, KeyError, IndexError, struct.error):
-        what = ""
-    raise ForeignEntryError(f"conntrack entry {i}{what} does not belong to VM "
-                            f"{vm.id} ({', '.join(vm.addresses)}); nothing imported")
+        return f" ({orig.src} -> {orig.dst})"
+    except Exception:  # a description is best effort; its error path must not fail
+        return ""
 
 
 def _create_requests(plan: _Plan, base: int, age: int
@@ -362,43 +392,75 @@ def import_section(section: Section, bundle: Bundle, namespace: str | None = Non
         try:
             failures = ct.send_chunks(_create_requests(plan, base, age))
         except BatchInterrupted as exc:
-            # A malformed entry stopped the batch: undo what went in before it.
+            # A request could not be built: undo what went in before it.
             sent = [i for i in range(exc.sent) if base + i not in exc.failures]
-            undone = len(sent) - len(_delete(ct, plan, sent))
             raise BundleError(f"conntrack entry {exc.sent} is malformed ({exc.__cause__}); "
-                              f"rolled back {undone} created entries") from None
+                              f"{_undo(ct, plan, sent)}") from None
+        except BaseException as exc:
+            # The kernel's answers are lost (a socket error, an interrupt): which entries
+            # went in is unknown, so every one of the plan is removed again.
+            undo = _undo(ct, plan, range(count))
+            if isinstance(exc, XferError):
+                raise ImportFailed(f"conntrack import failed ({exc}); {undo}", report) from None
+            raise
         # failures are few (keyed by sequence number): walk them, not every entry
         failed = {seq - base: err for seq, err in failures.items() if 0 <= seq - base < count}
         created: Sequence[int] = (range(count) if not failed
                                   else [i for i in range(count) if i not in failed])
-        existing = sorted(i for i, err in failed.items() if err == errno.EEXIST)
-        hard = {i: err for i, err in failed.items() if err != errno.EEXIST}
         report.created = len(created)
-        if existing and replace:
-            ubase = ct.reserve(len(existing))
-            ufail = ct.batch((ubase + j, wire.create_message(*plan.entry(i), ubase + j, age=age,
-                                                             update=True))
-                             for j, i in enumerate(existing))
-            for j, i in enumerate(existing):
-                if ubase + j in ufail:
-                    hard[i] = ufail[ubase + j]
-                else:
-                    report.updated += 1
-        else:
-            report.skipped = len(existing)
-        for i, err in sorted(hard.items()):
-            e = plan.entry(i)
-            report.errors.append(f"{wire.parse_entry(e.family, e.blob).summary()}: {os.strerror(err)}")
-        report.failed = len(hard)
+        try:
+            hard = _finish(ct, plan, failed, replace, age, report)
+        except BaseException as exc:
+            # Nothing after the creates may leave them behind, whatever it raises.
+            undo = _undo(ct, plan, created)
+            if isinstance(exc, XferError):
+                raise ImportFailed(f"conntrack import failed ({exc}); {undo}", report) from None
+            raise
         if hard and not partial:
-            left = _delete(ct, plan, created)
             report.rolled_back = True
             report.seconds = time.perf_counter() - started
-            raise ImportFailed(
-                f"{len(hard)} of {count} conntrack entries failed ({report.errors[0]}); "
-                f"rolled back {len(created) - len(left)} created entries", report)
+            raise ImportFailed(f"{len(hard)} of {count} conntrack entries failed "
+                               f"({report.errors[0]}); {_undo(ct, plan, created)}", report)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _finish(ct: CtNetlink, plan: _Plan, failed: dict[int, int], replace: bool, age: int,
+            report: KindReport) -> dict[int, int]:
+    """Update (``replace``) or skip the entries that existed already; describe the
+    failures in ``report``. Returns the hard failures: index -> errno."""
+    existing = sorted(i for i, err in failed.items() if err == errno.EEXIST)
+    hard = {i: err for i, err in failed.items() if err != errno.EEXIST}
+    if existing and replace:
+        ubase = ct.reserve(len(existing))
+        ufail = ct.batch((ubase + j, wire.create_message(*plan.entry(i), ubase + j, age=age,
+                                                         update=True))
+                         for j, i in enumerate(existing))
+        for j, i in enumerate(existing):
+            if ubase + j in ufail:
+                hard[i] = ufail[ubase + j]
+            else:
+                report.updated += 1
+    else:
+        report.skipped = len(existing)
+    for i, err in sorted(hard.items())[:50]:
+        report.errors.append(f"entry {i}{describe(plan.entry(i))}: {os.strerror(err)}")
+    report.failed = len(hard)
+    return hard
+
+
+def _undo(ct: CtNetlink, plan: _Plan, indices: Sequence[int]) -> str:
+    """Delete what an import created (a rollback); say how that went, in words.
+
+    An entry that is already gone (it never went in, or expired) counts as undone.
+    """
+    left = {i: err for i, err in _delete(ct, plan, indices).items() if err != errno.ENOENT}
+    if left:
+        log.error("conntrack rollback left %d of %d entries in place (first: %s)",
+                  len(left), len(indices), os.strerror(next(iter(left.values()))))
+        return (f"rolled back {len(indices) - len(left)} created entries; "
+                f"{len(left)} could not be removed")
+    return f"rolled back {len(indices)} created entries"
 
 
 def _delete(ct: CtNetlink, plan: _Plan, indices: Sequence[int]) -> dict[int, int]:

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from xfer.conntrack import constants as c
+from xfer.conntrack.constants import align4
 from xfer.conntrack.model import ConntrackEntry, CtTuple, SeqAdj, TcpInfo
 
 _NLA = struct.Struct("=HH")
-_NLMSG = struct.Struct("=IHHII")
+_NLMSG = c.NLMSGHDR
 _NFGEN = struct.Struct("=BBH")
 _U32BE = struct.Struct(">I")
 _U16BE = struct.Struct(">H")
@@ -31,10 +32,6 @@ STATUS_DROP = c.IPS_EXPECTED | c.IPS_DYING | c.IPS_TEMPLATE | c.IPS_UNTRACKED
 # data); keeping them would make the destination check against zeroed windows.
 TCP_FLAGS_KEEP = (c.TCP_FLAG_WINDOW_SCALE | c.TCP_FLAG_SACK_PERM | c.TCP_FLAG_CLOSE_INIT
                    | c.TCP_FLAG_SIMULTANEOUS_OPEN)
-
-
-def align4(n: int) -> int:
-    return (n + 3) & ~3
 
 
 def nla(kind: int, data: bytes) -> bytes:
@@ -114,20 +111,13 @@ def tuple_src(buf: bytes, pos: int = 0) -> bytes:
     return src
 
 
-def endpoint_sources(blob: bytes, *, trusted: bool = True) -> tuple[bytes, bytes, int]:
-    """Source addresses of an entry's original and reply tuples, and its status.
+def endpoint_sources(blob: bytes) -> tuple[bytes, bytes, int]:
+    """Source addresses of a dumped entry's original and reply tuples, and its status.
 
-    The kernel dumps CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, then (after CTA_ZONE when
-    zoned) CTA_STATUS; that layout is read at known places, anything else the
-    slow way. An entry from a bundle (not ``trusted``) is always read the slow
-    way, which like the kernel's parser keeps the last of repeated attributes: a
-    second CTA_TUPLE_ORIG after the one read at its known place must not pass
-    an ownership check the kernel would then not agree with.
+    For the kernel's own dumps: the kernel dumps CTA_TUPLE_ORIG, CTA_TUPLE_REPLY,
+    then (after CTA_ZONE when zoned) CTA_STATUS; that layout is read at known
+    places, anything else the slow way. A bundle's entries are read by ``strict``.
     """
-    if not trusted:
-        attrs = split(blob)
-        return (tuple_src(attrs[c.CTA_TUPLE_ORIG]), tuple_src(attrs[c.CTA_TUPLE_REPLY]),
-                entry_status(attrs))
     unpack = _NLA.unpack_from
     first_len, first_type = unpack(blob, 0)
     second = align4(first_len)

@@ -10,7 +10,7 @@ only touches maps. Needs CAP_BPF (or CAP_SYS_ADMIN) and read access to the pin.
     m.close()
 
 Keys and values are raw bytes of ``key_size`` / ``value_size``; typed wrappers
-(one per map, e.g. ``xfer.ebpf.counter_maps``) give them meaning.
+(one per map, e.g. ``xfer.counters.maps``) give them meaning.
 """
 
 from __future__ import annotations

@@ -50,7 +50,6 @@ from xfer.errors import BPFLoadError, NamespaceNotFound
 
 PIN_ROOT = Path("/run/xfer/bpf")
 HOST = "host"  # pin directory name for the current (unnamed) namespace
-DIRECTIONS = ("ingress", "egress")
 # clsact's pseudo-classes: TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS).
 _PARENTS = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 _HANDLE = 1

@@ -27,9 +27,11 @@ from typing import Any
 
 from xfer.errors import HypervisorError, UsageError, XferError
 from xfer.hypervisor import window
-from xfer.hypervisor.notify import DEFAULT_MANAGER_URL, ManagerLink, MigrationMessage, check_url, messages_for
 from xfer.hypervisor.qmp import QmpClient
 from xfer.hypervisor.report import WindowReport
+from xfer.net import DEFAULT_MANAGER_URL
+from xfer.net.message import MigrationMessage, Mode, messages_for
+from xfer.net.notify import ManagerLink, check_url
 
 log = logging.getLogger("xfer.hypervisor")
 
@@ -50,7 +52,7 @@ class HookOptions:
     deadline_s: float = 1.0          # from the window opening to the manager's answer
     on_fail: str = "cancel"
     kinds: tuple[str, ...] | None = None
-    mode: str | None = None
+    mode: Mode | None = None          # a mode's name is accepted and checked
     wait_s: float | None = None      # for the window to open; None: as long as it takes
     finish_s: float = 30.0           # for the migration to finish once the window ended
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)  # https manager
@@ -80,7 +82,8 @@ class HookOptions:
         if self.deadline_s <= 0:
             raise UsageError("the deadline must be positive")
         check_url(self.manager)
-        self.messages()
+        if self.mode is not None:
+            object.__setattr__(self, "mode", Mode.of(self.mode))
 
 
 async def run_hook(qmp_path: str, opts: HookOptions, notify: Notify | None = None) -> WindowReport:

@@ -23,9 +23,9 @@ from typing import Any
 from xfer.errors import XferError
 from xfer.hypervisor import window
 from xfer.hypervisor.hook import HookOptions, Notify, announce, announced_answer, preconnect
-from xfer.hypervisor.notify import ManagerLink
 from xfer.hypervisor.qmp import QmpClient, QmpEvent
 from xfer.hypervisor.report import WindowReport
+from xfer.net.notify import ManagerLink
 
 # Run states of a guest stopped by a migration, as opposed to a user's `stop` ("paused").
 MIGRATION_STOPPED = frozenset({"finish-migrate", "postmigrate"})

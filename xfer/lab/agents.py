@@ -44,7 +44,7 @@ def device_toml(counters: Sequence[str] = (), trusted: str = "", untrusted: Sequ
 
 
 def kind_available(module: str) -> bool:
-    """Whether this build of xfer has a kind's device module (``xfer.ebpf.counters_device``...)."""
+    """Whether this build of xfer has a kind's device module (``xfer.counters.device``...)."""
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # its parent package is missing too
@@ -56,7 +56,7 @@ def unpin(namespaces: Sequence[str]) -> None:
     namespaces; both outlive the namespaces."""
     if not kind_available("xfer.ebpf.loader"):
         return
-    from xfer.ebpf.counters_device import remove_locks
+    from xfer.counters.device import remove_locks
     from xfer.ebpf.loader import PIN_ROOT
 
     for ns in namespaces:

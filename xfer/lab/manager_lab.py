@@ -184,8 +184,8 @@ class ManagerLab:
                 extra += (f'\n[manager]\nurl = "https://{MANAGER_IP}:{MANAGER_PORT}"\n'
                           f'group = "{MCAST_GROUP}:{MCAST_PORT}"\ninterface = "{AGENT_IPS[name]}"\n')
             self.agents[name] = agents.start(name, self.ns[short], AGENT_IPS[name], kinds, extra=extra)
-        from xfer.dhcpsnoop.device import add_static
-        from xfer.dhcpsnoop.model import Binding
+        from xfer.dhcp.device import add_static
+        from xfer.dhcp.model import Binding
 
         add_static(self.ns["fwsrc"], Binding(VM_MAC, VM_IP, None, "vm0", source="static"))
         return self.agents
@@ -276,8 +276,8 @@ ca = "pki/ca.pem"
         for short in self.ns.values():
             self.hosts.adopt(short)
         self.hosts.close()
-        if kind_available("xfer.ebpf.counters_device"):
-            from xfer.ebpf import counters_device
+        if kind_available("xfer.counters.device"):
+            from xfer.counters import device as counters_device
 
             for fw in ("fwsrc", "fwdst"):
                 # Pins and the import lock file outlive the namespace otherwise.

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from xfer.errors import XferError
-from xfer.hypervisor import http1
+from xfer.net import http1
 
 Work = Callable[[dict[str, Any]], Awaitable[Any]]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xfer import netns
-from xfer.dhcpsnoop import packet
+from xfer.dhcp import packet
 from xfer.lab.hosts import Hosts, LabError
 
 SERVER_IP = "10.50.0.1"

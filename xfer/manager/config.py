@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from xfer import tomlfile
-from xfer.agent.config import TlsFiles, _check_ip, _hostport, _port
 from xfer.errors import UsageError
-from xfer.manager.migration import DEFAULT_DEVICE_TIMEOUT_S, Settings
+from xfer.manager.settings import DEFAULT_DEVICE_TIMEOUT_S, Cleanup, Settings
+from xfer.net import address as addr
+from xfer.net.message import Mode
+from xfer.net.tls import TlsFiles
 
 DEFAULT_PORT = 8700
 DEFAULT_JOURNAL = Path("/var/lib/xfer/manager.db")
@@ -101,16 +103,20 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
             if not isinstance(value, int | float) or value <= 0:
                 raise UsageError(f"manager config: manager.{key} must be a positive number")
             precopy[key] = float(value)
-    settings = Settings(str(mgr.get("mode", "relay")), str(mgr.get("cleanup", "delete")), float(budget),
-                        float(timeout), **precopy)
+    try:
+        settings = Settings(Mode.of(str(mgr.get("mode", "relay"))),
+                            Cleanup.of(str(mgr.get("cleanup", "delete"))), float(budget), float(timeout),
+                            **precopy)
+    except UsageError as exc:
+        raise UsageError(f"manager config: manager.{exc}") from None
     address = str(listen.get("address", "127.0.0.1"))
-    _check_ip(address, "listen.address")
+    addr.check_ip(address, "manager config: listen.address")
     peers = tls.get("allowed_peers", [])
     if not isinstance(peers, list):
         raise UsageError("manager config: tls.allowed_peers must be a list of names")
 
     def hostport(key: str) -> tuple[str, int] | None:
-        return _hostport(listen[key], f"listen.{key}") if listen.get(key) else None
+        return addr.hostport(listen[key], f"manager config: listen.{key}") if listen.get(key) else None
 
     return ManagerConfig(
         topology=base / str(mgr["topology"]),
@@ -119,7 +125,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
         journal=base / str(mgr.get("journal", DEFAULT_JOURNAL)),
         store_ttl_s=float(ttl),
         netns=str(mgr.get("netns") or "") or None,
-        address=address, port=_port(listen.get("port", DEFAULT_PORT), "listen.port"),
+        address=address, port=addr.port(listen.get("port", DEFAULT_PORT), "manager config: listen.port"),
         metrics=hostport("metrics"), udp=hostport("udp"), multicast=hostport("multicast"),
         multicast_interface=str(listen.get("multicast_interface", "0.0.0.0")),
         allowed_peers=frozenset(str(p) for p in peers),

@@ -29,9 +29,9 @@ import contextlib
 from typing import Any
 
 from xfer.errors import AgentError, StoreExpired, UsageError
-from xfer.manager import messages
 from xfer.manager.migration import Conflict, Migrator
 from xfer.manager.rounds import Key, Round
+from xfer.net import message
 
 
 class DeviceDesk:
@@ -43,7 +43,7 @@ class DeviceDesk:
     async def role(self, device: str, body: Any) -> dict[str, Any]:
         """What ``device`` is to do about the message it heard (see the module docstring)."""
         m = self.migrator
-        msg = messages.parse(body)
+        msg = message.parse(body)
         if msg.indication == "abort" or device not in m.topo.devices:
             return {"role": "none", "vm": msg.vm}
         entry, _ = m.accept(msg, None, "multicast")

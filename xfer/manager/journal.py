@@ -40,8 +40,6 @@ CREATE TABLE IF NOT EXISTS phases (
     started REAL NOT NULL, ended REAL, outcome TEXT, detail TEXT
 );
 """
-# Outcomes after which nothing remains to do for a migration.
-FINAL = ("cleaned", "committed", "rolled-back", "failed", "aborted")
 
 
 @dataclass(frozen=True)

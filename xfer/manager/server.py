@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import signal
 import socket
 import time
@@ -38,22 +37,22 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from xfer.agent import tls
 from xfer.agent.client import AgentClient
-from xfer.agent.protocol import BUNDLE_TYPE, COMPRESSION_HEADER, ZSTD, error_body, packed_size, status_of
-from xfer.agent.server import bind_socket
 from xfer.bundle import DEFAULT_MAX_SIZE
 from xfer.errors import AuthError, BundleError, UsageError, XferError
-from xfer.manager import messages, topology
+from xfer.manager import topology
 from xfer.manager.config import API_PATH, ManagerConfig
 from xfer.manager.desk import DeviceDesk
 from xfer.manager.journal import Journal
 from xfer.manager.migration import Conflict, MigrationFailed, Migrator
 from xfer.manager.modes import Devices
 from xfer.manager.store import Store
-from xfer.udp import multicast_socket, udp_socket
+from xfer.net import message, tls
+from xfer.net.api import BUNDLE_TYPE, COMPRESSION_HEADER, ZSTD, error_body, packed_size, status_of
+from xfer.net.log import emitter
+from xfer.net.sockets import bind_socket, multicast_socket, udp_socket
 
-log = logging.getLogger("xfer.manager")
+emit = emitter("xfer.manager")
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DEADLINE_HEADER = "X-Xfer-Deadline-Ms"
 
@@ -212,7 +211,7 @@ class ManagerServer:
         started = time.perf_counter()
         outcome, record = "ok", dict[str, Any]()
         try:
-            msg = messages.parse(body)
+            msg = message.parse(body)
             record = {"vm": msg.vm, "indication": msg.indication, "direction": msg.direction,
                       "mode": msg.mode or self.config.settings.mode}
             budget = min(self.config.settings.budget_ms, deadline_ms) if deadline_ms else None
@@ -315,7 +314,7 @@ class ManagerServer:
             except XferError as exc:
                 answer = {"ok": False, **error_body(exc)}
             reply = json.dumps(answer, separators=(",", ":")).encode()
-            if len(reply) > messages.MAX_DATAGRAM:
+            if len(reply) > message.MAX_DATAGRAM:
                 reply = json.dumps({k: answer.get(k) for k in ("ok", "vm", "migration", "state", "error")}
                                    ).encode()
             transport.sendto(reply, addr)
@@ -349,11 +348,6 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
             raise BundleError(f"bundle is over the manager's limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def emit(record: dict[str, Any]) -> None:
-    """One structured log line (JSON)."""
-    log.info(json.dumps({"ts": round(time.time(), 3), **record}, separators=(",", ":"), default=str))
 
 
 async def serve(config: ManagerConfig) -> None:

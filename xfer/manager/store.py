@@ -21,8 +21,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from xfer.agent.protocol import ZSTD, compress, decompress
 from xfer.bundle import DEFAULT_MAX_SIZE
+from xfer.net.api import ZSTD, compress, decompress
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS store (

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xfer.agent.config import DEVICE_TYPES
 from xfer.agent.protocol import check_agent_url
 from xfer.errors import UsageError, XferError
-from xfer.model import Kind, VmIdentity, _identity, parse_kinds
+from xfer.model import DEVICE_TYPES, Kind, VmIdentity, make_identity, parse_kinds
 
 
 class TopologyError(UsageError):
@@ -236,7 +235,7 @@ def _vm(name: str, spec: Any) -> VmIdentity:
         value = spec.get(key) or []
         tokens += [value] if isinstance(value, str) else [str(v) for v in value]
     try:
-        vm = _identity(name, tokens)
+        vm = make_identity(name, tokens)
     except (UsageError, ValueError) as exc:
         raise TopologyError(f"topology: vm {name!r}: {exc}") from None
     if not vm.addresses and not vm.macs:

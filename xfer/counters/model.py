@@ -7,7 +7,7 @@ values, exactly as batch map syscalls take and give them: the transfer path move
 columns so that 10,000 VMs cost a few copies rather than a Python object per
 count. This module decides which entries belong to a VM (``Selection``), adds
 entries together and turns them into a bundle section and back. Blocks of
-``BULK`` keys or more are matched with numpy (``xfer.ebpf.keyjoin``); smaller
+``BULK`` keys or more are matched with numpy (``xfer.counters.keyjoin``); smaller
 ones in plain Python, so a one-VM move never imports numpy.
 
     >>> k = make_key("02:00:00:00:00:02", "10.0.0.2")
@@ -30,11 +30,11 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from xfer.bundle import Section
-from xfer.errors import BundleError, ForeignEntryError
+from xfer.errors import BundleError, ForeignEntryError, UsageError
 from xfer.model import Kind, VmIdentity
 
 if TYPE_CHECKING:
-    from xfer.ebpf.keyjoin import KeyIndex
+    from xfer.counters.keyjoin import KeyIndex
 
 FIELDS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tcp_initiated", "tcp_accepted")
 FAMILY_IPV4, FAMILY_IPV6 = 4, 6
@@ -130,7 +130,7 @@ class Selection:
     @cached_property
     def index(self) -> KeyIndex:
         """The key set as a numpy index (bulk matching); needs ``keyset``."""
-        from xfer.ebpf.keyjoin import KeyIndex
+        from xfer.counters.keyjoin import KeyIndex
 
         if self.keyset is None:
             raise ValueError("a selection by predicate has no key index")
@@ -261,7 +261,7 @@ class Columns:
         if sel.keyset is None or len(self) < BULK:  # a predicate, or too few keys for numpy
             keep = [i for i, k in enumerate(self.key_list()) if sel.test(k) == inside]
             return self if len(keep) == len(self) else self.at(keep)
-        from xfer.ebpf import keyjoin
+        from xfer.counters import keyjoin
 
         mask = (sel.index.find(self.keys) >= 0) == inside
         return self if bool(mask.all()) else Columns(*keyjoin.keep(self.keys, self.values, mask))
@@ -320,7 +320,7 @@ def merge(a: Columns, b: Columns) -> tuple[Columns, int]:
     if len(big) < BULK:
         total = Columns.of(add(a.table(), b.table()))
         return total, len(a) + len(b) - len(total)
-    from xfer.ebpf import keyjoin
+    from xfer.counters import keyjoin
 
     keys, values, both = keyjoin.merge(a.keys, a.values, b.keys, b.values)
     return Columns(keys, values), both
@@ -418,7 +418,7 @@ def decode_section(section: Section, vm: VmIdentity) -> Columns:
     named = section.meta.get("vm")
     try:
         named_vm = VmIdentity.from_dict(named) if isinstance(named, Mapping) else None
-    except Exception:
+    except UsageError:
         named_vm = None
     if named_vm is None:
         raise BundleError("counters section does not name its VM")
@@ -426,6 +426,7 @@ def decode_section(section: Section, vm: VmIdentity) -> Columns:
         raise ForeignEntryError(f"counters section is for VM {named_vm.id} "
                                 f"({', '.join((*named_vm.addresses, *named_vm.macs))}), "
                                 f"not for {vm.id}")
-    if list(section.meta.get("fields", FIELDS)) != list(FIELDS):
+    fields = section.meta.get("fields", list(FIELDS))
+    if not isinstance(fields, list) or fields != list(FIELDS):
         raise BundleError("counters section carries other fields than this xfer knows")
     return unpack_payload(section.payload, section.count, selection(vm), vm.id)

@@ -1,6 +1,5 @@
-"""Migration messages as the manager receives them: HTTP JSON bodies and UDP datagrams.
-
-The message is the hypervisor hook's (``xfer.hypervisor.notify.MigrationMessage``)::
+"""The migration message: what the hypervisor hook, the CLI and the agents send, and the
+manager receives, as an HTTP JSON body or one UDP datagram::
 
     {"vm", "indication": "not-running"|"starting"|"abort"|"migrating", "direction": "out"|"in",
      "source", "destination", "kinds"?, "mode"?, "id"?}
@@ -25,14 +24,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 from xfer.errors import UsageError
-from xfer.hypervisor.notify import MigrationMessage
-from xfer.manager.modes import MODES
 from xfer.model import Kind, parse_kinds
 
-Message = MigrationMessage
 INDICATIONS = ("not-running", "starting", "abort", "migrating")
 MAX_DATAGRAM = 8192
 # Copies of a datagram without an id arrive within milliseconds; a genuinely new message
@@ -41,6 +39,81 @@ DUPLICATE_WINDOW_S = 10.0
 # How long a message id is remembered: a sender's resend comes within its own timeout.
 ID_MEMORY_S = 600.0
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+class Mode(StrEnum):
+    """How a migration moves its bundles (``xfer.manager.modes``)."""
+
+    RELAY = "relay"   # the manager exports, holds the bytes, imports
+    PULL = "pull"     # each destination device fetches from its source device
+    PUSH = "push"     # each source device sends to its destination devices
+    STORE = "store"   # "out" deposits into the manager's store, "in" collects
+
+    @classmethod
+    def of(cls, text: str) -> Mode:
+        """The mode named ``text``; UsageError naming the choices otherwise.
+
+        >>> Mode.of("pull")
+        <Mode.PULL: 'pull'>
+        """
+        try:
+            return cls(text)
+        except ValueError:
+            raise UsageError(f"mode must be one of {', '.join(cls)}, not {text!r}") from None
+
+
+@dataclass(frozen=True)
+class MigrationMessage:
+    """One migration message; ``to_json()`` is the body the manager receives.
+
+    >>> MigrationMessage("vm1", "not-running", "out", "hv1", "hv2").to_json()["direction"]
+    'out'
+    """
+
+    vm: str
+    indication: str
+    direction: str
+    source: str
+    destination: str
+    kinds: tuple[str, ...] | None = None
+    mode: Mode | None = None
+    # Optional: copies of one message carry the same id, so the manager acts on it once
+    # (a datagram may arrive twice, and a sender may resend when no answer came).
+    id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        if self.kinds is None:
+            del body["kinds"]
+        else:
+            body["kinds"] = list(self.kinds)
+        for key in ("mode", "id"):
+            if body[key] is None:
+                del body[key]
+        return body
+
+
+def messages_for(vm: str, source: str, destination: str, kinds: tuple[str, ...] | None = None,
+                 mode: Mode | str | None = None) -> list[MigrationMessage]:
+    """The messages to send inside the window, in order.
+
+    "out" always; "in" as well in ``store`` mode, where the destination devices
+    collect only on "in" and must have done so before the guest resumes (with a
+    hook that owns the window nobody else can send "in" in time). A source that
+    does not know the destination sends "out" only: the manager keeps the state
+    in its store until the destination server sends "in" naming itself.
+
+    >>> [m.direction for m in messages_for("vm1", "hv1", "hv2", mode="store")]
+    ['out', 'in']
+    """
+    mode = None if mode is None else Mode.of(mode)
+    out = [MigrationMessage(vm, "not-running", "out", source, destination, kinds, mode)]
+    if mode == "store" and destination:
+        out.append(MigrationMessage(vm, "starting", "in", source, destination, kinds, mode))
+    return out
+
+
+Message = MigrationMessage
 
 
 def parse(body: Any) -> Message:
@@ -62,8 +135,8 @@ def parse(body: Any) -> Message:
         raise UsageError(f"direction must be out or in, not {direction!r}")
     source, destination = str(body.get("source") or ""), str(body.get("destination") or "")
     mode = body.get("mode")
-    if mode is not None and mode not in MODES:
-        raise UsageError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode is not None:
+        mode = Mode.of(str(mode))
     if indication == "migrating" and (direction != "out" or not destination):
         # the VM still runs at its source: its state is staged at a known destination
         raise UsageError("a \"migrating\" message goes \"out\" and names its destination server")
@@ -104,14 +177,6 @@ def dedupe_key(msg: Message, transport: str) -> tuple[str, float] | None:
 def kinds_of(msg: Message) -> tuple[Kind, ...] | None:
     """The kinds a message asks for, or None (every kind the plan finds)."""
     return tuple(Kind(k) for k in msg.kinds) if msg.kinds else None
-
-
-def decode_datagram(data: bytes) -> Message:
-    try:
-        body = json.loads(data)
-    except ValueError:
-        raise UsageError("datagram is not JSON") from None
-    return parse(body)
 
 
 def encode(msg: Message | dict[str, Any]) -> bytes:

@@ -19,12 +19,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from xfer.dhcpsnoop import abi
+from xfer.dhcp import abi
 from xfer.errors import ForeignEntryError, UsageError
 from xfer.model import VmIdentity, normalize_mac
 
 NS = 1_000_000_000
-INFINITE = 0xFFFFFFFF  # DHCP's "infinite lease"
 SOURCES = {"dhcp": abi.FLAG_DHCP, "static": abi.FLAG_STATIC}
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from xfer.ebpf import counters
+from xfer.counters import model as counters
 from xfer.ebpf.bpfsys import NOEXIST, BpfMap
 from xfer.errors import BPFLoadError, KernelError
 

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from xfer import netns
-from xfer.dhcpsnoop import abi
-from xfer.dhcpsnoop.maps import TypedMap
-from xfer.dhcpsnoop.store import MAP_NAMES, PIN_NAME, pin_dir
+from xfer.dhcp import abi
+from xfer.dhcp.maps import TypedMap
+from xfer.dhcp.store import MAP_NAMES, PIN_NAME, pin_dir
 from xfer.ebpf import loader
 from xfer.errors import UsageError
 

@@ -1,5 +1,7 @@
 """SSL contexts for mutual TLS: both ends present a certificate signed by one CA.
 
+Shared by the agent, the manager and their clients (the hypervisor hook, the CLI).
+
 The server refuses a handshake without a client certificate signed by its CA
 (CERT_REQUIRED); the client checks the server's certificate against the same CA
 and its address against the certificate's subjectAltName.
@@ -8,11 +10,20 @@ and its address against the certificate's subjectAltName.
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xfer.agent.config import TlsFiles
 from xfer.errors import AuthError
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A daemon's certificate and key, and the CA that signs every peer it accepts."""
+
+    cert: Path
+    key: Path
+    ca: Path
 
 
 def _load(ctx: ssl.SSLContext, ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
@@ -29,7 +40,7 @@ def _load(ctx: ssl.SSLContext, ca: Path, cert: Path | None, key: Path | None) ->
 
 
 def server_context(files: TlsFiles) -> ssl.SSLContext:
-    """The agent's listening context: its own certificate, client certificates required.
+    """A daemon's listening context: its own certificate, client certificates required.
 
     >>> ctx = server_context(TlsFiles(Path("fw.pem"), Path("fw.key"), Path("ca.pem")))  # doctest: +SKIP
     """
@@ -58,3 +69,23 @@ def peer_name(peercert: dict[str, Any] | None) -> str:
             if key == "commonName":
                 return str(value)
     return ""
+
+
+def client_tls(ca: Path | None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext | None:
+    """The client context for an https manager: trust ``ca`` (default: the system's),
+    present ``cert``/``key`` for mutual TLS. None when nothing is given.
+
+    >>> client_tls(None) is None
+    True
+    """
+    if ca is None and cert is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if cert is not None:
+            ctx.load_cert_chain(str(cert), str(key or cert))
+    except FileNotFoundError as exc:
+        raise AuthError(f"TLS file not found: {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise AuthError(f"cannot load TLS material ({ca}, {cert}, {key}): {exc}") from None
+    return ctx

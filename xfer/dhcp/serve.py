@@ -25,7 +25,7 @@ import signal
 import time
 from pathlib import Path
 
-from xfer.dhcpsnoop.store import BindingTable
+from xfer.dhcp.store import BindingTable
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from types import TracebackType
 from typing import Any
 
 from xfer import netns
-from xfer.dhcpsnoop import abi, persist
-from xfer.dhcpsnoop.maps import TypedMap
-from xfer.dhcpsnoop.model import Binding, mac_bytes
+from xfer.dhcp import abi, persist
+from xfer.dhcp.maps import TypedMap
+from xfer.dhcp.model import Binding, mac_bytes
 from xfer.ebpf import loader
 
 MAP_NAMES = ("bindings", "dhcp_by_mac", "clients", "ports", "stats")

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from xfer.dhcpsnoop.model import Binding
+from xfer.dhcp.model import Binding
 from xfer.errors import UsageError
 
 FORMAT = "xfer-dhcpsnoop-db/1"

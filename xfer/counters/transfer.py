@@ -25,9 +25,10 @@ from typing import Any
 
 from xfer import netns as xnetns
 from xfer.bundle import Bundle, Section
-from xfer.ebpf import counters, loader
-from xfer.ebpf.counter_maps import CarriedCounters, CounterMaps, LiveCounters
-from xfer.ebpf.counters_device import locked, open_all, open_maps
+from xfer.counters import model as counters
+from xfer.counters.device import locked, open_all, open_maps
+from xfer.counters.maps import CarriedCounters, CounterMaps, LiveCounters
+from xfer.ebpf import loader
 from xfer.errors import ForeignEntryError, ImportFailed, NamespaceNotFound, XferError
 from xfer.model import Kind, KindReport, VmIdentity
 

@@ -15,9 +15,10 @@ import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 
-from xfer.ebpf import counters, loader
+from xfer.counters import model as counters
+from xfer.counters.maps import MAP_NAMES, CounterMaps
+from xfer.ebpf import loader
 from xfer.ebpf.bpfsys import BpfMap
-from xfer.ebpf.counter_maps import MAP_NAMES, CounterMaps
 from xfer.errors import BPFLoadError, UsageError
 
 # Priority 0xc000: after DHCP snooping / IP source guard (0x0d5c; a lower number

@@ -1,4 +1,4 @@
-"""The manager's commands, registered on the ``xfer`` app by ``register`` (thin: parse, call, print).
+"""The manager's commands (thin: parse, call, print).
 
     xfer topology check|show FILE
     xfer manager serve --config FILE
@@ -14,11 +14,16 @@ from typing import Annotated, Any
 
 import typer
 
+from xfer.cli.common import JsonOpt, app, print_json
 from xfer.errors import UsageError
+from xfer.net import DEFAULT_MANAGER_URL
+from xfer.net.address import hostport
 
 topology_app = typer.Typer(help="The topology file: servers, devices, links, gateways.",
                            no_args_is_help=True)
 manager_app = typer.Typer(help="The migration manager daemon.", no_args_is_help=True)
+app.add_typer(topology_app, name="topology")
+app.add_typer(manager_app, name="manager")
 
 ManagerUrlOpt = Annotated[str, typer.Option("--manager", help="The manager's message URL.",
                                             envvar="XFER_MANAGER", metavar="URL")]
@@ -34,41 +39,25 @@ UdpOpt = Annotated[str | None, typer.Option("--udp", help="Send as one datagram 
 IfaceOpt = Annotated[str | None, typer.Option("--interface", help="Local address datagrams leave from "
                                               "(multicast: the interface to send on).")]
 JournalOpt = Annotated[Path, typer.Option("--journal", help="The manager's journal (SQLite).")]
-# notify.DEFAULT_MANAGER_URL, spelled out: importing notify (asyncio, ssl) would slow every command.
-DEFAULT_URL = "https://127.0.0.1:8700/v1/migrations"
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-def _out(data: Any) -> None:
-    from xfer.cli.common import print_json as _print_json
-
-    _print_json(data)
 
 
 def _context(ca: Path | None, cert: Path | None, key: Path | None) -> Any:
-    from xfer.agent import tls
+    from xfer.net import tls
 
     if ca is None:
         raise UsageError("--ca is required (the manager speaks mutual TLS only)")
     return tls.client_context(ca, cert, key)
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"--udp {text!r} must be HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
 def _send(body: dict[str, Any], manager: str, udp: str | None, interface: str | None, ca: Path | None,
           cert: Path | None, key: Path | None, timeout: float, copies: int = 1) -> dict[str, Any]:
-    from xfer.manager import client
+    from xfer.net import notify
 
     if udp:
-        answer = client.send_udp(_hostport(udp), body, timeout, interface, copies=copies)
+        answer = notify.send_udp(hostport(udp, "--udp"), body, timeout, interface, copies=copies)
         assert answer is not None
         return answer
-    return client.send_http(manager, body, _context(ca, cert, key), timeout)
+    return notify.send_http(manager, body, _context(ca, cert, key), timeout)
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -89,17 +78,6 @@ def _print_report(report: dict[str, Any]) -> None:
         typer.echo(f"  not moved: {kind}: {why}", err=True)
     for kind, devices in report.get("also_held_by", {}).items():
         typer.echo(f"  also held by {', '.join(devices)}: {kind} (not moved, not cleaned there)", err=True)
-
-
-def register(app: typer.Typer, bench_app: typer.Typer | None = None) -> None:
-    """Add the manager's commands to the ``xfer`` app (and ``bench migrate`` to its bench group)."""
-    if bench_app is not None:
-        bench_app.command("migrate")(bench_migrate)
-    app.add_typer(topology_app, name="topology")
-    app.add_typer(manager_app, name="manager")
-    app.command("notify")(notify)
-    app.command("migrate")(migrate)
-    app.command("migrations")(migrations)
 
 
 @topology_app.command("check")
@@ -131,7 +109,7 @@ def topology_show(file: Annotated[Path, typer.Argument(help="Topology file (YAML
     if source and destination:
         p = plan.select(topo, source, destination)
         if as_json:
-            _out(p.to_dict())
+            print_json(p.to_dict())
             return
         for r in p.routes:
             also = (f" (also held by {', '.join(d.id for d in r.also_held_by)}: not moved)"
@@ -141,7 +119,7 @@ def topology_show(file: Annotated[Path, typer.Argument(help="Topology file (YAML
             typer.echo(f"{kind}: NOT MOVED: {why}")
         return
     if as_json:
-        _out({s: topology.uplink_path(topo, s) for s in topo.servers})
+        print_json({s: topology.uplink_path(topo, s) for s in topo.servers})
         return
     for line in topology.describe(topo):
         typer.echo(line)
@@ -156,14 +134,15 @@ def manager_serve(config: Annotated[Path, typer.Option("--config", "-c", help="M
     """
     import asyncio
 
-    from xfer.cli.common import log_lines_to_stderr
     from xfer.manager import config as config_mod
     from xfer.manager import server
+    from xfer.net.log import log_lines_to_stderr
 
     log_lines_to_stderr("xfer.manager")
     asyncio.run(server.serve(config_mod.load(config)))
 
 
+@app.command("notify")
 def notify(
     vm: Annotated[str, typer.Option("--vm", help="VM id (inventory name) or addresses.")],
     indication: Annotated[str, typer.Option("--indication", help="not-running | starting | abort | "
@@ -173,7 +152,7 @@ def notify(
     destination: Annotated[str, typer.Option("--to", help="Destination server.")] = "",
     kinds: Annotated[str | None, typer.Option("--kinds", help="Kinds (default: all the plan finds).")] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="relay|pull|push|store")] = None,
-    manager: ManagerUrlOpt = DEFAULT_URL,
+    manager: ManagerUrlOpt = DEFAULT_MANAGER_URL,
     udp: UdpOpt = None, interface: IfaceOpt = None,
     ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 30,
@@ -202,9 +181,10 @@ def notify(
     if mode:
         body["mode"] = mode
     report = _send(body, manager, udp, interface, ca, cert, key, timeout, copies)
-    _out(report) if as_json else _print_report(report)
+    print_json(report) if as_json else _print_report(report)
 
 
+@app.command("migrate")
 def migrate(
     vm: Annotated[str | None, typer.Argument(help="VM id (inventory name) or addresses.")] = None,
     source: Annotated[str | None, typer.Option("--from", help="Source server.")] = None,
@@ -219,7 +199,7 @@ def migrate(
                                           "stage its conntrack state at the destination now and "
                                           "stream changes; the later call without --prepare moves "
                                           "only the last delta.")] = False,
-    manager: ManagerUrlOpt = DEFAULT_URL,
+    manager: ManagerUrlOpt = DEFAULT_MANAGER_URL,
     ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 60,
     as_json: JsonOpt = False,
@@ -236,30 +216,32 @@ def migrate(
     """
     if abort:
         report = _send({"vm": abort, "indication": "abort"}, manager, None, None, ca, cert, key, timeout)
-        _out(report) if as_json else typer.echo(f"{abort}: aborted ({report.get('was')})")
+        print_json(report) if as_json else typer.echo(f"{abort}: aborted ({report.get('was')})")
         return
     if not vm or not source or not destination:
         raise UsageError("migrate needs VM, --from and --to (or --abort VM)")
-    from xfer.hypervisor.notify import messages_for
+    from xfer.net.message import messages_for
 
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip()) if kinds else None
     if prepare:
-        from xfer.hypervisor.notify import MigrationMessage
+        from xfer.net.message import MigrationMessage, Mode
 
         if mode == "store":
             raise UsageError("--prepare works in relay, pull and push modes (store mode learns the "
                              "destination only after the pause)")
-        messages = [MigrationMessage(vm, "migrating", "out", source, destination, kind_list, mode)]
+        messages = [MigrationMessage(vm, "migrating", "out", source, destination, kind_list,
+                                     Mode.of(mode) if mode else None)]
     else:
         messages = messages_for(vm, source, destination, kind_list, mode)
     reports = [_send(m.to_json(), manager, None, None, ca, cert, key, timeout) for m in messages]
     if as_json:
-        _out(reports[-1] if len(reports) == 1 else {"messages": reports, **reports[-1]})
+        print_json(reports[-1] if len(reports) == 1 else {"messages": reports, **reports[-1]})
         return
     for r in reports:
         _print_report(r)
 
 
+@app.command("migrations")
 def migrations(
     journal: JournalOpt = Path("/var/lib/xfer/manager.db"),
     limit: Annotated[int, typer.Option("--limit", help="Newest N.")] = 50,
@@ -276,27 +258,7 @@ def migrations(
     with Journal(journal) as j:
         items = [m.to_dict() for m in j.recent(limit)]
     if as_json:
-        _out(items)
+        print_json(items)
         return
     for m in items:
         _print_report({**m, "migration": m["id"], "state": m["state"]})
-
-
-def bench_migrate(
-    flows: Annotated[str, typer.Option("--flows", help="The VM's conntrack entries, one run per "
-                                       "comma-separated count.")] = "1000,20000",
-    repeat: Annotated[int, typer.Option(help="Rounds after the cold one (median reported).")] = 5,
-    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/migrate.json"),
-    as_json: JsonOpt = False,
-) -> None:
-    """Migration message → every destination committed, each mode and the device-driven variant,
-    vs a direct agent push (same run).
-
-    Example: xfer bench migrate --flows 1000,20000 --repeat 5
-    """
-    from xfer.bench import migrate as bench
-
-    counts = tuple(int(f) for f in flows.split(",") if f.strip())
-    result = bench.run(counts, repeat, out, echo=None if as_json else typer.echo)
-    if as_json:
-        _out(result)

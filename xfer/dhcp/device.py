@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xfer.dhcpsnoop import datapath
-from xfer.dhcpsnoop.model import Binding
-from xfer.dhcpsnoop.store import BindingTable
+from xfer.dhcp import datapath
+from xfer.dhcp.model import Binding
+from xfer.dhcp.store import BindingTable
 
 
 @dataclass

@@ -20,8 +20,8 @@ import json
 import time
 
 from xfer.bundle import Bundle, Section
-from xfer.dhcpsnoop.model import Binding, check_owned, for_vm
-from xfer.dhcpsnoop.store import BindingTable
+from xfer.dhcp.model import Binding, check_owned, for_vm
+from xfer.dhcp.store import BindingTable
 from xfer.errors import BundleError, ImportFailed, UsageError, XferError
 from xfer.model import Kind, KindReport, VmIdentity
 

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from xfer.dhcpsnoop.model import mac_bytes, mac_text
+from xfer.dhcp.model import mac_bytes, mac_text
 
 DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
 MAGIC = b"\x63\x82\x53\x63"

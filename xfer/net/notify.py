@@ -1,10 +1,10 @@
-"""The hypervisor side of the migration-message contract (issue 6): one HTTP POST.
+"""Sending migration messages (``xfer.net.message``) to the manager: one HTTP POST, or one
+UDP datagram. The hypervisor hook and the CLI both speak to the manager through here.
 
-Message: ``{"vm", "indication": "not-running"|"starting", "direction": "out"|"in",
-"source", "destination"}`` plus optional ``"kinds"`` and ``"mode"``. The manager
-answers once the state has moved: 2xx with a JSON report, anything else is an
-error. The client is a few lines of asyncio so it can be cancelled exactly at the
-deadline (a blocking urllib call in a thread cannot) and adds no dependency.
+The manager answers once the state has moved: 2xx with a JSON report, anything
+else is an error. The HTTP client is a few lines of asyncio so it can be
+cancelled exactly at the deadline (a blocking urllib call in a thread cannot) and
+adds no dependency.
 
 The real manager (``xfer manager serve``, issue 6) listens at ``DEFAULT_MANAGER_URL``
 unless configured otherwise; it also accepts ``"indication": "abort"`` (sent by the
@@ -19,88 +19,13 @@ import json
 import socket
 import ssl
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from xfer.errors import AuthError, MigrationMessageError, UsageError
-from xfer.hypervisor import http1
-
-# Where ``xfer manager serve`` listens by default (its [listen] section, API path).
-DEFAULT_MANAGER_URL = "https://127.0.0.1:8700/v1/migrations"
-
-
-@dataclass(frozen=True)
-class MigrationMessage:
-    """One migration message; ``to_json()`` is the body the manager receives.
-
-    >>> MigrationMessage("vm1", "not-running", "out", "hv1", "hv2").to_json()["direction"]
-    'out'
-    """
-
-    vm: str
-    indication: str
-    direction: str
-    source: str
-    destination: str
-    kinds: tuple[str, ...] | None = None
-    mode: str | None = None
-    # Optional: copies of one message carry the same id, so the manager acts on it once
-    # (a datagram may arrive twice, and a sender may resend when no answer came).
-    id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        body = asdict(self)
-        if self.kinds is None:
-            del body["kinds"]
-        else:
-            body["kinds"] = list(self.kinds)
-        for key in ("mode", "id"):
-            if body[key] is None:
-                del body[key]
-        return body
-
-
-def messages_for(vm: str, source: str, destination: str, kinds: tuple[str, ...] | None = None,
-                 mode: str | None = None) -> list[MigrationMessage]:
-    """The messages to send inside the window, in order.
-
-    "out" always; "in" as well in ``store`` mode, where the destination devices
-    collect only on "in" and must have done so before the guest resumes (with a
-    hook that owns the window nobody else can send "in" in time). A source that
-    does not know the destination sends "out" only: the manager keeps the state
-    in its store until the destination server sends "in" naming itself.
-
-    >>> [m.direction for m in messages_for("vm1", "hv1", "hv2", mode="store")]
-    ['out', 'in']
-    """
-    if mode not in (None, "relay", "pull", "push", "store"):
-        raise UsageError(f"unknown mode {mode!r} (relay, pull, push, store)")
-    out = [MigrationMessage(vm, "not-running", "out", source, destination, kinds, mode)]
-    if mode == "store" and destination:
-        out.append(MigrationMessage(vm, "starting", "in", source, destination, kinds, mode))
-    return out
-
-
-def client_tls(ca: Path | None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext | None:
-    """The client context for an https manager: trust ``ca`` (default: the system's),
-    present ``cert``/``key`` for mutual TLS. None when nothing is given.
-
-    >>> client_tls(None) is None
-    True
-    """
-    if ca is None and cert is None:
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
-        if cert is not None:
-            ctx.load_cert_chain(str(cert), str(key or cert))
-    except FileNotFoundError as exc:
-        raise AuthError(f"TLS file not found: {exc.filename}") from None
-    except (ssl.SSLError, OSError) as exc:
-        raise AuthError(f"cannot load TLS material ({ca}, {cert}, {key}): {exc}") from None
-    return ctx
+from xfer.errors import MigrationMessageError, UsageError
+from xfer.net import http1
+from xfer.net.address import is_multicast
+from xfer.net.message import MigrationMessage, encode
 
 
 def check_url(url: str) -> SplitResult:
@@ -262,4 +187,47 @@ def _parse_answer(url: str, status: int, payload: bytes) -> dict[str, Any]:
     if not 200 <= status < 300:
         reason = answer.get("error") or answer.get("body") or "no reason given"
         raise MigrationMessageError(f"manager {url} answered {status}: {reason}")
+    return answer
+
+
+def send_http(url: str, msg: MigrationMessage | dict[str, Any], ssl_context: ssl.SSLContext | None,
+              timeout: float = 30.0) -> dict[str, Any]:
+    """POST one message and return the manager's report (MigrationMessageError otherwise).
+
+    >>> send_http(DEFAULT_MANAGER_URL, msg, ctx)["state"]     # doctest: +SKIP
+    'committed'
+    """
+    return asyncio.run(send_migration_message(url, msg, time.monotonic() + timeout, ssl_context))
+
+
+def send_udp(address: tuple[str, int], msg: MigrationMessage | dict[str, Any], timeout: float = 5.0,
+             interface: str | None = None, wait: bool = True, copies: int = 1) -> dict[str, Any] | None:
+    """Send one datagram (unicast or to a multicast group) and wait for the first answer.
+
+    ``interface``: the local address multicast leaves from (and the source of the datagram).
+    ``copies``: send it that many times back to back (a lossy network's remedy; the manager
+    and the agents act on one of them when the message has an id).
+    """
+    data = encode(msg)
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if interface:
+            sock.bind((interface, 0))
+            if is_multicast(address[0]):
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface))
+        for _ in range(max(1, copies)):
+            sock.sendto(data, address)
+        if not wait:
+            return None
+        sock.settimeout(timeout)
+        try:
+            reply, _ = sock.recvfrom(65535)
+        except TimeoutError:
+            raise MigrationMessageError(f"no answer from the manager at {address[0]}:{address[1]} "
+                                        f"within {timeout} s") from None
+    finally:
+        sock.close()
+    answer: dict[str, Any] = json.loads(reply)
+    if not answer.get("ok"):
+        raise MigrationMessageError(f"manager answered: {answer.get('error', 'failed')}")
     return answer
