@@ -31,9 +31,11 @@ from typing import Any
 from xfer.errors import Conflict, MigrationFailed, UsageError, XferError
 from xfer.manager import modes
 from xfer.manager import precopy as precopy_mod
+from xfer.manager.admission import Admission
 from xfer.manager.entry import Driver, Entry, Work
 from xfer.manager.journal import Journal
 from xfer.manager.outcome import Aborted, Outcomes, all_destinations
+from xfer.manager.plan import select
 from xfer.manager.recovery import recover
 from xfer.manager.rounds import Round
 from xfer.manager.settings import Settings
@@ -41,7 +43,7 @@ from xfer.manager.store import Store
 from xfer.manager.storeflow import StoreFlow
 from xfer.manager.topology import Topology
 from xfer.model import Kind, VmIdentity
-from xfer.net.message import Message, Mode, dedupe_key
+from xfer.net.message import Message, Mode, dedupe_key, kinds_of
 
 __all__ = ["Conflict", "MigrationFailed", "Migrator", "Settings"]
 
@@ -69,6 +71,7 @@ class Migrator:
         self._seen: dict[str, Entry] = {}       # dedupe key -> entry (copies join it)
         self.abort_grace_s = 30.0
         self._switched: dict[str, float] = {}   # VM -> when its last "not-running" out came
+        self.admission = Admission()
         self.precopy = precopy_mod.Precopy(devices, interval_s=settings.precopy_interval_s,  # type: ignore[arg-type]
                                            expire_s=settings.precopy_expire_s,
                                            on_expired=self._precopy_expired)
@@ -115,6 +118,10 @@ class Migrator:
         if entry is None:
             return None, False
         budget = budget_ms or self.settings.budget_ms
+        if entry.work == Work.MOVE:
+            # refused now (503) rather than queued into a pause it would overrun
+            entry.devices = self._devices_of(msg)
+            self.admission.check(entry.devices, budget / 1000)
         work = self._move(entry, budget) if entry.work == Work.MOVE else self.flow.run(entry, budget)
         task = asyncio.ensure_future(work)
         entry.task = task
@@ -223,7 +230,8 @@ class Migrator:
             self.journal.finish(session.migration, "continued", f"continued by migration {mid}")
         work = (move(self.devices, plan, ident, step) if session is None
                 else precopy_mod.move_with(self.precopy, session, self.devices, plan, ident, step, move))
-        outcome = await out.guarded(mid, plan, ident, step, work, msg.vm)
+        async with self.admission.slot(entry.devices):
+            outcome = await out.guarded(mid, plan, ident, step, work, msg.vm)
         report = out.commit(mid, plan, ident, outcome, entry.started)
         # the pause's cost as the hypervisor sees it: message received -> answer sent; a
         # record for `xfer migrations`, written once the answer is out (not in the pause)
@@ -231,6 +239,14 @@ class Migrator:
         asyncio.get_running_loop().call_later(PAUSE_RECORD_DELAY_S, self._journal_pause, mid,
                                               report["ms"], outcome.precopy)
         return report
+
+    def _devices_of(self, msg: Message) -> list[str]:
+        """The devices a move of ``msg`` would use (for admission; [] when it cannot plan)."""
+        try:
+            plan = select(self.topo, msg.source, msg.destination, kinds_of(msg))
+        except XferError:
+            return []
+        return sorted({d.id for d in plan.by_source()} | {d.id for d in plan.destinations()})
 
     def _journal_pause(self, mid: int, ms: float | None, precopy: dict[str, int] | None) -> None:
         pid = self.journal.phase(mid, "pause", "manager", [])

@@ -34,12 +34,12 @@ from types import TracebackType
 from typing import Any, cast
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from xfer.agent.client import AgentClient
 from xfer.bundle import DEFAULT_MAX_SIZE
-from xfer.errors import AuthError, BundleError, UsageError, XferError
+from xfer.errors import AuthError, BundleError, Overloaded, UsageError, XferError
 from xfer.manager import topology
 from xfer.manager.config import API_PATH, ManagerConfig
 from xfer.manager.desk import DeviceDesk
@@ -70,6 +70,11 @@ class ManagerMetrics:
                                buckets=_BUCKETS, registry=self.registry)
         self.over_budget = Counter("xfer_manager_over_budget", "Migrations over their time budget",
                                    registry=self.registry)
+        self.queue_depth = Gauge("xfer_manager_queue_depth", "Moves admitted and not finished, per device",
+                                 ["device"], registry=self.registry)
+        self.refused = Counter("xfer_manager_refused_overloaded", "Messages refused with 503: their "
+                               "devices' queues would have made them miss their deadline",
+                               registry=self.registry)
 
     def record(self, report: dict[str, Any]) -> None:
         if report.get("ms") is not None:
@@ -243,6 +248,10 @@ class ManagerServer:
             return web.json_response({**error_body(exc), "report": exc.report}, status=502)
         except Conflict as exc:
             return web.json_response(error_body(exc), status=409)
+        except Overloaded as exc:
+            self.metrics.refused.inc()
+            return web.json_response({**error_body(exc), "retry_after_s": exc.retry_after_s}, status=503,
+                                     headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
         except XferError as exc:
             return web.json_response(error_body(exc), status=status_of(exc))
 
@@ -300,6 +309,9 @@ class ManagerServer:
                                                   request.match_info["device"], await self._json(request)))
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        if self._migrator is not None:
+            for device, depth in self._migrator.admission.depths().items():
+                self.metrics.queue_depth.labels(device).set(depth)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
