@@ -214,3 +214,25 @@ def test_device_precopy_sessions_stage_deltas_and_expire(hosts: Hosts) -> None:
     finally:
         stages.close()
         source.close()
+
+
+def test_concurrent_exports_share_one_walk_and_each_gets_its_own(hosts: Hosts) -> None:
+    import asyncio
+
+    from xfer.agent.exports import SharedExports
+
+    ns = hosts.add("src")
+    vms = [parse_vm(f"10.0.1.{i}") for i in range(2, 7)]
+    for i, vm in enumerate(vms):
+        _inject(ns, vm.addresses[0], range(1000, 1010 + i))
+    _inject(ns, OTHER, range(1000, 1100))
+
+    async def together() -> list[stream.Stream]:
+        shared = SharedExports(ns)
+        out = await asyncio.gather(*(shared.export(vm) for vm in vms))
+        assert shared.served == len(vms) and shared.walks <= 2  # the first alone, the rest together
+        return out
+
+    for vm, got in zip(vms, asyncio.run(together()), strict=True):
+        assert _facts(got) == _facts(_vm_dump(ns, vm))
+        assert len(got) == 10 + vms.index(vm)

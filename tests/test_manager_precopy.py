@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from xfer.errors import UsageError
-from xfer.net.message import parse
 from xfer.manager.precopy import conntrack_pairs
+from xfer.net.message import parse
 
 
 def _msg(**kw: object) -> dict[str, object]:

@@ -55,6 +55,11 @@ class PrecopySource:
                 self._tracker.start()
             return self._tracker
 
+    @property
+    def started(self) -> Tracker | None:
+        """The tracker if pre-copy has started on this device (None: not yet)."""
+        return self._tracker
+
     def open(self, vm: VmIdentity) -> Section:
         """The VM's entries now as a whole-copy delta section (tracking it from now on)."""
         tracker = self.tracker

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from xfer import bundle as bundle_mod
 from xfer.agent.config import AgentConfig
+from xfer.agent.exports import SharedExports
 from xfer.agent.journal import Journal
 from xfer.agent.protocol import MIGRATION, check_agent_url
 from xfer.bundle import Bundle
@@ -99,6 +100,7 @@ class AgentService:
 
     def __init__(self, config: AgentConfig, transfer: TransferApi | None = None,
                  peers: Peers | None = None, key: bytes | None = None) -> None:
+        real = transfer is None
         if transfer is None:
             from xfer import transfer as transfer_module
 
@@ -120,6 +122,11 @@ class AgentService:
 
         self.precopy = PrecopyOps(self, trust_seed=config.precopy_events_trusted,
                                   expire_s=config.precopy_expire_s)
+        # Concurrent conntrack exports share one table walk (or the pre-copy index): with the
+        # real transfer API only (tests give fakes that count their calls).
+        self.shared: SharedExports | None = None
+        if real and config.holds(Kind.CONNTRACK):
+            self.shared = SharedExports(config.netns, lambda: self.precopy.source.started)
 
     # --- validation ------------------------------------------------------------------------
 
@@ -164,13 +171,29 @@ class AgentService:
         kinds = self.held(kinds)
         trace.about(vm, kinds)
         with trace.phase("export"):
-            bundle = await asyncio.to_thread(self.transfer.export_bundle, vm, kinds, self.config.netns,
-                                             device=self.config.device_id)
+            if self.shared is not None and Kind.CONNTRACK in kinds:
+                bundle = await self._export_shared(vm, kinds)
+            else:
+                bundle = await asyncio.to_thread(self.transfer.export_bundle, vm, kinds, self.config.netns,
+                                                 device=self.config.device_id)
         with trace.phase("encode"):
             data = bundle_mod.encode(bundle, self.key)
         for kind, section in bundle.sections.items():
             trace.entries[kind.value] = section.count
         return bundle, data
+
+    async def _export_shared(self, vm: VmIdentity, kinds: Sequence[Kind]) -> Bundle:
+        """The bundle, its conntrack section from the shared walk (or the index)."""
+        assert self.shared is not None
+        from xfer.conntrack.shared import section_of
+
+        others = [k for k in kinds if k != Kind.CONNTRACK]
+        entries, rest = await asyncio.gather(
+            self.shared.export(vm),
+            asyncio.to_thread(self.transfer.export_bundle, vm, others, self.config.netns,
+                              device=self.config.device_id))
+        sections = {Kind.CONNTRACK: section_of(entries), **rest.sections}
+        return Bundle(vm=vm, source=rest.source, sections={k: sections[k] for k in kinds})
 
     async def import_(self, data: bytes, vm: VmIdentity, kinds: Sequence[Kind] | None,
                       trace: Trace) -> ImportReport:
