@@ -170,14 +170,14 @@ links:
   - [hv-dst, fw-dst]
   - [fw-dst, core]
 vms:
-  vm1: {ipv4: ["%s"]}
+%s
 """
 MANAGER_PORT = 8700
 
 
 @contextlib.contextmanager
-def managed(hosts: Hosts, src: str, dst: str, workdir: Path, interval_s: float = 0.2
-            ) -> Iterator[tuple[str, ssl.SSLContext]]:
+def managed(hosts: Hosts, src: str, dst: str, workdir: Path, interval_s: float = 0.2,
+            vms: dict[str, str] | None = None) -> Iterator[tuple[str, ssl.SSLContext]]:
     """Agents on both firewalls and a manager (in the source's namespace, on the agents'
     link), as processes; yields the manager's URL and the operator's TLS context."""
     from xfer.lab.agents import DST_AGENT_IP, OPERATOR, SRC_AGENT_IP, LabAgents
@@ -190,7 +190,9 @@ def managed(hosts: Hosts, src: str, dst: str, workdir: Path, interval_s: float =
     agents.start("fw-src", src, SRC_AGENT_IP, ["conntrack"], extra="[precopy]\nevents_trusted = true\n")
     agents.start("fw-dst", dst, DST_AGENT_IP, ["conntrack"])
     pki.issue(agents.pki, "manager", ips=[SRC_AGENT_IP])
-    (workdir / "topology.yaml").write_text(TOPOLOGY % VM_IP)
+    vms = vms or {"vm1": VM_IP}
+    (workdir / "topology.yaml").write_text(
+        TOPOLOGY % "\n".join(f'  {name}: {{ipv4: ["{ip}"]}}' for name, ip in vms.items()))
     config = workdir / "manager.toml"
     config.write_text(f"""
 [manager]

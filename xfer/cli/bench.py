@@ -61,6 +61,25 @@ def bench_precopy(
         print_json(result)
 
 
+@bench_app.command("evacuate")
+def bench_evacuate(
+    vms: Annotated[int, typer.Option(help="VMs leaving the host at once.")] = 100,
+    flows: Annotated[int, typer.Option(help="Conntrack entries per VM.")] = 200,
+    total: Annotated[int, typer.Option(help="Entries in the source table (others' included).")] = 0,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/evacuate.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Host evacuation: every VM's message at once through one manager, with and without pre-copy.
+
+    Example: xfer bench evacuate --vms 100 --flows 200
+    """
+    from xfer.bench import evacuate as bench
+
+    result = bench.run(vms, flows, total, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)
+
+
 @bench_app.command("agents")
 def bench_agents(
     vm_flows: Annotated[int, typer.Option("--vm-flows", help="The VM's conntrack entries.")] = 20_000,

@@ -37,29 +37,41 @@ FIRST_GUESS_S = 0.0
 
 
 @dataclass
+class Mean:
+    """A running mean of move times (one per class of move: full copy, pre-copied delta)."""
+
+    seconds: float = FIRST_GUESS_S
+    timed: int = 0
+
+    def record(self, seconds: float) -> None:
+        self.seconds = seconds if self.timed == 0 else (
+            (1 - EWMA_WEIGHT) * self.seconds + EWMA_WEIGHT * seconds)
+        self.timed += 1
+
+
+@dataclass
 class Lane:
     """One device's queue: moves in flight or waiting, and how long one takes."""
 
     slots: asyncio.Semaphore
     capacity: int
     depth: int = 0                 # admitted moves not finished (running or waiting)
-    mean_s: float = FIRST_GUESS_S
-    timed: int = 0
+    means: dict[str, Mean] = field(default_factory=dict)
     refused: int = 0
     waits: list[float] = field(default_factory=list)
 
-    def predicted_wait_s(self) -> float:
-        """How long a move admitted now waits before its turn, then runs (0 while nothing
-        was timed yet: no refusal without evidence)."""
-        if self.timed == 0:
-            return 0.0
-        ahead = self.depth // self.capacity       # full rounds of moves before ours
-        return (ahead + 1) * self.mean_s
+    def mean(self, what: str) -> Mean:
+        return self.means.setdefault(what, Mean())
 
-    def record(self, seconds: float) -> None:
-        self.mean_s = seconds if self.timed == 0 else (
-            (1 - EWMA_WEIGHT) * self.mean_s + EWMA_WEIGHT * seconds)
-        self.timed += 1
+    def predicted_wait_s(self, what: str = "full") -> float:
+        """How long a move admitted now waits for the moves ahead of it (their mean is of
+        moves like it): a move with nobody ahead is never refused, nor one of a class
+        not timed yet (no refusal without evidence)."""
+        ahead = self.depth // self.capacity       # full rounds of moves before ours
+        mean = self.mean(what)
+        if ahead == 0 or mean.timed == 0:
+            return 0.0
+        return (ahead + 1) * mean.seconds
 
 
 class Admission:
@@ -75,17 +87,18 @@ class Admission:
             lane = self.lanes[device] = Lane(asyncio.Semaphore(self.capacity), self.capacity)
         return lane
 
-    def predicted_s(self, devices: Iterable[str]) -> float:
-        return max((self.lane(d).predicted_wait_s() for d in devices), default=0.0)
+    def predicted_s(self, devices: Iterable[str], what: str = "full") -> float:
+        return max((self.lane(d).predicted_wait_s(what) for d in devices), default=0.0)
 
-    def check(self, devices: Iterable[str], deadline_s: float | None) -> float:
-        """The predicted time to finish; Overloaded when it exceeds ``deadline_s``."""
+    def check(self, devices: Iterable[str], deadline_s: float | None, what: str = "full") -> float:
+        """The predicted time to finish; Overloaded when it exceeds ``deadline_s``.
+        ``what``: the class of move ("full", "precopy")."""
         devices = list(devices)
-        predicted = self.predicted_s(devices)
+        predicted = self.predicted_s(devices, what)
         if deadline_s is not None and predicted > deadline_s:
             for d in devices:
                 self.lane(d).refused += 1
-            busiest = max(devices, key=lambda d: self.lane(d).predicted_wait_s())
+            busiest = max(devices, key=lambda d: self.lane(d).predicted_wait_s(what))
             # when the queue ahead will have drained
             retry = max(1.0, predicted - deadline_s)
             raise Overloaded(f"device {busiest} is busy: this migration would take about "
@@ -94,7 +107,7 @@ class Admission:
         return predicted
 
     @contextlib.asynccontextmanager
-    async def slot(self, devices: Iterable[str]) -> AsyncIterator[None]:
+    async def slot(self, devices: Iterable[str], what: str = "full") -> AsyncIterator[None]:
         """Hold a slot on every device (taken in name order: no deadlock between moves)."""
         lanes = [self.lane(d) for d in sorted(set(devices))]
         for lane in lanes:
@@ -109,7 +122,7 @@ class Admission:
             yield
             took = time.perf_counter() - ran
             for lane in lanes:
-                lane.record(took)
+                lane.mean(what).record(took)
                 lane.waits.append(ran - started)
                 del lane.waits[:-100]
         finally:

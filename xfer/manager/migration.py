@@ -121,7 +121,7 @@ class Migrator:
         if entry.work == Work.MOVE:
             # refused now (503) rather than queued into a pause it would overrun
             entry.devices = self._devices_of(msg)
-            self.admission.check(entry.devices, budget / 1000)
+            self.admission.check(entry.devices, budget / 1000, self._move_class(msg))
         work = self._move(entry, budget) if entry.work == Work.MOVE else self.flow.run(entry, budget)
         task = asyncio.ensure_future(work)
         entry.task = task
@@ -230,7 +230,7 @@ class Migrator:
             self.journal.finish(session.migration, "continued", f"continued by migration {mid}")
         work = (move(self.devices, plan, ident, step) if session is None
                 else precopy_mod.move_with(self.precopy, session, self.devices, plan, ident, step, move))
-        async with self.admission.slot(entry.devices):
+        async with self.admission.slot(entry.devices, "precopy" if session is not None else "full"):
             outcome = await out.guarded(mid, plan, ident, step, work, msg.vm)
         report = out.commit(mid, plan, ident, outcome, entry.started)
         # the pause's cost as the hypervisor sees it: message received -> answer sent; a
@@ -239,6 +239,12 @@ class Migrator:
         asyncio.get_running_loop().call_later(PAUSE_RECORD_DELAY_S, self._journal_pause, mid,
                                               report["ms"], outcome.precopy)
         return report
+
+    def _move_class(self, msg: Message) -> str:
+        """Which running mean predicts this move: a pre-copied VM's is the last delta only."""
+        session = self.precopy.get(msg.vm)
+        same = session is not None and session.mode == (msg.mode or self.settings.mode)
+        return "precopy" if same else "full"
 
     def _devices_of(self, msg: Message) -> list[str]:
         """The devices a move of ``msg`` would use (for admission; [] when it cannot plan)."""
