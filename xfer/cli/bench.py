@@ -23,16 +23,20 @@ def bench_conntrack(
     total: Annotated[int, typer.Option(help="Entries in the source table.")] = 200_000,
     vm_flows: Annotated[int, typer.Option("--vm-flows", help="Of which the VM's.")] = 20_000,
     repeat: Annotated[int, typer.Option(help="Runs of each contender (median reported).")] = 3,
+    index: Annotated[bool, typer.Option("--index", help="Also with the pre-copy index (export from "
+                                        "the index, in-process and via an agent).")] = False,
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/conntrack.json"),
     as_json: JsonOpt = False,
 ) -> None:
     """Export+import of a VM's conntrack entries vs `conntrack -L ... -o save | conntrack -R -`.
 
     Example: xfer bench conntrack --total 200000 --vm-flows 20000
+
+    Example: xfer bench conntrack --total 1000000 --vm-flows 20000 --index
     """
     from xfer.bench import conntrack as bench
 
-    result = bench.run(total, vm_flows, repeat, out, echo=None if as_json else typer.echo)
+    result = bench.run(total, vm_flows, repeat, out, echo=None if as_json else typer.echo, index=index)
     if as_json:
         print_json(result)
 
