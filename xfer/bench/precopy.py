@@ -226,9 +226,10 @@ ca = "pki/ca.pem"
 
 async def _send(url: str, ctx: ssl.SSLContext, indication: str, mode: str) -> tuple[float, dict[str, Any]]:
     """One message over a connection opened beforehand (as the hook does); seconds to the answer."""
-    from xfer.hypervisor.notify import ManagerLink, MigrationMessage
+    from xfer.net.message import MigrationMessage, Mode
+    from xfer.net.notify import ManagerLink
 
-    message = MigrationMessage("vm1", indication, "out", "hv-src", "hv-dst", None, mode)
+    message = MigrationMessage("vm1", indication, "out", "hv-src", "hv-dst", None, Mode.of(mode))
     async with ManagerLink(url, ctx) as link:
         await link.open(1)
         t0 = time.perf_counter()
