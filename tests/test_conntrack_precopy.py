@@ -225,3 +225,26 @@ def test_bounded_sets_the_kernels_timeout_for_the_state() -> None:
 def test_event_family_matches_message() -> None:
     e = tcp_entry("fd00::2", "fd00::9")
     assert _event(EventKind.NEW, e).message[16] == socket.AF_INET6
+
+
+# --- delta sections (they arrive from another device: hostile) ----------------------------
+
+def test_delta_section_round_trip_and_hostile_headers() -> None:
+    from xfer.bundle import Section
+    from xfer.conntrack.delta import ENCODING, delta_section, read_delta
+    from xfer.conntrack.index import Changes
+    from xfer.errors import BundleError
+
+    ups = _seed(tcp_entry("10.0.1.2", "10.0.9.1", 1), tcp_entry("10.0.1.2", "10.0.9.1", 2))
+    dels = _seed(tcp_entry("10.0.1.2", "10.0.9.1", 3))
+    section = delta_section(Changes(ups, dels, "g:9"), base="g:4")
+    d = read_delta(section)
+    assert (_ports(d.upserts), _ports(d.deletes), d.base, d.cursor, d.whole) == ([1, 2], [3], "g:4", "g:9", False)
+    for meta in ({**section.meta, "upserts": 3}, {**section.meta, "deletes": -1},
+                 {**section.meta, "cursor": 7}, {k: v for k, v in section.meta.items() if k != "base"}):
+        with pytest.raises(BundleError):
+            read_delta(Section(section.kind, ENCODING, section.count, section.payload, meta))
+    with pytest.raises(BundleError):   # truncated payload
+        read_delta(Section(section.kind, ENCODING, section.count, section.payload[:-8], section.meta))
+    with pytest.raises(BundleError):   # a full section is not a delta
+        read_delta(Section(section.kind, "ctnetlink/2", section.count, section.payload, section.meta))

@@ -22,6 +22,12 @@ from xfer.conntrack.tracker import Tracker
 from xfer.model import VmIdentity
 
 
+def _from_index(tracker: Tracker, vm: VmIdentity) -> Stream:
+    """The VM's entries from the index, its suspects (maybe silent) re-read first."""
+    tracker.verify(vm.id)
+    return tracker.export(vm.id)
+
+
 class SharedExports:
     """One table walk for the exports that wait together (see the module docstring)."""
 
@@ -37,7 +43,7 @@ class SharedExports:
     async def export(self, vm: VmIdentity) -> Stream:
         tracker = self._tracker_of()
         if tracker is not None and vm.id in tracker.index:
-            return await asyncio.to_thread(tracker.export, vm.id)
+            return await asyncio.to_thread(_from_index, tracker, vm)
         future: asyncio.Future[Stream] = asyncio.get_running_loop().create_future()
         self._pending.append((vm, future))
         if self._worker is None or self._worker.done():
