@@ -156,7 +156,9 @@ def test_log_line_and_metrics(tmp_path: Path, ca: Path, caplog: pytest.LogCaptur
     with caplog.at_level(logging.INFO, logger="xfer.agent"):
         _run(tmp_path, scenario)
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "xfer.agent"]
+    assert all(list(x)[:3] == ["ts", "level", "event"] for x in lines)
     imports = [x for x in lines if x.get("op") == "import"]
+    assert [x["level"] for x in imports] == ["info", "warning"] and imports[0]["event"] == "request"
     assert [x["status"] for x in imports] == [200, 422]
     assert imports[0]["peer"] == "operator" and imports[0]["entries"] == {"conntrack": 3}
     assert {"receive", "decode", "import"} <= set(imports[0]["phases_ms"])
@@ -166,3 +168,33 @@ def test_log_line_and_metrics(tmp_path: Path, ca: Path, caplog: pytest.LogCaptur
     assert 'xfer_agent_requests_total{op="import",outcome="refused"} 1.0' in text
     assert 'xfer_agent_entries_total{kind="conntrack",op="import"} 3.0' in text
     assert 'xfer_agent_phase_seconds_count{op="import",phase="import"} 1.0' in text
+    assert 'xfer_build_info{daemon="agent",python="' in text
+    assert "process_resident_memory_bytes " in text and "process_cpu_seconds_total " in text
+
+
+def test_a_bug_is_a_500_and_one_json_log_line_with_its_traceback(tmp_path: Path, ca: Path) -> None:
+    import io
+
+    from xfer.net.log import daemon_logging
+
+    class Broken(FakeTransfer):
+        def export_bundle(self, *args: Any, **kw: Any) -> Any:
+            raise RuntimeError("a bug")
+
+    async def main() -> None:
+        c = _config(tmp_path, "dst")
+        async with AgentServer(c, AgentService(c, transfer=Broken())) as server, _client(ca) as client:
+            with pytest.raises(AgentError, match="internal error: RuntimeError: a bug"):
+                await client.export(server.url, VM, [Kind.CONNTRACK])
+
+    stream = io.StringIO()
+    undo = daemon_logging(stream=stream)
+    try:
+        asyncio.run(main())
+    finally:
+        undo()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]   # every line is JSON
+    bug = [x for x in lines if x["event"] == "internal error"]
+    assert len(bug) == 1 and bug[0]["level"] == "error" and bug[0]["op"] == "export"
+    assert bug[0]["traceback"][0].startswith("Traceback") and "RuntimeError: a bug" in bug[0]["traceback"][-1]
+    assert [x["status"] for x in lines if x["event"] == "request"] == [500]

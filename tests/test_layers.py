@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent / "xfer"
 # Lowest first. Each entry: a layer's packages or top-level modules.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("xfer.errors",),
-    ("xfer.model", "xfer.heap", "xfer.tomlfile", "xfer.pki", "xfer.netns"),
+    ("xfer.tomlfile", "xfer.heap", "xfer.pki", "xfer.netns"),
+    ("xfer.model",),
     ("xfer.bundle",),
     ("xfer.ebpf",),                                        # kernel-facing, generic
-    ("xfer.conntrack", "xfer.dhcp", "xfer.counters"),      # the kinds (state)
+    ("xfer.conntrack", "xfer.dhcp", "xfer.counters", "xfer.rules"),   # the kinds (state)
     ("xfer.transfer",),                                    # export/import/forget across kinds
     ("xfer.net",),                                         # what the daemons share
     ("xfer.agent",),                                       # device

@@ -17,17 +17,20 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from xfer import tomlfile
 from xfer.errors import UsageError
 
 DEFAULT_INVENTORY = Path("/etc/xfer/inventory.toml")
-MAX_ADDRESSES = 64  # of each family, and MACs, that one VM identity may name
+# Bounds on a VM identity read from another device: a VM may be named by its addresses
+# (a bulk test moves one with 600), so its id is as long as that list.
+MAX_ADDRESSES = 4096  # of each family, and MACs
+MAX_ID = 65536
 # What a stateful network device can be (agent config device.type, topology devices).
 DEVICE_TYPES = ("firewall", "router", "switch", "load-balancer")
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
@@ -39,6 +42,7 @@ class Kind(StrEnum):
     CONNTRACK = "conntrack"
     DHCP = "dhcp"
     COUNTERS = "counters"
+    RULES = "rules"
 
 
 def parse_kinds(spec: str | Iterable[str] | None) -> tuple[Kind, ...]:
@@ -113,8 +117,8 @@ class VmIdentity:
         if not isinstance(data, Mapping):
             raise UsageError("malformed VM identity: not an object")
         vm_id = data.get("id")
-        if not isinstance(vm_id, str) or not 0 < len(vm_id) <= 256:
-            raise UsageError("malformed VM identity: id must be a string of 1 to 256 characters")
+        if not isinstance(vm_id, str) or not 0 < len(vm_id) <= MAX_ID:
+            raise UsageError(f"malformed VM identity: id must be a string of 1 to {MAX_ID} characters")
         tokens: list[str] = []
         for key, version in (("macs", 0), ("ipv4", 4), ("ipv6", 6)):
             values = data.get(key, [])
@@ -166,14 +170,9 @@ def load_inventory(path: Path | None = None) -> dict[str, VmIdentity]:
     """Read the VM inventory; a missing default file is an empty inventory."""
     explicit = path is not None or "XFER_INVENTORY" in os.environ
     path = path or Path(os.environ.get("XFER_INVENTORY", DEFAULT_INVENTORY))
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        if explicit:
-            raise UsageError(f"inventory file {path} not found") from None
+    if not explicit and not path.exists():
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"inventory {path}: {exc}") from None
+    raw = tomlfile.read(path, "inventory")
     inventory: dict[str, VmIdentity] = {}
     for name, entry in raw.get("vm", {}).items():
         tokens = [*_as_list(entry.get("mac")), *_as_list(entry.get("ipv4")),

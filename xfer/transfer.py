@@ -28,7 +28,23 @@ KIND_MODULES: dict[Kind, str] = {
     Kind.CONNTRACK: "xfer.conntrack.transfer",
     Kind.COUNTERS: "xfer.counters.transfer",
     Kind.DHCP: "xfer.dhcp.transfer",
+    Kind.RULES: "xfer.rules.transfer",
 }
+
+# Import order inside one bundle: a VM's rules go in before its conntrack entries,
+# so that no policy on the destination sees the VM's connections without its rules.
+# Kinds not listed keep their place after these.
+IMPORT_ORDER: tuple[Kind, ...] = (Kind.RULES, Kind.CONNTRACK, Kind.DHCP, Kind.COUNTERS)
+
+
+def import_order(kinds: Iterable[Kind]) -> list[Kind]:
+    """``kinds`` in the order an import applies them.
+
+    >>> import_order([Kind.CONNTRACK, Kind.RULES])
+    [<Kind.RULES: 'rules'>, <Kind.CONNTRACK: 'conntrack'>]
+    """
+    rank = {k: i for i, k in enumerate(IMPORT_ORDER)}
+    return sorted(kinds, key=lambda k: rank.get(k, len(rank)))
 
 
 def kind_module(kind: Kind) -> ModuleType:
@@ -97,7 +113,8 @@ def import_bundle(bundle: Bundle, namespace: str | None = None, *, vm: VmIdentit
     options = options or {}
     started = time.perf_counter()
     report = ImportReport()
-    for kind, section in bundle.sections.items():
+    for kind in import_order(bundle.sections):
+        section = bundle.sections[kind]
         if kind not in wanted:
             continue
         try:

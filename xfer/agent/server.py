@@ -28,15 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
-import logging
-import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from xfer import bundle as bundle_mod
 from xfer.agent import device
@@ -44,7 +41,7 @@ from xfer.agent import status as status_mod
 from xfer.agent.client import AgentClient
 from xfer.agent.config import AgentConfig
 from xfer.agent.devicedriven import DeviceDriven, Heard
-from xfer.agent.metrics import CONTENT_TYPE, AgentMetrics
+from xfer.agent.metrics import AgentMetrics
 from xfer.agent.protocol import API, MIGRATION, MIGRATION_HEADER, parse_request_kinds, parse_request_vm
 from xfer.agent.service import AgentService, Trace
 from xfer.agent.upstream import Upstream
@@ -52,11 +49,8 @@ from xfer.errors import AuthError, BundleError, UsageError, XferError
 from xfer.model import Kind
 from xfer.net import tls
 from xfer.net.api import BUNDLE_TYPE, COMPRESSION_HEADER, compress, decompress, error_body, status_of
-from xfer.net.log import emitter
-from xfer.net.sockets import bind_socket, multicast_socket
-
-log = logging.getLogger("xfer.agent")
-_emit = emitter("xfer.agent")
+from xfer.net.server import Listener, run_until_signal
+from xfer.net.sockets import multicast_socket
 
 # The trace of the request being handled (set by the middleware, read by the endpoints).
 TRACE: contextvars.ContextVar[Trace] = contextvars.ContextVar("xfer_agent_trace")
@@ -65,20 +59,21 @@ _CONTROL_MAX = 64 * 1024
 EXPIRE_EVERY_S = 5.0
 
 
-class AgentServer:
+class AgentServer(Listener):
     """One agent: explicit ``start()``/``stop()``, or ``async with``.
 
     ``service`` defaults to an AgentService over ``xfer.transfer`` whose peers
     are reached with this agent's own certificate.
     """
 
+    log_name = "xfer.agent"
+
     def __init__(self, config: AgentConfig, service: AgentService | None = None) -> None:
+        super().__init__()
         self.config = config
         self.metrics = AgentMetrics()
         self._client: AgentClient | None = None
         self._service = service
-        self._runners: list[web.AppRunner] = []
-        self._stopped = asyncio.Event()
         self._dhcp: device.DhcpKeeper | None = None
         self._device_driven: DeviceDriven | None = None
         self._group: asyncio.DatagramTransport | None = None
@@ -89,14 +84,6 @@ class AgentServer:
     def service(self) -> AgentService:
         assert self._service is not None, "start() first"
         return self._service
-
-    async def __aenter__(self) -> AgentServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Load TLS material, attach the kinds' datapath, roll back unfinished imports, listen."""
@@ -113,13 +100,13 @@ class AgentServer:
                                              key=bundle_mod.load_key(cfg.bundle_key_file))
             attached = await asyncio.to_thread(device.bring_up, cfg)
             if attached:
-                _emit({"event": "attached", "device": cfg.device_id, **attached})
+                self.emit({"event": "attached", "device": cfg.device_id, **attached})
             if Kind.DHCP in cfg.kinds:
                 self._dhcp = device.DhcpKeeper(cfg.netns)
                 await self._dhcp.start()
             # Before listening: no request may meet the remains of a crashed import.
             for item in await asyncio.to_thread(self.service.recover):
-                _emit({"event": "rolled back unfinished import", "device": cfg.device_id, **item})
+                self.emit({"event": "rolled back unfinished import", "device": cfg.device_id, **item})
             api = web.Application(client_max_size=cfg.max_bundle_bytes,
                                   middlewares=[self._middleware])
             api.add_routes([
@@ -135,22 +122,18 @@ class AgentServer:
                 web.post(f"{API}/precopy/pull", self._precopy_pull),
                 web.post(f"{API}/precopy/push", self._precopy_push),
                 web.post(f"{API}/precopy/abort", self._precopy_abort),
-                web.get("/metrics", self._metrics),
+                web.get("/metrics", self.metrics_response),
             ])
-            sock = bind_socket(cfg.address, cfg.port, cfg.netns)
-            self.port = sock.getsockname()[1]
-            await self._site(api, sock, server_ctx)
+            self.port = await self.listen(api, cfg.address, cfg.port, cfg.netns, server_ctx)
             if cfg.metrics:
-                plain = web.Application()
-                plain.add_routes([web.get("/metrics", self._metrics)])
-                await self._site(plain, bind_socket(*cfg.metrics, cfg.netns), None)
+                await self.listen_metrics(*cfg.metrics, cfg.netns)
             if cfg.manager:
                 await self._join_group()
             self._expiry = asyncio.ensure_future(self._expire_stages())
         except BaseException:
             await self.stop()
             raise
-        _emit({"event": "listening", "device": cfg.device_id, "url": self.url,
+        self.emit({"event": "listening", "device": cfg.device_id, "url": self.url,
                "kinds": [k.value for k in cfg.kinds], "netns": cfg.netns,
                **({"group": "{}:{}".format(*cfg.manager.group), "manager": cfg.manager.url}
                   if cfg.manager else {})})
@@ -159,19 +142,13 @@ class AgentServer:
         """The device-driven variant: hear migration messages on the group, act on them."""
         up = self.config.manager
         assert up is not None and self._client is not None
-        acting = DeviceDriven(self.service, Upstream(self._client, up.url, up.device), _emit,
+        acting = DeviceDriven(self.service, Upstream(self._client, up.url, up.device), self.emit,
                               self.metrics.observe)
         self._device_driven = acting
         sock = multicast_socket(*up.group, up.interface, self.config.netns)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: Heard(acting.heard), sock=sock)
         self._group = transport
-
-    async def _site(self, app: web.Application, sock: socket.socket, ctx: Any) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
-        await runner.setup()
-        self._runners.append(runner)
-        await web.SockSite(runner, sock, ssl_context=ctx).start()
 
     @property
     def url(self) -> str:
@@ -184,10 +161,11 @@ class AgentServer:
             await asyncio.sleep(EXPIRE_EVERY_S)
             try:
                 for session in await self.service.precopy.expire():
-                    _emit({"event": "pre-copy expired", "device": self.config.device_id,
-                           "session": session})
+                    self.emit({"event": "pre-copy expired", "device": self.config.device_id,
+                               "session": session})
             except XferError as exc:
-                log.warning("expiring pre-copy stages failed: %s", exc)
+                self.emit({"event": "pre-copy expiry failed", "device": self.config.device_id,
+                           "error": str(exc)})
 
     async def stop(self) -> None:
         """Stop listening, finish the requests under way, close the peer client."""
@@ -200,9 +178,7 @@ class AgentServer:
         if self._device_driven is not None:
             await self._device_driven.stop()
             self._device_driven = None
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
+        await self.close_sites()
         if self._dhcp is not None:
             await self._dhcp.stop()
             self._dhcp = None
@@ -211,10 +187,7 @@ class AgentServer:
             self._client = None
         if self._service is not None:
             await asyncio.to_thread(self._service.precopy.close)
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
+        self.stopped()
 
     # --- request plumbing ---------------------------------------------------------------
 
@@ -241,19 +214,19 @@ class AgentServer:
             status, error = exc.status, exc.reason
             raise
         except Exception as exc:
-            log.exception("agent request %s failed", request.path)
             status, error = 500, f"internal error: {type(exc).__name__}: {exc}"
-            response = web.json_response({"error": error, "type": "InternalError"}, status=500)
+            response = self.internal_error(exc, device=self.config.device_id, op=op, path=request.path)
         finally:
             seconds = time.perf_counter() - started
             outcome = "ok" if status == 200 else ("refused" if 400 <= status < 500 else "failed")
             if op != "metrics":
                 self.metrics.observe(op, outcome, seconds, trace)
-                _emit({"device": self.config.device_id, "op": op,
-                       "peer": peer, "vm": trace.vm, "kinds": list(trace.kinds), "status": status,
-                       "ms": round(seconds * 1000, 3),
-                       "phases_ms": {k: round(v * 1000, 3) for k, v in trace.phases.items()},
-                       "entries": trace.entries, **({"error": error} if error else {})})
+                self.emit({"event": "request", "device": self.config.device_id, "op": op,
+                           "peer": peer, "vm": trace.vm, "kinds": list(trace.kinds), "status": status,
+                           "ms": round(seconds * 1000, 3),
+                           "phases_ms": {k: round(v * 1000, 3) for k, v in trace.phases.items()},
+                           "entries": trace.entries, **({"error": error} if error else {})},
+                          {"ok": "info", "refused": "warning"}.get(outcome, "error"))
         return response
 
     @staticmethod
@@ -367,14 +340,13 @@ class AgentServer:
         result = await self.service.precopy.abort(parse_request_vm(body.get("vm")), TRACE.get())
         return web.json_response(result)
 
-    async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    async def metrics_registry(self) -> CollectorRegistry:
+        if Kind.DHCP in self.config.kinds:
+            # The DHCP guard's per-port counters, read from its map at scrape time.
+            self.metrics.dhcp_ports = await asyncio.to_thread(status_mod.dhcp_counters, self.config.netns)
+        return self.metrics.registry
 
 
 async def serve(config: AgentConfig) -> None:
-    """Run an agent until SIGTERM or SIGINT (``xfer agent serve``)."""
-    loop = asyncio.get_running_loop()
-    async with AgentServer(config) as server:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-        await server.wait_stopped()
+    """Run an agent until SIGTERM or SIGINT (``xfer agent serve``); systemd learns when it is ready."""
+    await run_until_signal(AgentServer(config))

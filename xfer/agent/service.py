@@ -35,7 +35,7 @@ from xfer.agent.protocol import MIGRATION, check_agent_url
 from xfer.bundle import Bundle
 from xfer.errors import BundleError, ForeignEntryError, MigrationCancelled, UsageError
 from xfer.model import Kind, KindReport, VmIdentity
-from xfer.transfer import ImportReport, Options
+from xfer.transfer import ImportReport, Options, import_order
 
 # How long a forgotten migration is remembered: far beyond any request's timeout.
 FORGOTTEN_MEMORY_S = 3600.0
@@ -219,7 +219,7 @@ class AgentService:
         committed: list[Kind] = []
         started = time.perf_counter()
         try:
-            for kind in kinds:
+            for kind in import_order(kinds):
                 # One kind at a time, so that we know which ones to undo if a later one is refused.
                 report = self.transfer.import_bundle(bundle, netns, vm=vm, kinds=[kind],
                                                      options=self.import_options)

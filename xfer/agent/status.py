@@ -2,7 +2,7 @@
 
 Read-only counts from each kind's own layer: conntrack entries in the
 namespace's table (nf_conntrack_count), (MAC, IP) rows the counters hold,
-DHCP bindings in the snooper's table.
+DHCP bindings in the snooper's table, filter rules in the ruleset.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ def count(kind: Kind, namespace: str | None) -> int:
         from xfer.counters.transfer import show
 
         return len(show(None, namespace))
+    if kind is Kind.RULES:
+        from xfer.rules.transfer import count_rules
+
+        return count_rules(namespace)
     from xfer.dhcp.store import BindingTable
 
     with BindingTable(namespace) as table:
@@ -45,3 +49,18 @@ def counts(kinds: Sequence[Kind], namespace: str | None) -> dict[str, Any]:
         except ModuleNotFoundError as exc:
             out[kind.value] = {"error": f"{kind} is not available in this build of xfer ({exc.name})"}
     return out
+
+
+def dhcp_counters(namespace: str | None) -> dict[str, dict[str, int]]:
+    """The DHCP guard's per-port counters (``xfer dhcp counters``); {} while it is not attached.
+
+    >>> dhcp_counters("xfer-sw")["vm0"]["drop_source"]   # doctest: +SKIP
+    3
+    """
+    from xfer.dhcp.store import BindingTable
+
+    try:
+        with BindingTable(namespace) as table:
+            return table.counters()
+    except XferError:
+        return {}

@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import NoReturn
+
+import typer
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer depends on click
+    from click.exceptions import ClickException  # type: ignore[no-redef]
 
 from xfer import heap
-from xfer.cli.common import app, fail
+from xfer.cli.common import app, fail, run
 from xfer.errors import UsageError, XferError
 
 # Each module adds its commands to ``app`` when imported, in this order (the order
@@ -35,20 +43,38 @@ _PAUSE_WINDOW = frozenset({"export", "import", "forget", "notify"})
 
 
 def main() -> None:
-    """Console entry point: map errors to exit codes and one-line messages."""
+    """Console entry point: map errors to exit codes and one-line messages (JSON with --json)."""
     logging.basicConfig(level=logging.WARNING, format="xfer: %(message)s")
     heap.keep_freed_memory()  # MB-sized buffers without page faults inside the pause window
+    run.json_errors = "--json" in sys.argv[1:]
     if len(sys.argv) > 1 and sys.argv[1] in _PAUSE_WINDOW:
         app.registered_groups = []
         app.registered_commands = [c for c in app.registered_commands if c.name == sys.argv[1]]
     try:
-        app()
+        # Not standalone: usage errors come here, to be printed as JSON under --json.
+        code = app(standalone_mode=False)
+    except ClickException as exc:
+        _usage_error(exc)
     except UsageError as exc:
         fail(str(exc), 2)
     except XferError as exc:
         fail(str(exc), 1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         fail("interrupted", 130)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
+
+
+def _usage_error(exc: ClickException) -> NoReturn:
+    if run.json_errors:
+        fail(exc.format_message(), exc.exit_code)
+    try:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+    except ImportError:
+        exc.show()
+    raise SystemExit(exc.exit_code)
 
 
 __all__ = ["app", "main"]

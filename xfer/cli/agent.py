@@ -7,8 +7,17 @@ from typing import Annotated, Any
 
 import typer
 
-from xfer.cli.common import JsonOpt, KindsOpt, VmOpt, app, fail, print_json, print_report, report_failed
-from xfer.net.log import log_lines_to_stderr
+from xfer.cli.common import (
+    JsonOpt,
+    KindsOpt,
+    VmOpt,
+    app,
+    fail,
+    log_level,
+    print_json,
+    print_report,
+    report_failed,
+)
 
 agent_app = typer.Typer(help="The device agent: serve, and drive agents over mutual TLS.",
                         no_args_is_help=True)
@@ -47,11 +56,13 @@ def agent_serve(
     Example: xfer agent serve --config /etc/xfer/agent.toml
     """
     import asyncio
+    import logging
 
     from xfer.agent import config as config_mod
     from xfer.agent import server
+    from xfer.net.log import daemon_logging
 
-    log_lines_to_stderr("xfer.agent")
+    daemon_logging(log_level(logging.INFO))
     asyncio.run(server.serve(config_mod.load(config)))
 
 
@@ -199,14 +210,15 @@ def pki_init(directory: PkiDirOpt,
              name: Annotated[str, typer.Option("--name", help="CA common name.")] = "xfer CA",
              days: Annotated[int, typer.Option(help="Validity in days.")] = 3650,
              force: Annotated[bool, typer.Option("--force", help="Replace an existing CA.")] = False,
-             ) -> None:
+             as_json: JsonOpt = False) -> None:
     """Create a CA (ca.pem, ca.key) for the agents of a lab or small site.
 
     Example: xfer pki init --dir /etc/xfer/pki
     """
     from xfer import pki
 
-    typer.echo(f"CA certificate {pki.init_ca(directory, name, days, force)}")
+    ca = pki.init_ca(directory, name, days, force)
+    print_json({"ca": str(ca)}) if as_json else typer.echo(f"CA certificate {ca}")
 
 
 @pki_app.command("issue")
@@ -217,7 +229,8 @@ def pki_issue(name: Annotated[str, typer.Argument(help="Device (or operator) nam
                                                            "reached at (repeat).")] = None,
               dns: Annotated[list[str] | None, typer.Option("--dns", help="Another DNS name "
                                                             "(repeat).")] = None,
-              days: Annotated[int, typer.Option(help="Validity in days.")] = 825) -> None:
+              days: Annotated[int, typer.Option(help="Validity in days.")] = 825,
+              as_json: JsonOpt = False) -> None:
     """Issue NAME.pem and NAME.key signed by the CA in --dir (good as server and client).
 
     Example: xfer pki issue fw-src --dir /etc/xfer/pki --ip 10.0.4.1
@@ -225,4 +238,7 @@ def pki_issue(name: Annotated[str, typer.Argument(help="Device (or operator) nam
     from xfer import pki
 
     cert, key = pki.issue(directory, name, ip or [], dns or [], days)
+    if as_json:
+        print_json({"cert": str(cert), "key": str(key)})
+        return
     typer.echo(f"certificate {cert}, key {key}")

@@ -11,6 +11,7 @@ from xfer.cli.common import (
     JsonOpt,
     app,
     print_json,
+    progress,
 )
 
 bench_app = typer.Typer(help="Benchmarks against the baseline tools, measured in the same run.",
@@ -36,7 +37,9 @@ def bench_conntrack(
     """
     from xfer.bench import conntrack as bench
 
-    result = bench.run(total, vm_flows, repeat, out, echo=None if as_json else typer.echo, index=index)
+    with progress("bench conntrack"):
+        result = bench.run(total, vm_flows, repeat, out, echo=None if as_json else typer.echo,
+                           index=index)
     if as_json:
         print_json(result)
 
@@ -84,6 +87,29 @@ def bench_evacuate(
         print_json(result)
 
 
+@bench_app.command("rules")
+def bench_rules(
+    other_rules: Annotated[int, typer.Option("--other-rules", help="Other hosts' rules on each "
+                                                                   "firewall.")] = 2000,
+    vm_rules: Annotated[int, typer.Option("--vm-rules", help="The VM's rules.")] = 20,
+    repeat: Annotated[int, typer.Option(help="Runs of each contender (median reported).")] = 11,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/rules.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Export+import of a VM's rules (nft, iptables-legacy) vs copying the whole ruleset.
+
+    Baselines in the same run: `nft -j list ruleset` + `nft -j -f`, and
+    `iptables-legacy-save | iptables-legacy-restore`.
+
+    Example: xfer bench rules --other-rules 2000 --vm-rules 20 --json
+    """
+    from xfer.bench import rules as bench
+
+    result = bench.run(other_rules, vm_rules, repeat, out, echo=None if as_json else typer.echo)
+    if as_json:
+        print_json(result)
+
+
 @bench_app.command("agents")
 def bench_agents(
     vm_flows: Annotated[int, typer.Option("--vm-flows", help="The VM's conntrack entries.")] = 20_000,
@@ -98,7 +124,8 @@ def bench_agents(
     """
     from xfer.bench import agents as bench
 
-    result = bench.run(vm_flows, max(total, vm_flows), repeat, out, echo=None if as_json else typer.echo)
+    with progress("bench agents"):
+        result = bench.run(vm_flows, max(total, vm_flows), repeat, out, echo=None if as_json else typer.echo)
     if as_json:
         print_json(result)
 
@@ -121,8 +148,9 @@ def bench_counters(
     """
     from xfer.bench import counters as bench
 
-    result = bench.run(vms, repeat, seconds, out, echo=None if as_json else typer.echo,
-                       keys_per_vm=keys_per_vm, datapath=datapath)
+    with progress("bench counters"):
+        result = bench.run(vms, repeat, seconds, out, echo=None if as_json else typer.echo,
+                           keys_per_vm=keys_per_vm, datapath=datapath)
     if as_json:
         print_json(result)
 
@@ -144,8 +172,9 @@ def bench_qemu(
     """
     from xfer.bench import qemu as bench
 
-    result = bench.run(repeat, transfer_ms, out, echo=None if as_json else typer.echo,
-                       memory_mb=memory_mb)
+    with progress("bench qemu"):
+        result = bench.run(repeat, transfer_ms, out, echo=None if as_json else typer.echo,
+                           memory_mb=memory_mb)
     if as_json:
         print_json(result)
 
@@ -164,8 +193,9 @@ def bench_dhcp(
     """
     from xfer.bench import dhcp as bench
 
-    result = bench.run(repeat, seconds, out, echo=None if as_json else typer.echo,
-                       rounds=rounds)
+    with progress("bench dhcp"):
+        result = bench.run(repeat, seconds, out, echo=None if as_json else typer.echo,
+                           rounds=rounds)
     if as_json:
         print_json(result)
 
@@ -186,6 +216,7 @@ def bench_migrate(
     from xfer.bench import migrate as bench
 
     counts = tuple(int(f) for f in flows.split(",") if f.strip())
-    result = bench.run(counts, repeat, out, echo=None if as_json else typer.echo)
+    with progress("bench migrate"):
+        result = bench.run(counts, repeat, out, echo=None if as_json else typer.echo)
     if as_json:
         print_json(result)

@@ -36,6 +36,7 @@ def counters_attach(
                                             "(required unless --ebpf).", metavar="IFACE")] = None,
     netns: NetnsOpt = None,
     ebpf: Annotated[bool, typer.Option("--ebpf", help="Print the BPF program and exit.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Count per VM (MAC, IP) on an interface; idempotent. Counts persist in pinned maps.
 
@@ -54,6 +55,9 @@ def counters_attach(
     from xfer.counters import device as counters_device
 
     pins = counters_device.attach(dev, netns)
+    if as_json:
+        print_json({"dev": dev, "netns": netns, "pinned": str(pins)})
+        return
     typer.echo(f"counting on {dev} (maps pinned in {pins})")
 
 
@@ -63,6 +67,7 @@ def counters_detach(
     netns: NetnsOpt = None,
     unpin: Annotated[bool, typer.Option("--unpin", help="Also remove the pinned maps: the "
                                         "counts are lost.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Stop counting on an interface; the counts stay pinned (re-attach resumes them).
 
@@ -71,6 +76,9 @@ def counters_detach(
     from xfer.counters import device as counters_device
 
     removed = counters_device.detach(dev, netns, unpin=unpin)
+    if as_json:
+        print_json({"dev": dev, "netns": netns, "filters_removed": removed, "unpinned": unpin})
+        return
     typer.echo(f"removed {removed} filter(s) from {dev}" + ("; maps unpinned" if unpin else ""))
 
 
@@ -151,6 +159,7 @@ def dhcp_detach(
     netns: NetnsOpt = None,
     purge: Annotated[bool, typer.Option("--purge", help="Also unpin the maps (bindings stay "
                                         "in the database file).")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Remove the snooper's filters from every port.
 
@@ -159,6 +168,9 @@ def dhcp_detach(
     from xfer.dhcp import device
 
     n = device.detach(netns, purge)
+    if as_json:
+        print_json({"netns": netns, "ports": n, "unpinned": purge})
+        return
     typer.echo(f"detached from {n} ports" + (", maps unpinned" if purge else ""))
 
 
@@ -201,6 +213,7 @@ def dhcp_add(
                                               "expires).")] = None,
     netns: NetnsOpt = None,
     db: DbOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Add (or replace) a static binding.
 
@@ -212,6 +225,9 @@ def dhcp_add(
     b = Binding(mac, ip, None if lease is None else float(lease), port, vlan, "static",
                 lease or 0)
     created, warnings = device.add_static(netns, b, db)
+    if as_json:
+        print_json({**b.to_json(), "created": created, "warnings": warnings})
+        return
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
     typer.echo(("added" if created else "replaced") + f" {b.mac} {b.ip}")
@@ -223,6 +239,7 @@ def dhcp_del(
     ip: Annotated[str, typer.Option("--ip", help="Client IPv4 address.")],
     netns: NetnsOpt = None,
     db: DbOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Delete a binding (static or learned).
 
@@ -232,7 +249,7 @@ def dhcp_del(
 
     if not device.delete(netns, mac, ip, db):
         fail(f"no binding {mac} {ip}")
-    typer.echo(f"deleted {mac} {ip}")
+    print_json({"mac": mac, "ip": ip, "deleted": True}) if as_json else typer.echo(f"deleted {mac} {ip}")
 
 
 @dhcp_app.command("counters")

@@ -11,6 +11,7 @@ from xfer.cli.common import (
     app,
     fail,
     print_json,
+    progress,
 )
 
 lab_app = typer.Typer(help="The network-namespace lab: two firewalls, a VM and a server.",
@@ -21,6 +22,7 @@ app.add_typer(lab_app, name="lab")
 @lab_app.command("up")
 def lab_up(
     prefix: Annotated[str, typer.Option(help="Namespace name prefix.")] = "xfer",
+    as_json: JsonOpt = False,
 ) -> None:
     """Build the lab: VM, source firewall, destination firewall and server namespaces.
 
@@ -29,17 +31,24 @@ def lab_up(
     from xfer.lab import topology
 
     lab = topology.Lab(prefix)
-    lab.up()
+    with progress("lab up"):
+        lab.up()
+    if as_json:
+        print_json({"vm": lab.vm, "source_firewall": lab.vm_side, "destination_firewall": lab.fwdst,
+                    "server": lab.srv, "vm_ips": [topology.VM_IP, topology.VM_IP6],
+                    "server_ips": [topology.SERVICE_IP, topology.SERVICE_IP6]})
+        return
     typer.echo(lab.describe())
 
 
 @lab_app.command("down")
-def lab_down(prefix: Annotated[str, typer.Option(help="Namespace name prefix.")] = "xfer") -> None:
+def lab_down(prefix: Annotated[str, typer.Option(help="Namespace name prefix.")] = "xfer",
+             as_json: JsonOpt = False) -> None:
     """Remove every namespace and process of the lab."""
     from xfer.lab import topology
 
     topology.Lab(prefix).down()
-    typer.echo("lab removed")
+    print_json({"removed": prefix}) if as_json else typer.echo("lab removed")
 
 
 @lab_app.command("demo")
@@ -53,7 +62,8 @@ def lab_demo(
     """
     from xfer.lab import demo
 
-    result = demo.run(prefix, echo=None if as_json else typer.echo)
+    with progress("lab demo"):
+        result = demo.run(prefix, echo=None if as_json else typer.echo)
     if as_json:
         print_json(result)
     if not result["ok"]:

@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from xfer.cli.common import JsonOpt, app, print_json
+from xfer.cli.common import JsonOpt, app, log_level, print_json
 from xfer.errors import UsageError
 from xfer.net import DEFAULT_MANAGER_URL
 from xfer.net.address import hostport
@@ -81,7 +82,8 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 @topology_app.command("check")
-def topology_check(file: Annotated[Path, typer.Argument(help="Topology file (YAML).")]) -> None:
+def topology_check(file: Annotated[Path, typer.Argument(help="Topology file (YAML).")],
+                   as_json: JsonOpt = False) -> None:
     """Validate a topology file: exit 0 when good, else one line naming the defect.
 
     Example: xfer topology check /etc/xfer/topology.yaml
@@ -89,6 +91,10 @@ def topology_check(file: Annotated[Path, typer.Argument(help="Topology file (YAM
     from xfer.manager import topology
 
     topo = topology.load(file)
+    if as_json:
+        print_json({"file": str(file), "ok": True, "servers": len(topo.servers),
+                    "devices": len(topo.devices), "links": len(topo.links)})
+        return
     typer.echo(f"{file}: {len(topo.servers)} servers, {len(topo.devices)} devices, "
                f"{len(topo.links)} links: ok")
 
@@ -136,9 +142,9 @@ def manager_serve(config: Annotated[Path, typer.Option("--config", "-c", help="M
 
     from xfer.manager import config as config_mod
     from xfer.manager import server
-    from xfer.net.log import log_lines_to_stderr
+    from xfer.net.log import daemon_logging
 
-    log_lines_to_stderr("xfer.manager")
+    daemon_logging(log_level(logging.INFO))
     asyncio.run(server.serve(config_mod.load(config)))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,12 +20,18 @@ from xfer.cli.common import (
     app,
     fail,
     print_json,
+    progress,
 )
+
+# From this many entries an import on a terminal shows it is at work (~1 s and up).
+LARGE_IMPORT = 100_000
 
 bundle_app = typer.Typer(help="Inspect bundles.", no_args_is_help=True)
 conntrack_app = typer.Typer(help="Look at a device's conntrack table.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(conntrack_app, name="conntrack")
+rules_app = typer.Typer(help="Look at the filter rules a VM's export would carry.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
 
 
 def _ct_options(zone: int | None, mark: int | None, mask: int) -> dict[str, Any]:
@@ -101,8 +108,10 @@ def import_cmd(
         Kind.CONNTRACK: {"replace": not no_replace, "partial": partial}}
     if dev:
         options[Kind.COUNTERS] = {"dev": dev}
-    report = transfer.import_bundle(b, netns, vm=ident, kinds=parse_kinds(kinds) if kinds else None,
-                                    options=options, max_age_s=max_age)
+    entries = sum(section.count for section in b.sections.values())
+    with progress(f"importing {entries} entries") if entries >= LARGE_IMPORT else nullcontext():
+        report = transfer.import_bundle(b, netns, vm=ident, kinds=parse_kinds(kinds) if kinds else None,
+                                        options=options, max_age_s=max_age)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -168,23 +177,49 @@ def bundle_show(
     refused = verdict(ct, b.vm) if ct is not None else None
     if as_json:
         header["age_s"] = round(b.age(), 3)
+        header["created_at"] = _date(b.created)
         header["import_check"] = refused or "ok"
         if ct is not None:
             header["conntrack"] = [e.to_json() for e in records]
-        print_json(header)
+        print_json(_without_none(header))
         return
     typer.echo(f"bundle {b.id} (format {header['format']}, {'signed' if b.signed else 'unsigned'})")
     typer.echo(f"  vm:      {b.vm.id}  {' '.join((*b.vm.addresses, *b.vm.macs))}")
-    typer.echo(f"  source:  {b.source.get('device')} netns={b.source.get('netns')}")
-    typer.echo(f"  created: {b.created:.3f} ({b.age():.1f} s ago)")
+    source = dict(_without_none(b.source))
+    typer.echo(f"  source:  {source.pop('device', '?')}"
+               + "".join(f" {k}={v}" for k, v in sorted(source.items())))
+    typer.echo(f"  created: {_date(b.created)} ({b.age():.1f} s ago)")
     for s in header["sections"]:
         typer.echo(f"  section {s['kind']}: {s['count']} entries, {s['length']} bytes, "
                    f"{s['encoding']}, sha256 {s['sha256'][:16]}…")
+        left_out = s["meta"].get("left_out")      # rules: what the export kept back, and why
+        for reason, n in left_out.items() if isinstance(left_out, dict) else ():
+            typer.echo(f"    left out: {n!r} ({reason[:80]!r})")
     if ct is not None:
         typer.echo(f"  import check: {refused or 'ok'}")
     if entries:
         for e in records:
             typer.echo("    " + e.summary())
+
+
+def _date(ts: float) -> str:
+    """A Unix time as people and scripts read it: ISO 8601, UTC, to the millisecond.
+
+    >>> _date(0.5)
+    '1970-01-01T00:00:00.500+00:00'
+    """
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _without_none(value: Any) -> Any:
+    """``value`` with every None-valued key left out, at every depth."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 @conntrack_app.command("ls")
@@ -223,3 +258,32 @@ def conntrack_ls(
         )
     Console().print(table)
     typer.echo(f"{len(records)} entries", err=True)
+
+
+@rules_app.command("ls")
+def rules_ls(
+    vm: Annotated[str, typer.Option("--vm", help="The VM's addresses (IPv4, IPv6, MAC) or name.")],
+    netns: NetnsOpt = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto, nft or iptables.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the rules, chains and set elements an export would carry for a VM, and what it
+    would leave out and why (see docs/rules.md).
+
+    Example: xfer rules ls --vm 10.0.1.2,fd00:1::2 --netns fw-src --json
+    """
+    from xfer.model import parse_vm
+    from xfer.rules.transfer import show
+
+    found = show(parse_vm(vm), netns, backend)
+    if as_json:
+        print_json(found)
+        return
+    for backend_name in ("nft", "iptables"):
+        for r in found.get(backend_name, {}).get("rules", []):
+            where = f"{r['family']} {r['table']} {r['chain']}"
+            typer.echo(f"{backend_name:8} {where:28} {r.get('expr', r.get('rule'))}")
+    typer.echo(f"{found['rules']} rules, {found['chains']} chains, {found['elements']} set elements",
+               err=True)
+    for reason, n in found["left_out"].items():
+        typer.echo(f"left out: {n} ({reason})", err=True)

@@ -6,6 +6,11 @@ whose whole client side is a greeting, ``qmp_capabilities``, ``execute`` with an
 QEMU's own timestamp (the STOP/RESUME times are the guest-gap witnesses), and no
 dependency whose reconnect and logging machinery runs inside the pause window.
 
+NOTE: measured against qemu.qmp 0.0.6 on one real QEMU (``-machine none``), same
+run: ``query-status`` 0.241 ms here against 0.308 ms (1.3x), connect and
+negotiate 0.77 against 0.94 ms (1.2x), load average 12 on 2 cores. Not a speed
+argument, then: the reasons are the timestamps and one dependency less.
+
     async with QmpClient("/run/vm1/qmp.sock") as qmp:
         status = await qmp.execute("query-status")
         stop = await qmp.wait_event(lambda e: e.name == "STOP", timeout=5)

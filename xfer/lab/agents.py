@@ -74,8 +74,12 @@ class AgentProcess:
         self.hosts, self.name, self.ns, self.config, self.log, self.url = hosts, name, ns, config, log, url
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> AgentProcess:
-        """Spawn the agent and wait until its log says it listens."""
+    def start(self, timeout: float = 60.0) -> AgentProcess:
+        """Spawn the agent and wait until its log says it listens.
+
+        A process that exits fails at once; a live one gets ``timeout`` seconds, which a
+        2-core machine running several suites at once needs (15 s was seen to run out).
+        """
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = self.hosts.spawn(self.ns, [*XFER, *self.command, "--config", str(self.config)],

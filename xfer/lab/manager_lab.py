@@ -43,8 +43,11 @@ AGENT_IPS = {"fw-src": "10.0.4.1", "fw-dst": "10.0.4.2", "sw-dst": "10.0.4.3"}
 SOURCE, DESTINATION = "hv-src", "hv-dst"
 
 
-def topology_yaml(port: int = 7443) -> str:
-    """The lab's topology: the router holds nothing; kinds are split differently on each side."""
+def topology_yaml(port: int = 7443, rules: bool = False) -> str:
+    """The lab's topology: the router holds nothing; kinds are split differently on each side.
+    With ``rules`` both firewalls hold the ``rules`` kind too."""
+    fw = ", rules" if rules else ""
+
     def url(name: str) -> str:
         return f"https://{AGENT_IPS[name]}:{port}"
 
@@ -54,10 +57,10 @@ servers:
   {DESTINATION}: {{gateway: core}}
 gateways: [core]
 devices:
-  fw-src: {{type: firewall, kinds: [conntrack, dhcp, counters], agent: "{url('fw-src')}"}}
+  fw-src: {{type: firewall, kinds: [conntrack, dhcp, counters{fw}], agent: "{url('fw-src')}"}}
   rt-src: {{type: router, kinds: []}}
   sw-dst: {{type: switch, kinds: [dhcp], agent: "{url('sw-dst')}"}}
-  fw-dst: {{type: firewall, kinds: [conntrack, counters], agent: "{url('fw-dst')}"}}
+  fw-dst: {{type: firewall, kinds: [conntrack, counters{fw}], agent: "{url('fw-dst')}"}}
 links:
   - [{SOURCE}, fw-src]
   - [fw-src, rt-src]
@@ -74,8 +77,9 @@ class ManagerLab:
     """Build, run and tear down the manager lab (namespaces ``{prefix}-vm`` ...) in ``workdir``."""
 
     def __init__(self, prefix: str, workdir: Path, cleanup: str = "delete", store_ttl_s: float = 60,
-                 device_timeout_s: float = 10) -> None:
+                 device_timeout_s: float = 10, rules: bool = False) -> None:
         self.hosts = Hosts(prefix)
+        self.rules = rules      # both firewalls hold the rules kind as well
         self.workdir = workdir
         self.cleanup = cleanup
         self.store_ttl_s, self.device_timeout_s = store_ttl_s, device_timeout_s
@@ -175,9 +179,10 @@ class ManagerLab:
         group unless ``device_driven`` is False; a static binding for the VM at the source's
         snooper."""
         self.lab_agents = agents = LabAgents(self.hosts, self.workdir)
-        all_kinds = ["conntrack", "dhcp", "counters"]
+        fw = ["rules"] if self.rules else []
+        all_kinds = ["conntrack", "dhcp", "counters", *fw]
         devices = (("fw-src", "fwsrc", all_kinds, device_toml(["vm0"], "up0", ["vm0"])),
-                   ("fw-dst", "fwdst", ["conntrack", "counters"], device_toml(["vm0"])),
+                   ("fw-dst", "fwdst", ["conntrack", "counters", *fw], device_toml(["vm0"])),
                    ("sw-dst", "swdst", ["dhcp"], device_toml((), "up0", ["vm0"])))
         for name, short, kinds, extra in devices:
             if device_driven:
@@ -194,7 +199,7 @@ class ManagerLab:
         """Write the topology and the manager's config, issue its certificate, start it in [mg]."""
         assert self.lab_agents is not None, "start_agents() first"
         pki.issue(self.lab_agents.pki, "manager", ips=[MANAGER_IP])
-        (self.workdir / "topology.yaml").write_text(topology_yaml())
+        (self.workdir / "topology.yaml").write_text(topology_yaml(rules=self.rules))
         config = self.workdir / "manager.toml"
         config.write_text(f"""
 [manager]

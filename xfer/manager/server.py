@@ -27,15 +27,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import signal
 import socket
 import time
-from types import TracebackType
 from typing import Any, cast
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from xfer.agent.client import AgentClient
 from xfer.bundle import DEFAULT_MAX_SIZE
@@ -49,10 +46,10 @@ from xfer.manager.modes import Devices
 from xfer.manager.store import Store
 from xfer.net import message, tls
 from xfer.net.api import BUNDLE_TYPE, COMPRESSION_HEADER, ZSTD, error_body, packed_size, status_of
-from xfer.net.log import emitter
-from xfer.net.sockets import bind_socket, multicast_socket, udp_socket
+from xfer.net.metrics import daemon_registry
+from xfer.net.server import Listener, run_until_signal
+from xfer.net.sockets import multicast_socket, udp_socket
 
-emit = emitter("xfer.manager")
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DEADLINE_HEADER = "X-Xfer-Deadline-Ms"
 
@@ -61,7 +58,7 @@ class ManagerMetrics:
     """Messages by outcome, migration and phase durations, budget overruns (own registry)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = daemon_registry("manager")
         self.messages = Counter("xfer_manager_messages", "Migration messages by transport and outcome",
                                 ["transport", "outcome"], registry=self.registry)
         self.duration = Histogram("xfer_manager_migration_seconds", "Message to all destinations committed",
@@ -86,19 +83,20 @@ class ManagerMetrics:
             self.over_budget.inc()
 
 
-class ManagerServer:
+class ManagerServer(Listener):
     """The manager: explicit ``start()``/``stop()``, or ``async with``."""
+
+    log_name = "xfer.manager"
 
     def __init__(self, config: ManagerConfig, devices: Devices | None = None) -> None:
         """``devices`` defaults to an agent client with the manager's certificate (tests give fakes)."""
+        super().__init__()
         self.config = config
         self._devices = devices
         self.port = config.port
         self.udp_port: int | None = None
         self.metrics = ManagerMetrics()
-        self._runners: list[web.AppRunner] = []
         self._udp: list[asyncio.DatagramTransport] = []
-        self._stopped = asyncio.Event()
         self._client: AgentClient | None = None
         self._journal: Journal | None = None
         self._store: Store | None = None
@@ -115,14 +113,6 @@ class ManagerServer:
     def migrator(self) -> Migrator:
         assert self._migrator is not None, "start() first"
         return self._migrator
-
-    async def __aenter__(self) -> ManagerServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         """Load topology and TLS, recover the journal, then listen (HTTPS, UDP, metrics)."""
@@ -143,24 +133,20 @@ class ManagerServer:
             self._desk = DeviceDesk(self._migrator)
             # Before listening: no message may meet the remains of a crashed run.
             for item in await self.migrator.recover():
-                emit({"event": "recovered", **item})
+                self.emit({"event": "recovered", **item})
             api = web.Application(client_max_size=64 * 1024, middlewares=[self._middleware])
             api.add_routes([
                 web.post(API_PATH, self._message), web.post("/migrations", self._message),
                 web.post(f"{API_PATH}/abort", self._abort), web.get(API_PATH, self._list),
-                web.get("/metrics", self._metrics),
+                web.get("/metrics", self.metrics_response),
                 web.post("/v1/devices/{device}/role", self._role),
                 web.put("/v1/devices/{device}/deposits/{migration:\\d+}", self._deposit),
                 web.get("/v1/devices/{device}/collect/{migration:\\d+}/{source}", self._collect),
                 web.post("/v1/devices/{device}/reports/{migration:\\d+}", self._report),
             ])
-            sock = bind_socket(cfg.address, cfg.port, cfg.netns)
-            self.port = sock.getsockname()[1]
-            await self._site(api, sock, server_ctx)
+            self.port = await self.listen(api, cfg.address, cfg.port, cfg.netns, server_ctx)
             if cfg.metrics:
-                plain = web.Application()
-                plain.add_routes([web.get("/metrics", self._metrics)])
-                await self._site(plain, bind_socket(*cfg.metrics, cfg.netns), None)
+                await self.listen_metrics(*cfg.metrics, cfg.netns)
             if cfg.udp:
                 udp = udp_socket(*cfg.udp, cfg.netns)
                 self.udp_port = udp.getsockname()[1]
@@ -171,14 +157,8 @@ class ManagerServer:
         except BaseException:
             await self.stop()
             raise
-        emit({"event": "listening", "url": self.url, "udp": cfg.udp, "multicast": cfg.multicast,
+        self.emit({"event": "listening", "url": self.url, "udp": cfg.udp, "multicast": cfg.multicast,
               "mode": cfg.settings.mode, "cleanup": cfg.settings.cleanup})
-
-    async def _site(self, app: web.Application, sock: socket.socket, ctx: Any) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
-        await runner.setup()
-        self._runners.append(runner)
-        await web.SockSite(runner, sock, ssl_context=ctx).start()
 
     async def _listen_udp(self, sock: socket.socket, name: str) -> None:
         loop = asyncio.get_running_loop()
@@ -190,9 +170,7 @@ class ManagerServer:
         for transport in self._udp:
             transport.close()
         self._udp.clear()
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
+        await self.close_sites()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._migrator is not None:
@@ -204,10 +182,7 @@ class ManagerServer:
             if closable is not None:
                 closable.close()
         self._store = self._journal = None
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
+        self.stopped()
 
     # --- handling ---------------------------------------------------------------------------
 
@@ -228,8 +203,9 @@ class ManagerServer:
             raise
         finally:
             self.metrics.messages.labels(transport, outcome).inc()
-            emit({"event": "message", "transport": transport, "outcome": outcome,
-                  "ms": round((time.perf_counter() - started) * 1000, 3), **record})
+            self.emit({"event": "message", "transport": transport, "outcome": outcome,
+                       "ms": round((time.perf_counter() - started) * 1000, 3), **record},
+                      {"ok": "info", "refused": "warning"}.get(outcome, "error"))
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -254,6 +230,10 @@ class ManagerServer:
                                      headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
         except XferError as exc:
             return web.json_response(error_body(exc), status=status_of(exc))
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            return self.internal_error(exc, path=request.path, peer=peer)
 
     @staticmethod
     async def _json(request: web.Request) -> Any:
@@ -290,7 +270,8 @@ class ManagerServer:
     async def _role(self, request: web.Request) -> web.StreamResponse:
         device = request.match_info["device"]
         answer = await self.desk.role(device, await self._json(request))
-        emit({"event": "role", "device": device, **{k: answer.get(k) for k in ("vm", "migration", "role")}})
+        self.emit({"event": "role", "device": device,
+                   **{k: answer.get(k) for k in ("vm", "migration", "role")}})
         return web.json_response(answer)
 
     async def _deposit(self, request: web.Request) -> web.StreamResponse:
@@ -308,12 +289,11 @@ class ManagerServer:
         return web.json_response(self.desk.report(int(request.match_info["migration"]),
                                                   request.match_info["device"], await self._json(request)))
 
-    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+    async def metrics_registry(self) -> CollectorRegistry:
         if self._migrator is not None:
             for device, depth in self._migrator.admission.depths().items():
                 self.metrics.queue_depth.labels(device).set(depth)
-        return web.Response(body=generate_latest(self.metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return self.metrics.registry
 
     def datagram(self, data: bytes, addr: tuple[str, int], transport: asyncio.DatagramTransport,
                  name: str = "udp") -> None:
@@ -363,9 +343,5 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
 
 
 async def serve(config: ManagerConfig) -> None:
-    """Run the manager until SIGTERM or SIGINT (``xfer manager serve``)."""
-    loop = asyncio.get_running_loop()
-    async with ManagerServer(config) as server:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-        await server.wait_stopped()
+    """Run the manager until SIGTERM or SIGINT (``xfer manager serve``); systemd learns when it is ready."""
+    await run_until_signal(ManagerServer(config))

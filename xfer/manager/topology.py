@@ -35,6 +35,7 @@ from typing import Any
 from xfer.agent.protocol import check_agent_url
 from xfer.errors import UsageError, XferError
 from xfer.model import DEVICE_TYPES, Kind, VmIdentity, make_identity, parse_kinds
+from xfer.tomlfile import syntax_error
 
 
 class TopologyError(UsageError):
@@ -139,7 +140,16 @@ def load(path: Path) -> Topology:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise TopologyError(f"topology file {path} not found") from None
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
+        raise TopologyError(f"topology {path}: {exc.strerror or exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        if mark is None:
+            raise TopologyError(f"topology {path}: {exc.problem or exc}") from None
+        where = syntax_error("topology", path, mark.line + 1, mark.column + 1,
+                             " ".join(filter(None, (exc.problem, exc.context))))
+        raise TopologyError(str(where)) from None
+    except yaml.YAMLError as exc:
         raise TopologyError(f"topology {path}: {exc}") from None
     return parse(raw)
 

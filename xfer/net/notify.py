@@ -6,6 +6,13 @@ else is an error. The HTTP client is a few lines of asyncio so it can be
 cancelled exactly at the deadline (a blocking urllib call in a thread cannot) and
 adds no dependency.
 
+NOTE: not aiohttp's client, although the daemons serve with aiohttp. The hook
+process must not load it: importing aiohttp took 724 ms against 316 ms for this
+module with everything it needs (2.3x); one message on a fresh loopback
+connection took 1.37 ms with aiohttp's ClientSession against 0.82 ms here
+(1.7x), 0.42 ms on a connection opened before the window (load average 12 on
+2 cores, medians of 200, same run).
+
 The real manager (``xfer manager serve``, issue 6) listens at ``DEFAULT_MANAGER_URL``
 unless configured otherwise; it also accepts ``"indication": "abort"`` (sent by the
 hook after it cancels a migration) and requires a client certificate (mutual TLS).
