@@ -121,6 +121,15 @@ class MigrationFailed(XferError):
         super().__init__(message)
 
 
+class Overloaded(XferError):
+    """The devices a migration needs are too busy to finish it within its deadline: not
+    started (HTTP 503); try again after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
 class Conflict(UsageError):
     """A migration of that VM is already under way, or a device's request (device-driven
     variant) does not fit where its migration stands."""

@@ -186,6 +186,45 @@ class AgentClient:
                                              "source": source})
         return result
 
+    # --- pre-copy (see xfer.agent.precopy): the session is the migration's token ----------
+
+    async def precopy_changes(self, url: str, vm: VmIdentity, cursor: str) -> bytes:
+        """A bundle of what changed in the VM's conntrack entries since ``cursor`` ("" :
+        all of them), from the source agent at ``url``."""
+        result: bytes = await self.request("POST", url, "/precopy/changes", want_bytes=True,
+                                            json_body={"vm": vm_spec(vm), "cursor": cursor})
+        return result
+
+    async def precopy_stage(self, url: str, data: bytes, vm: VmIdentity, *,
+                            final: bool = False) -> dict[str, Any]:
+        """Stage a pre-copy bundle at the destination agent; ``final`` commits it too."""
+        result: dict[str, Any] = await self.request(
+            "POST", url, "/precopy/stage", data=data,
+            params={"vm": vm_spec(vm), "final": "1" if final else "0"})
+        return result
+
+    async def precopy_pull(self, url: str, vm: VmIdentity, source: str, *,
+                           final: bool = False) -> dict[str, Any]:
+        """Ask the destination agent at ``url`` to fetch the changes from ``source`` and stage them."""
+        result: dict[str, Any] = await self.request(
+            "POST", url, "/precopy/pull", json_body={"vm": vm_spec(vm), "source": source,
+                                                     "final": final})
+        return result
+
+    async def precopy_push(self, url: str, vm: VmIdentity, destination: str, cursor: str, *,
+                           final: bool = False) -> dict[str, Any]:
+        """Ask the source agent at ``url`` to send the changes since ``cursor`` to ``destination``."""
+        result: dict[str, Any] = await self.request(
+            "POST", url, "/precopy/push", json_body={"vm": vm_spec(vm), "destination": destination,
+                                                     "cursor": cursor, "final": final})
+        return result
+
+    async def precopy_abort(self, url: str, vm: VmIdentity) -> dict[str, Any]:
+        """Remove what this migration staged at the destination agent."""
+        result: dict[str, Any] = await self.request("POST", url, "/precopy/abort",
+                                                    json_body={"vm": vm_spec(vm)})
+        return result
+
 
 def run_sync(ssl_context: ssl.SSLContext, op: Callable[[AgentClient], Awaitable[T]],
              timeout: float = DEFAULT_TIMEOUT) -> T:

@@ -42,6 +42,11 @@ Example (``/etc/xfer/agent.toml``)::
     user = "xfer"                   # drops every capability and runs as this user; a
                                     # privileged helper does the kernel work
 
+    [precopy]                       # optional (conntrack devices)
+    events_trusted = false          # true: nf_conntrack_events was 1 before any flow (sysctl.d),
+                                    # so entries known from a dump need no re-read
+    expire_s = 600                  # a stage with no news this long is removed
+
     [manager]                       # optional: the device-driven variant
     url = "https://10.0.4.9:8700"   # the manager (mutual TLS, this agent's certificate)
     group = "239.7.7.7:8702"        # the multicast group migration messages are sent to
@@ -111,6 +116,8 @@ class AgentConfig:
     vdp: VdpConfig | None = None
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     privsep_user: str | None = None
+    precopy_events_trusted: bool = False
+    precopy_expire_s: float = 600.0
 
     @property
     def url(self) -> str:
@@ -134,7 +141,8 @@ def load(path: Path) -> AgentConfig:
 def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
     """Build an AgentConfig from parsed TOML; relative paths are taken from ``base``."""
     known = {"device", "listen", "tls", "limits", "state", "counters", "dhcp", "manager", "vdp",
-             "privsep"}
+             "privsep",
+             "precopy"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"agent config: unknown section(s) {', '.join(unknown)}")
@@ -213,7 +221,21 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> AgentConfig:
         manager=_upstream(_table(raw, "manager"), device_id), vdp=vdp,
         connection_limits=limits_from(limits, "agent config: limits"),
         privsep_user=_str(_table(raw, "privsep"), "privsep.user", key="user") or None,
+        **_precopy(_table(raw, "precopy")),
     )
+
+
+def _precopy(table: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(table) - {"events_trusted", "expire_s"})
+    if unknown:
+        raise UsageError(f"agent config: unknown key(s) in [precopy]: {', '.join(unknown)}")
+    trusted = table.get("events_trusted", False)
+    expire = table.get("expire_s", 600.0)
+    if not isinstance(trusted, bool):
+        raise UsageError("agent config: precopy.events_trusted must be true or false")
+    if not isinstance(expire, int | float) or isinstance(expire, bool) or expire <= 0:
+        raise UsageError("agent config: precopy.expire_s must be a positive number of seconds")
+    return {"precopy_events_trusted": trusted, "precopy_expire_s": float(expire)}
 
 
 def _upstream(table: Mapping[str, Any], device_id: str) -> UpstreamConfig | None:

@@ -9,6 +9,11 @@ Endpoints (under /v1; JSON unless said otherwise)::
     POST /forget  {vm, kinds}          -> per-kind reports
     POST /push    {vm, kinds, destination}  export here, import there
     POST /pull    {vm, kinds, source}       export there, import here
+    POST /precopy/changes {vm, cursor}       -> bundle of the VM's conntrack changes (source)
+    POST /precopy/stage?vm=..&final=0|1      bundle -> staged (final: last delta + commit)
+    POST /precopy/pull {vm, source, final}   fetch the changes there, stage them here
+    POST /precopy/push {vm, destination, cursor, final}  send the changes there
+    POST /precopy/abort {vm}                 remove what this migration staged here
     GET  /metrics                      Prometheus text (also on the optional plain listener)
 
 With a ``[manager]`` section the agent also joins the multicast group migration
@@ -53,6 +58,7 @@ from xfer.net.sockets import multicast_socket
 TRACE: contextvars.ContextVar[Trace] = contextvars.ContextVar("xfer_agent_trace")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CONTROL_MAX = 64 * 1024
+EXPIRE_EVERY_S = 5.0
 
 
 
@@ -82,6 +88,7 @@ class AgentServer(Listener):
         self._group: asyncio.DatagramTransport | None = None
         self._vdp: Any = None            # xfer.vdp.service.VdpService, imported only when configured
         self._helper: privsep.Helper | None = None
+        self._expiry: asyncio.Task[None] | None = None
         self.port = config.port
 
     @property
@@ -131,6 +138,11 @@ class AgentServer(Listener):
                 web.post(f"{API}/forget", self._forget),
                 web.post(f"{API}/push", self._push),
                 web.post(f"{API}/pull", self._pull),
+                web.post(f"{API}/precopy/changes", self._precopy_changes),
+                web.post(f"{API}/precopy/stage", self._precopy_stage),
+                web.post(f"{API}/precopy/pull", self._precopy_pull),
+                web.post(f"{API}/precopy/push", self._precopy_push),
+                web.post(f"{API}/precopy/abort", self._precopy_abort),
                 web.get("/metrics", self.metrics_response),
             ])
             self.port = await self.listen(api, cfg.address, cfg.port, cfg.netns, server_ctx)
@@ -142,6 +154,7 @@ class AgentServer(Listener):
                 await self._answer_vdp()
             if self._helper is not None and cfg.privsep_user:
                 privsep.separate(cfg.privsep_user, cfg.state_dir)
+            self._expiry = asyncio.ensure_future(self._expire_stages())
         except BaseException:
             await self.stop()
             raise
@@ -176,11 +189,26 @@ class AgentServer(Listener):
         """The agent's URL, with the port it got when the configuration asked for port 0."""
         return dataclasses.replace(self.config, port=self.port).url
 
+    async def _expire_stages(self) -> None:
+        """Abort pre-copy stages nobody completed (a manager that died, a lost abort)."""
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY_S)
+            try:
+                for session in await self.service.precopy.expire():
+                    self.emit({"event": "pre-copy expired", "device": self.config.device_id,
+                               "session": session})
+            except XferError as exc:
+                self.emit({"event": "pre-copy expiry failed", "device": self.config.device_id,
+                           "error": str(exc)})
+
     async def stop(self) -> None:
         """Stop listening, finish the requests under way, close the peer client."""
         if self._vdp is not None:
             await self._vdp.stop()
             self._vdp = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._group is not None:
             self._group.close()
             self._group = None
@@ -194,6 +222,8 @@ class AgentServer(Listener):
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._service is not None:
+            await asyncio.to_thread(self._service.precopy.close)
         if self._helper is not None:
             self._helper.stop()
             self._helper = None
@@ -309,6 +339,49 @@ class AgentServer(Listener):
                                          parse_request_kinds(body.get("kinds")),
                                          str(body.get("source") or ""), TRACE.get())
         return web.json_response(report.to_dict())
+
+    async def _precopy_changes(self, request: web.Request) -> web.StreamResponse:
+        body = await self._control(request)
+        trace = TRACE.get()
+        data = await self.service.precopy.changes(parse_request_vm(body.get("vm")),
+                                                  str(body.get("cursor") or ""), trace)
+        with trace.phase("compress"):
+            packed, headers = compress(data)
+        return web.Response(body=packed, content_type=BUNDLE_TYPE, headers=headers)
+
+    async def _precopy_stage(self, request: web.Request) -> web.StreamResponse:
+        trace: Trace = TRACE.get()
+        vm = parse_request_vm(request.query.get("vm"))
+        with trace.phase("receive"):
+            try:
+                data = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise BundleError(f"bundle is over this device's limit of "
+                                  f"{self.config.max_bundle_bytes} bytes; nothing staged") from None
+        with trace.phase("inflate"):
+            data = decompress(data, request.headers.get(COMPRESSION_HEADER), self.config.max_bundle_bytes)
+        result = await self.service.precopy.stage(data, vm, request.query.get("final") == "1", trace)
+        return web.json_response(result)
+
+    async def _precopy_pull(self, request: web.Request) -> web.StreamResponse:
+        body = await self._control(request)
+        result = await self.service.precopy.pull(parse_request_vm(body.get("vm")),
+                                                 str(body.get("source") or ""),
+                                                 body.get("final") is True, TRACE.get())
+        return web.json_response(result)
+
+    async def _precopy_push(self, request: web.Request) -> web.StreamResponse:
+        body = await self._control(request)
+        result = await self.service.precopy.push(parse_request_vm(body.get("vm")),
+                                                 str(body.get("destination") or ""),
+                                                 str(body.get("cursor") or ""),
+                                                 body.get("final") is True, TRACE.get())
+        return web.json_response(result)
+
+    async def _precopy_abort(self, request: web.Request) -> web.StreamResponse:
+        body = await self._control(request)
+        result = await self.service.precopy.abort(parse_request_vm(body.get("vm")), TRACE.get())
+        return web.json_response(result)
 
     async def metrics_registry(self) -> CollectorRegistry:
         if Kind.DHCP in self.config.kinds:

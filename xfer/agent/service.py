@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from xfer import bundle as bundle_mod
 from xfer.agent.config import AgentConfig
+from xfer.agent.exports import SharedExports
 from xfer.agent.journal import Journal
 from xfer.agent.protocol import MIGRATION, check_agent_url
 from xfer.bundle import Bundle
@@ -62,6 +63,11 @@ class Peers(Protocol):
     async def import_(self, url: str, data: bytes, vm: VmIdentity,
                       kinds: Sequence[Kind]) -> dict[str, Any]: ...
 
+    async def precopy_changes(self, url: str, vm: VmIdentity, cursor: str) -> bytes: ...
+
+    async def precopy_stage(self, url: str, data: bytes, vm: VmIdentity, *,
+                            final: bool = False) -> dict[str, Any]: ...
+
 
 @dataclass
 class Trace:
@@ -94,6 +100,7 @@ class AgentService:
 
     def __init__(self, config: AgentConfig, transfer: TransferApi | None = None,
                  peers: Peers | None = None, key: bytes | None = None) -> None:
+        real = transfer is None
         if transfer is None:
             from xfer import transfer as transfer_module
 
@@ -111,6 +118,20 @@ class AgentService:
         # request under way, and two pushes of one VM cannot interleave.
         self._kernel_lock = asyncio.Lock()
         self._forgotten: dict[str, float] = {}   # migration -> when its state was forgotten here
+        from xfer.agent.precopyops import PrecopyOps
+
+        # NOTE: the tracker reads ctnetlink in this process, which [privsep] leaves without
+        # CAP_NET_ADMIN; until it moves into the helper, such an agent moves VMs in the pause only.
+        self.precopy = PrecopyOps(self, trust_seed=config.precopy_events_trusted,
+                                  expire_s=config.precopy_expire_s,
+                                  unavailable="pre-copy is not available on an agent with [privsep] "
+                                  "(docs/privsep.md); the VM's state moves in the pause"
+                                  if config.privsep_user else None)
+        # Concurrent conntrack exports share one table walk (or the pre-copy index): with the
+        # real transfer API only (tests give fakes that count their calls).
+        self.shared: SharedExports | None = None
+        if real and config.holds(Kind.CONNTRACK):
+            self.shared = SharedExports(config.netns, lambda: self.precopy.source.started)
 
     # --- validation ------------------------------------------------------------------------
 
@@ -155,13 +176,29 @@ class AgentService:
         kinds = self.held(kinds)
         trace.about(vm, kinds)
         with trace.phase("export"):
-            bundle = await asyncio.to_thread(self.transfer.export_bundle, vm, kinds, self.config.netns,
-                                             device=self.config.device_id)
+            if self.shared is not None and Kind.CONNTRACK in kinds:
+                bundle = await self._export_shared(vm, kinds)
+            else:
+                bundle = await asyncio.to_thread(self.transfer.export_bundle, vm, kinds, self.config.netns,
+                                                 device=self.config.device_id)
         with trace.phase("encode"):
             data = bundle_mod.encode(bundle, self.key)
         for kind, section in bundle.sections.items():
             trace.entries[kind.value] = section.count
         return bundle, data
+
+    async def _export_shared(self, vm: VmIdentity, kinds: Sequence[Kind]) -> Bundle:
+        """The bundle, its conntrack section from the shared walk (or the index)."""
+        assert self.shared is not None
+        from xfer.conntrack.shared import section_of
+
+        others = [k for k in kinds if k != Kind.CONNTRACK]
+        entries, rest = await asyncio.gather(
+            self.shared.export(vm),
+            asyncio.to_thread(self.transfer.export_bundle, vm, others, self.config.netns,
+                              device=self.config.device_id))
+        sections = {Kind.CONNTRACK: section_of(entries), **rest.sections}
+        return Bundle(vm=vm, source=rest.source, sections={k: sections[k] for k in kinds})
 
     async def import_(self, data: bytes, vm: VmIdentity, kinds: Sequence[Kind] | None,
                       trace: Trace) -> ImportReport:
@@ -216,6 +253,9 @@ class AgentService:
             self._forgotten = {m: t for m, t in self._forgotten.items() if now - t < FORGOTTEN_MEMORY_S}
             self._forgotten[migration] = now
         async with self._kernel_lock:
+            if Kind.CONNTRACK in kinds:
+                # a rollback here: what a pre-copy staged goes too
+                await asyncio.to_thread(self.precopy.forget_vm, vm)
             with trace.phase("forget"):
                 reports = await asyncio.to_thread(self.transfer.forget, vm, kinds, self.config.netns)
         for kind, r in reports.items():
@@ -283,7 +323,8 @@ class AgentService:
         return {"device": c.device_id, "type": c.device_type, "kinds": [k.value for k in c.kinds],
                 "netns": c.netns, "signed_bundles": self.key is not None,
                 "max_bundle_bytes": c.max_bundle_bytes,
-                "operations": ["export", "import", "forget", "push", "pull"]}
+                "operations": ["export", "import", "forget", "push", "pull",
+                               *([] if self.precopy.unavailable else ["precopy"])]}
 
 
 def _report_ok(report: dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ flushed for the next. Ratios are baseline time / xfer time (higher is better).
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 import sys
 import time
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from xfer import bundle as bundle_mod
-from xfer import transfer
+from xfer import netns, transfer
 from xfer.bench.common import Echo, compile_bytecode, median, run_process, run_shell, write_results
 from xfer.conntrack import constants as c
 from xfer.conntrack import wire
+from xfer.conntrack.events import set_events_sysctl
 from xfer.conntrack.model import CtTuple
 from xfer.conntrack.netlink import CtNetlink
 from xfer.lab.hosts import Hosts
@@ -85,13 +87,75 @@ def _paired_ratio(baseline: list[float], contender: list[float]) -> float:
     return median([b / x for b, x in zip(baseline, contender, strict=True)])
 
 
-def run(total: int, vm_flows: int, repeat: int, out: Path, echo: Echo = print) -> dict[str, Any]:
-    """Run the benchmark; returns (and writes to ``out``) the figures."""
+class _Indexed:
+    """The contenders with the pre-copy index: a tracker in this process, and an agent (its
+    own process) whose index serves ``xfer agent export``."""
+
+    def __init__(self, hosts: Hosts, src: str, dst: str, vm: Any, bundle_path: Path) -> None:
+        import tempfile
+
+        from xfer.conntrack.tracker import Tracker
+        from xfer.lab.agents import SRC_AGENT_IP, LabAgents
+
+        self.src, self.dst, self.vm, self.bundle_path = src, dst, vm, bundle_path
+        self.tracker = Tracker(src, trust_seed=True)
+        self.tracker.track([vm])
+        self.tracker.start()
+        self._tmp = tempfile.TemporaryDirectory(prefix="xfer-bench-index-")
+        self.agents = LabAgents(hosts, Path(self._tmp.name))
+        self.agents.link(src, dst)
+        self.agent = self.agents.start("fw-src", src, SRC_AGENT_IP, ["conntrack"],
+                                       extra="[precopy]\nevents_trusted = true\n")
+        self.client = self.agents.client_args(self.agent.url)
+        # the agent tracks the VM from its first pre-copy request on (its index is warm)
+        from xfer.agent.client import run_sync
+        from xfer.net import tls
+
+        pki = self.agents.pki
+        ctx = tls.client_context(pki / "ca.pem", pki / "operator.pem", pki / "operator.key")
+        with netns.entered(src):
+            run_sync(ctx, lambda c: c.precopy_changes(self.agent.url, vm, ""))
+
+    def in_process(self) -> float:
+        from xfer.conntrack.shared import section_of
+
+        t0 = time.perf_counter()
+        section = section_of(self.tracker.export(self.vm.id))
+        data = bundle_mod.encode(bundle_mod.Bundle(self.vm, {"device": "src"}, {Kind.CONNTRACK: section}))
+        report = transfer.import_bundle(bundle_mod.decode(data), self.dst)
+        took = time.perf_counter() - t0
+        if not report.ok:
+            raise RuntimeError(f"xfer import failed: {report.to_dict()}")
+        return took
+
+    def processes(self, xfer: list[str]) -> float:
+        e_s, _ = run_process(["ip", "netns", "exec", self.src, *xfer, "agent", "export", *self.client,
+                              "--vm", VM_IP, "--out", str(self.bundle_path)])
+        i_s, _ = run_process([*xfer, "import", str(self.bundle_path), "--netns", self.dst])
+        return e_s + i_s
+
+    def close(self) -> None:
+        self.tracker.close()
+        self.agent.stop()
+        self._tmp.cleanup()
+
+
+def run(total: int, vm_flows: int, repeat: int, out: Path, echo: Echo = print,
+        index: bool = False) -> dict[str, Any]:
+    """Run the benchmark; returns (and writes to ``out``) the figures.
+
+    ``index``: also with the pre-copy index (the source keeps the VM's entries, fed by
+    events, so its export walks no table): in-process (tracker + import) and as
+    processes (``xfer agent export`` from an agent whose index serves it, then
+    ``xfer import``).
+    """
     say = echo or (lambda _m: None)
     vm = parse_vm(VM_IP, {})
     xfer = [sys.executable, "-m", "xfer.cli"]
     bundle_path = Path(f"/tmp/xfer-bench-{id(out)}.xfer")
     runs: dict[str, list[float]] = {"baseline": [], "in_process": [], "processes": []}
+    if index:
+        runs.update(in_process_indexed=[], processes_indexed=[])
     export_s: list[float] = []
     import_s: list[float] = []
     peak_kb = {"export": 0, "import": 0}
@@ -99,8 +163,11 @@ def run(total: int, vm_flows: int, repeat: int, out: Path, echo: Echo = print) -
     with Hosts("xb") as hosts:
         src, dst = hosts.add("src"), hosts.add("dst")
         t = time.perf_counter()
+        if index:   # every entry reports events (the deployment advice, xfer.conntrack.events)
+            set_events_sysctl(src, 1)
         fill(src, total, vm_flows)
         say(f"filled {src} with {total} entries ({vm_flows} the VM's) in {time.perf_counter() - t:.1f} s")
+        indexed = _Indexed(hosts, src, dst, vm, bundle_path) if index else None
 
         def check(label: str) -> None:
             everything, mine = _count(dst, VM_IP)
@@ -134,9 +201,18 @@ def run(total: int, vm_flows: int, repeat: int, out: Path, echo: Echo = print) -
             runs["processes"].append(e_s + i_s)
             peak_kb = {"export": max(peak_kb["export"], e_kb), "import": max(peak_kb["import"], i_kb)}
             check("processes")
+            if indexed is not None:
+                runs["in_process_indexed"].append(indexed.in_process())
+                check("in-process, indexed")
+                runs["processes_indexed"].append(indexed.processes(xfer))
+                check("processes, indexed")
             say(f"run {n + 1}/{repeat}: baseline {runs['baseline'][-1] * 1000:.0f} ms, "
                 f"in-process {runs['in_process'][-1] * 1000:.0f} ms, "
-                f"processes {runs['processes'][-1] * 1000:.0f} ms")
+                f"processes {runs['processes'][-1] * 1000:.0f} ms"
+                + (f", indexed: in-process {runs['in_process_indexed'][-1] * 1000:.0f} ms, "
+                   f"processes {runs['processes_indexed'][-1] * 1000:.0f} ms" if indexed else ""))
+        if indexed is not None:
+            indexed.close()
         bundle_path.unlink(missing_ok=True)
 
     base = median(runs["baseline"])
@@ -157,6 +233,16 @@ def run(total: int, vm_flows: int, repeat: int, out: Path, echo: Echo = print) -
         },
         "runs": runs,
     }
+    if index:
+        result["scenarios"].update({
+            "in_process_indexed": {"baseline_s": base, "xfer_s": median(runs["in_process_indexed"]),
+                                   "ratio": _paired_ratio(runs["baseline"], runs["in_process_indexed"]),
+                                   "target_ratio": 5.0},
+            "processes_indexed": {"baseline_s": base, "xfer_s": median(runs["processes_indexed"]),
+                                  "ratio": _paired_ratio(runs["baseline"], runs["processes_indexed"]),
+                                  "target_ratio": 2.0},
+        })
+        result["loadavg"] = os.getloadavg()
     write_results(out, result)
     for name, s in result["scenarios"].items():
         say(f"{name}: xfer {s['xfer_s'] * 1000:.1f} ms vs baseline {base * 1000:.1f} ms "

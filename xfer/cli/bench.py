@@ -25,17 +25,65 @@ def bench_conntrack(
     total: Annotated[int, typer.Option(help="Entries in the source table.")] = 200_000,
     vm_flows: Annotated[int, typer.Option("--vm-flows", help="Of which the VM's.")] = 20_000,
     repeat: Annotated[int, typer.Option(help="Runs of each contender (median reported).")] = 3,
+    index: Annotated[bool, typer.Option("--index", help="Also with the pre-copy index (export from "
+                                        "the index, in-process and via an agent).")] = False,
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/conntrack.json"),
     as_json: JsonOpt = False,
 ) -> None:
     """Export+import of a VM's conntrack entries vs `conntrack -L ... -o save | conntrack -R -`.
 
     Example: xfer bench conntrack --total 200000 --vm-flows 20000
+
+    Example: xfer bench conntrack --total 1000000 --vm-flows 20000 --index
     """
     from xfer.bench import conntrack as bench
 
     with progress("bench conntrack"):
-        result = bench.run(total, vm_flows, repeat, out, echo=None if as_json else typer.echo)
+        result = bench.run(total, vm_flows, repeat, out, echo=None if as_json else typer.echo,
+                           index=index)
+    if as_json:
+        print_json(result)
+
+
+@bench_app.command("precopy")
+def bench_precopy(
+    total: Annotated[int, typer.Option(help="Entries in the source table.")] = 200_000,
+    vm_flows: Annotated[int, typer.Option("--vm-flows", help="Of which the VM's.")] = 20_000,
+    churn: Annotated[float, typer.Option(help="Share of the VM's flows changing per round.")] = 0.01,
+    repeat: Annotated[int, typer.Option(help="Rounds of each contender (median reported).")] = 5,
+    manager: Annotated[bool, typer.Option("--manager/--no-manager", help="Also through a manager and "
+                                          "two agents (processes, mutual TLS).")] = True,
+    mode: Annotated[str, typer.Option(help="Mode through the manager: relay|pull|push.")] = "relay",
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/precopy.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Pause cost with pre-copy (only the last delta in the pause) vs without, same run.
+
+    Example: xfer bench precopy --total 200000 --vm-flows 20000 --churn 0.01
+    """
+    from xfer.bench import precopy as bench
+
+    result = bench.run(total, vm_flows, churn, repeat, out, echo=None if as_json else typer.echo,
+                       manager=manager, mode=mode)
+    if as_json:
+        print_json(result)
+
+
+@bench_app.command("evacuate")
+def bench_evacuate(
+    vms: Annotated[int, typer.Option(help="VMs leaving the host at once.")] = 100,
+    flows: Annotated[int, typer.Option(help="Conntrack entries per VM.")] = 200,
+    total: Annotated[int, typer.Option(help="Entries in the source table (others' included).")] = 0,
+    out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/evacuate.json"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Host evacuation: every VM's message at once through one manager, with and without pre-copy.
+
+    Example: xfer bench evacuate --vms 100 --flows 200
+    """
+    from xfer.bench import evacuate as bench
+
+    result = bench.run(vms, flows, total, out, echo=None if as_json else typer.echo)
     if as_json:
         print_json(result)
 

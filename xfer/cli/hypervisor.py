@@ -34,6 +34,10 @@ MsgKindsOpt = Annotated[str | None, typer.Option("--kinds", help="Kinds to move 
                                                  "manager's choice).")]
 ModeOpt = Annotated[str | None, typer.Option("--mode", help="relay|pull|push|store (default: the "
                                              "manager's).")]
+PrecopyOpt = Annotated[bool, typer.Option("--precopy/--no-precopy", help="Send \"migrating\" when "
+                                           "QEMU reports the migration active, so the manager "
+                                           "stages the state before the pause and only the last "
+                                           "delta moves in it (not in store mode).")]
 ManagerCaOpt = Annotated[Path | None, typer.Option("--cacert", help="CA that signs an https manager's "
                                             "certificate (default: the system's).", metavar="FILE")]
 ManagerCertOpt = Annotated[Path | None, typer.Option("--cert", help="Client certificate for a manager that "
@@ -88,6 +92,7 @@ def qemu_hook(
                                            "of a migration (libvirt): once the VM has arrived, "
                                            "send \"in\" naming this server (--from), then observe "
                                            "as usual.")] = False,
+    precopy: PrecopyOpt = True,
     cacert: ManagerCaOpt = None,
     cert: ManagerCertOpt = None,
     key: ManagerKeyOpt = None,
@@ -111,7 +116,7 @@ def qemu_hook(
     if incoming and not observe:
         raise UsageError("--incoming goes with --observe (a destination only watches)")
     opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode,
-                         (cacert, cert, key), wait_s=wait_s, incoming=incoming)
+                         (cacert, cert, key), wait_s=wait_s, incoming=incoming, precopy=precopy)
 
     def ready() -> None:
         what = "arrival, then its migration stop" if incoming else "migration stop"
@@ -141,6 +146,7 @@ def qemu_migrate(
     on_fail: OnFailOpt = "cancel",
     kinds: MsgKindsOpt = None,
     mode: ModeOpt = None,
+    precopy: PrecopyOpt = True,
     cacert: ManagerCaOpt = None,
     cert: ManagerCertOpt = None,
     key: ManagerKeyOpt = None,
@@ -154,5 +160,5 @@ def qemu_migrate(
     from xfer.hypervisor import hook, migrate
 
     opts = _hook_options(vm, manager, source, destination, deadline_ms, on_fail, kinds, mode,
-                         (cacert, cert, key))
+                         (cacert, cert, key), precopy=precopy)
     _window_report(hook.run_sync(migrate.run_migration(src_qmp, dst_qmp, uri, opts)), as_json)

@@ -70,6 +70,9 @@ def _print_report(report: dict[str, Any]) -> None:
     if report.get("ms") is not None:
         head += (f" in {report['ms']:.1f} ms (budget {report.get('budget_ms', 0):.0f} ms"
                  + (", OVER BUDGET)" if report.get("over_budget") else ")"))
+    if report.get("precopy"):
+        pc = report["precopy"]
+        head += f"; pre-copy: {pc.get('staged', 0)} entries staged, {pc.get('deltas', 0)} deltas"
     typer.echo(head)
     for p in report.get("phases", []):
         ms = f"{p['ms']:.1f} ms" if p.get("ms") is not None else "unfinished"
@@ -151,7 +154,8 @@ def manager_serve(config: Annotated[Path, typer.Option("--config", "-c", help="M
 @app.command("notify")
 def notify(
     vm: Annotated[str, typer.Option("--vm", help="VM id (inventory name) or addresses.")],
-    indication: Annotated[str, typer.Option("--indication", help="not-running | starting | abort")],
+    indication: Annotated[str, typer.Option("--indication", help="not-running | starting | abort | "
+                                            "migrating")],
     direction: Annotated[str, typer.Option("--direction", help="out | in")] = "out",
     source: Annotated[str, typer.Option("--from", help="Source server.")] = "",
     destination: Annotated[str, typer.Option("--to", help="Destination server.")] = "",
@@ -200,6 +204,10 @@ def migrate(
     abort: Annotated[str | None, typer.Option("--abort", help="Abort VM's migration: roll back its "
                                               "destinations, leave its source as it was.",
                                               metavar="VM")] = None,
+    prepare: Annotated[bool, typer.Option("--prepare", help="Send \"migrating\" (the VM still runs): "
+                                          "stage its conntrack state at the destination now and "
+                                          "stream changes; the later call without --prepare moves "
+                                          "only the last delta.")] = False,
     manager: ManagerUrlOpt = DEFAULT_MANAGER_URL,
     ca: MgrCaOpt = None, cert: MgrCertOpt = None, key: MgrKeyOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 60,
@@ -208,9 +216,12 @@ def migrate(
     """Move a VM's network state from one server's uplink devices to another's, now.
 
     In store mode this sends "out" then "in". Exit 1 when the migration failed (its
-    destinations were rolled back).
+    destinations were rolled back). With --prepare it sends "migrating" and returns once
+    the bulk copy is staged (pre-copy; relay, pull and push modes).
 
     Example: xfer migrate vm1 --from hv1 --to hv2 --mode pull --ca ca.pem --cert op.pem --key op.key
+
+    Example: xfer migrate vm1 --from hv1 --to hv2 --prepare   (then, in the pause, without --prepare)
     """
     if abort:
         report = _send({"vm": abort, "indication": "abort"}, manager, None, None, ca, cert, key, timeout)
@@ -221,8 +232,17 @@ def migrate(
     from xfer.net.message import messages_for
 
     kind_list = tuple(k.strip() for k in kinds.split(",") if k.strip()) if kinds else None
-    reports = [_send(m.to_json(), manager, None, None, ca, cert, key, timeout)
-               for m in messages_for(vm, source, destination, kind_list, mode)]
+    if prepare:
+        from xfer.net.message import MigrationMessage, Mode
+
+        if mode == "store":
+            raise UsageError("--prepare works in relay, pull and push modes (store mode learns the "
+                             "destination only after the pause)")
+        messages = [MigrationMessage(vm, "migrating", "out", source, destination, kind_list,
+                                     Mode.of(mode) if mode else None)]
+    else:
+        messages = messages_for(vm, source, destination, kind_list, mode)
+    reports = [_send(m.to_json(), manager, None, None, ca, cert, key, timeout) for m in messages]
     if as_json:
         print_json(reports[-1] if len(reports) == 1 else {"messages": reports, **reports[-1]})
         return

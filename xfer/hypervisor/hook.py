@@ -57,9 +57,19 @@ class HookOptions:
     finish_s: float = 30.0           # for the migration to finish once the window ended
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)  # https manager
     incoming: bool = False           # observer on a destination: "in" once the VM arrived (libvirt)
+    precopy: bool = True             # "migrating" once QEMU's migration is active (not in store mode)
+    precopy_s: float = 30.0          # for the manager to stage the bulk copy
 
     def messages(self) -> list[MigrationMessage]:
         return messages_for(self.vm, self.source, self.destination, self.kinds, self.mode)
+
+    def migrating(self) -> MigrationMessage | None:
+        """The "migrating" message that starts pre-copy, when it applies: a known
+        destination, and a mode other than store (which learns it only after the pause)."""
+        if not self.precopy or not self.destination or self.mode == "store":
+            return None
+        return MigrationMessage(self.vm, "migrating", "out", self.source, self.destination,
+                                self.kinds, self.mode)
 
     def arrival(self) -> MigrationMessage:
         """The "in" a destination sends for a VM that arrived from a source it does not
@@ -113,17 +123,55 @@ async def own_window(qmp: QmpClient, opts: HookOptions, armed: window.Armed,
     the capability set and nobody to end its window.
     """
     report = WindowReport(opts.vm)
+    announced: asyncio.Task[dict[str, Any] | None] | None = None
     async with ManagerLink(opts.manager, opts.ssl_context) as link:
         try:
             if notify is None:
-                await preconnect(link, len(opts.messages()))
+                await preconnect(link, len(opts.messages()) + (opts.migrating() is not None))
                 notify = link.send
+            if opts.migrating() is not None:
+                announced = asyncio.ensure_future(announce(qmp, opts, armed.since, notify))
             report.opened = await window.wait_for_window(qmp, armed.since, opts.wait_s)
             await hold_window(qmp, opts, report, notify)
             await record_finish(qmp, report, armed.since, opts.finish_s)
         finally:
             await _abandon(qmp, opts, armed, report)
+            if announced is not None:
+                report.precopy = await announced_answer(announced, opts.vm)
+                if report.precopy is not None and report.opened is None:
+                    await tell_abort(opts)  # the migration ended before its window: unstage
     return report
+
+
+async def announce(qmp: QmpClient, opts: HookOptions, since: int, notify: Notify) -> dict[str, Any] | None:
+    """Send "migrating" once QEMU reports the migration active: the manager stages the VM's
+    conntrack state at the destination while the guest runs (pre-copy), so that only the
+    last delta moves in the pause. Returns the manager's answer (None: not sent)."""
+    message = opts.migrating()
+    assert message is not None
+
+    def begun(e: Any) -> bool:
+        return e.name == "MIGRATION" and e.data.get("status") in {"active", window.PRE_SWITCHOVER,
+                                                                  *window.TERMINAL}
+    event = await qmp.wait_event(begun, None, since)
+    if event.data.get("status") != "active" or any(
+            e.name == "MIGRATION" and e.data.get("status") == window.PRE_SWITCHOVER
+            for e in qmp.events[since:]):
+        return None  # the window came first: "migrating" now would only cross "not-running"
+    return await notify(message, time.monotonic() + opts.precopy_s)
+
+
+async def announced_answer(task: asyncio.Task[dict[str, Any] | None], vm: str) -> dict[str, Any] | None:
+    """The "migrating" answer, if it came; a pre-copy that failed is no failure of the
+    migration (the pause then moves everything)."""
+    if not task.done():
+        task.cancel()
+    try:
+        return await task
+    except (XferError, OSError, asyncio.CancelledError) as exc:
+        if not isinstance(exc, asyncio.CancelledError):
+            log.warning("vm %s: pre-copy did not start (%s); the pause moves all the state", vm, exc)
+        return None
 
 
 async def preconnect(link: ManagerLink, count: int) -> None:

@@ -15,13 +15,14 @@ guaranteed here; ``xfer.hypervisor.hook`` is the path that guarantees it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
 from xfer.errors import XferError
 from xfer.hypervisor import window
-from xfer.hypervisor.hook import HookOptions, Notify, preconnect
+from xfer.hypervisor.hook import HookOptions, Notify, announce, announced_answer, preconnect
 from xfer.hypervisor.qmp import QmpClient, QmpEvent
 from xfer.hypervisor.report import WindowReport
 from xfer.net.notify import ManagerLink
@@ -51,7 +52,16 @@ async def observe(qmp_path: str, opts: HookOptions, notify: Notify | None = None
             if on_arrival is not None:
                 on_arrival(arrived)
             since = len(qmp.events)
-        stop = await _migration_stop(qmp, opts.wait_s)
+        # pre-copy: "migrating" once the migration is active, when the destination is known
+        # (then only the last delta is late, not the whole state)
+        announced = (asyncio.ensure_future(announce(qmp, opts, since, notify))
+                     if opts.migrating() is not None else None)
+        try:
+            stop = await _migration_stop(qmp, opts.wait_s)
+        except BaseException:
+            if announced is not None:
+                await announced_answer(announced, opts.vm)
+            raise
         report = WindowReport(opts.vm, outcome="observed", stop=stop.timestamp)
         deadline = time.monotonic() + opts.deadline_s - max(0.0, time.time() - stop.timestamp)
         started = time.perf_counter()
@@ -66,6 +76,8 @@ async def observe(qmp_path: str, opts: HookOptions, notify: Notify | None = None
         done = next((e for e in qmp.events[since:] if e.name == "MIGRATION"
                      and e.data.get("status") == "completed"), None)
         report.switchover = done.timestamp if done else None
+        if announced is not None:
+            report.precopy = await announced_answer(announced, opts.vm)
         return report
 
 

@@ -47,6 +47,7 @@ class WindowReport:
     resume: float | None = None        # destination RESUME event (qemu-migrate only)
     switchover: float | None = None    # source MIGRATION completed (observer mode)
     manager: list[dict[str, Any]] = field(default_factory=list)
+    precopy: dict[str, Any] | None = None  # the manager's answer to "migrating", if sent
 
     @property
     def ok(self) -> bool:

@@ -8,6 +8,8 @@
     budget_ms = 300
     store_ttl_s = 60
     device_timeout_s = 10             # device-driven variant: how long to wait for the devices
+    precopy_interval_s = 0.5          # pre-copy: seconds between rounds of changes
+    precopy_expire_s = 600            # a prepared migration without "not-running" is undone after
     netns = ""                        # optional: reach the agents from this namespace
 
     [listen]
@@ -132,9 +134,17 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> ManagerConfig:
     ttl = mgr.get("store_ttl_s", 60)
     if not isinstance(ttl, int | float) or ttl <= 0:
         raise UsageError("manager config: manager.store_ttl_s must be a positive number")
+    precopy: dict[str, float] = {}
+    for key in ("precopy_interval_s", "precopy_expire_s"):
+        value = mgr.get(key)
+        if value is not None:
+            if not isinstance(value, int | float) or value <= 0:
+                raise UsageError(f"manager config: manager.{key} must be a positive number")
+            precopy[key] = float(value)
     try:
         settings = Settings(Mode.of(str(mgr.get("mode", "relay"))),
-                            Cleanup.of(str(mgr.get("cleanup", "delete"))), float(budget), float(timeout))
+                            Cleanup.of(str(mgr.get("cleanup", "delete"))), float(budget), float(timeout),
+                            **precopy)
     except UsageError as exc:
         raise UsageError(f"manager config: manager.{exc}") from None
     address = str(listen.get("address", "127.0.0.1"))

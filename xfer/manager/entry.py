@@ -48,3 +48,4 @@ class Entry:
     key: str = ""
     memory_s: float = 0.0
     forget_at: float = math.inf     # monotonic; after it a copy counts as a new message
+    devices: list[str] = field(default_factory=list)  # a move's devices (admission control)

@@ -73,10 +73,19 @@ class Migration:
                 "ms": None if self.ms is None else round(self.ms, 3),
                 "over_budget": self.ms is not None and self.ms > self.budget_ms,
                 "plan": self.plan,
+                **self._pause(),
                 "phases": [{"name": p.name, "device": p.device, "kinds": list(p.kinds),
                             "outcome": p.outcome, "ms": None if p.ms is None else round(p.ms, 3),
                             "started": p.started, "ended": p.ended, "detail": p.detail}
                            for p in self.phases]}
+
+    def _pause(self) -> dict[str, Any]:
+        """``pause_ms`` (not-running received -> answer sent) and ``precopy`` of a move."""
+        for p in self.phases:
+            if p.name == "pause":
+                return {"pause_ms": p.detail.get("pause_ms"), "precopy": p.detail.get("precopy")}
+        precopy = next((p.detail.get("precopy") for p in self.phases if p.name == "precopy"), None)
+        return {"pause_ms": None, "precopy": precopy}
 
 
 class Journal(Protocol):

@@ -30,17 +30,20 @@ from typing import Any
 
 from xfer.errors import Conflict, MigrationFailed, UsageError, XferError
 from xfer.manager import modes
+from xfer.manager import precopy as precopy_mod
+from xfer.manager.admission import Admission
 from xfer.manager.entry import Driver, Entry, Work
 from xfer.manager.journal import Journal
 from xfer.manager.outcome import Aborted, Outcomes
+from xfer.manager.plan import select
 from xfer.manager.recovery import recover
 from xfer.manager.rounds import Round
 from xfer.manager.settings import Settings
 from xfer.manager.store import Store
 from xfer.manager.storeflow import StoreFlow, status
 from xfer.manager.topology import Topology
-from xfer.model import VmIdentity
-from xfer.net.message import Message, Mode, dedupe_key
+from xfer.model import Kind, VmIdentity
+from xfer.net.message import Message, Mode, dedupe_key, kinds_of
 
 __all__ = ["Conflict", "MigrationFailed", "Migrator", "Settings"]
 
@@ -49,6 +52,11 @@ __all__ = ["Conflict", "MigrationFailed", "Migrator", "Settings"]
 ABORT_WINDOW_S = 60.0
 # What a copy of an earlier message is answered with success for (journal states).
 _DONE = ("committed", "cleaned", "stored")
+# A "migrating" this soon after the VM's "not-running" belongs to the migration that just
+# switched over (the hook sends it just before the window: the two crossed); it must not
+# stage state for a VM no longer leaving. A new migration of the VM cannot start this soon.
+LATE_MIGRATING_S = 2.0
+PAUSE_RECORD_DELAY_S = 0.2
 _MOVES = {Mode.RELAY: modes.relay, Mode.PUSH: modes.push, Mode.PULL: modes.pull}
 
 
@@ -64,6 +72,11 @@ class Migrator:
         self.active: dict[str, Entry] = {}      # VM -> the entry acting on it now
         self._seen: dict[str, Entry] = {}       # dedupe key -> entry (copies join it)
         self.abort_grace_s = 30.0
+        self._switched: dict[str, float] = {}   # VM -> when its last "not-running" out came
+        self.admission = Admission()
+        self.precopy = precopy_mod.Precopy(devices, interval_s=settings.precopy_interval_s,  # type: ignore[arg-type]
+                                           expire_s=settings.precopy_expire_s,
+                                           on_expired=self._precopy_expired)
 
     @property
     def rounds(self) -> dict[int, Round]:
@@ -80,6 +93,8 @@ class Migrator:
         """
         if msg.indication == "abort":
             return await self.abort(msg.vm)
+        if msg.indication == "migrating":
+            return await self.prepare(msg, budget_ms)
         dedupe = dedupe_key(msg, transport)
         if dedupe is not None and dedupe[0] not in self._seen:
             # A copy of a message that another manager (before a takeover) or an earlier run
@@ -93,6 +108,8 @@ class Migrator:
                     raise MigrationFailed(f"migration {m.id} of VM {m.vm} is {m.state} (this message was "
                                           f"acted on before: {m.error or 'no reason journaled'})", report)
                 return report
+        if msg.indication == "not-running" and msg.direction == "out":
+            self._switched[msg.vm] = time.monotonic()
         entry, copy = self.accept(msg, budget_ms, transport)
         if entry is None:
             # "in" while a move of the VM is under way: the move happened on "out".
@@ -116,6 +133,10 @@ class Migrator:
         if entry is None:
             return None, False
         budget = budget_ms or self.settings.budget_ms
+        if entry.work == Work.MOVE:
+            # refused now (503) rather than queued into a pause it would overrun
+            entry.devices = self._devices_of(msg)
+            self.admission.check(entry.devices, budget / 1000, self._move_class(msg))
         work = self._move(entry, budget) if entry.work == Work.MOVE else self.flow.run(entry, budget)
         task = asyncio.ensure_future(work)
         entry.task = task
@@ -179,15 +200,84 @@ class Migrator:
                                       "rolled back", {"ok": False, "vm": vm, "aborted": True}) from None
             raise
 
+    async def prepare(self, msg: Message, budget_ms: float | None) -> dict[str, Any]:
+        """"migrating": stage the VM's conntrack state at its destinations now (pre-copy,
+        ``xfer.manager.precopy``); returns once the whole copy is staged, changes keep
+        flowing until "not-running"."""
+        started = time.perf_counter()
+        mode = msg.mode or self.settings.mode
+        if msg.vm in self.active:
+            raise Conflict(f"a migration of VM {msg.vm} is already under way")
+        switched = self._switched.get(msg.vm)
+        if switched is not None and time.monotonic() - switched < LATE_MIGRATING_S:
+            # it crossed its own "not-running" on the way (a migration of a few milliseconds)
+            raise Conflict(f"VM {msg.vm} was switched over {time.monotonic() - switched:.1f} s ago: "
+                           "\"migrating\" came too late to pre-copy")
+        out = self.outcomes
+        ident, plan, mid = await out.prepare(msg, mode, budget_ms or self.settings.budget_ms)
+        await self.journal.state(mid, "prepared")
+        pid = await self.journal.phase(mid, "precopy", "manager", [Kind.CONNTRACK.value])
+        try:
+            session = await self.precopy.open(msg.vm, ident, plan, mode, self.journal.token(mid), mid)
+        except XferError as exc:
+            await self.journal.end_phase(mid, pid, "failed", {"error": str(exc)})
+            await self.journal.finish(mid, "failed", str(exc))
+            raise MigrationFailed(f"pre-copy of VM {msg.vm} failed (nothing left staged): {exc}",
+                                  {"ok": False, "vm": msg.vm, "migration": mid, "error": str(exc)}) from None
+        await self.journal.end_phase(mid, pid, "ok", {"precopy": session.summary()})
+        return {"ok": True, "vm": msg.vm, "migration": mid, "state": "prepared", "mode": mode,
+                "precopy": session.summary(), "ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    async def _precopy_expired(self, session: precopy_mod.Session) -> None:
+        await self.journal.finish(session.migration, "aborted",
+                            f"no \"not-running\" within {self.settings.precopy_expire_s:g} s")
+
     async def _move(self, entry: Entry, budget_ms: float) -> dict[str, Any]:
-        """Relay, push or pull: source to destination now, then commit or roll back."""
+        """Relay, push or pull: source to destination now, then commit or roll back. After
+        pre-copy only the last conntrack delta moves (``precopy.move_with``)."""
         msg, out = entry.msg, self.outcomes
         mode = msg.mode or self.settings.mode
         ident, plan, mid = await out.prepare(msg, mode, budget_ms, entry.key)
         step = out.stepper(mid)
-        outcome = await out.guarded(mid, plan, ident, step, _MOVES[mode](self.devices, plan, ident, step),
-                                    msg.vm)
-        return await out.commit(mid, plan, ident, outcome, entry.started)
+        move = _MOVES[mode]
+        session = self.precopy.get(msg.vm)
+        if session is not None and session.mode != mode:
+            await self.precopy.abort(msg.vm)
+            await self.journal.finish(session.migration, "aborted", f"\"not-running\" came in mode {mode}")
+            session = None
+        if session is not None:
+            # From here this migration's journal entry covers what was staged: a manager that
+            # dies now rolls back its destinations, pre-copied state included.
+            await self.journal.finish(session.migration, "continued", f"continued by migration {mid}")
+        work = (move(self.devices, plan, ident, step) if session is None
+                else precopy_mod.move_with(self.precopy, session, self.devices, plan, ident, step, move))
+        async with self.admission.slot(entry.devices, "precopy" if session is not None else "full"):
+            outcome = await out.guarded(mid, plan, ident, step, work, msg.vm)
+        report = await out.commit(mid, plan, ident, outcome, entry.started)
+        # the pause's cost as the hypervisor sees it: message received -> answer sent; a
+        # record for `xfer migrations`, written once the answer is out (not in the pause)
+        report["pause_ms"], report["precopy"] = report["ms"], outcome.precopy
+        out.background(self._journal_pause(mid, report["ms"], outcome.precopy))
+        return report
+
+    def _move_class(self, msg: Message) -> str:
+        """Which running mean predicts this move: a pre-copied VM's is the last delta only."""
+        session = self.precopy.get(msg.vm)
+        same = session is not None and session.mode == (msg.mode or self.settings.mode)
+        return "precopy" if same else "full"
+
+    def _devices_of(self, msg: Message) -> list[str]:
+        """The devices a move of ``msg`` would use (for admission; [] when it cannot plan)."""
+        try:
+            plan = select(self.topo, msg.source, msg.destination, kinds_of(msg))
+        except XferError:
+            return []
+        return sorted({d.id for d in plan.by_source()} | {d.id for d in plan.destinations()})
+
+    async def _journal_pause(self, mid: int, ms: float | None, precopy: dict[str, int] | None) -> None:
+        await asyncio.sleep(PAUSE_RECORD_DELAY_S)      # after the answer, out of the pause
+        pid = await self.journal.phase(mid, "pause", "manager", [])
+        await self.journal.end_phase(mid, pid, "ok", {"pause_ms": ms, "precopy": precopy})
 
     async def abort(self, vm: str) -> dict[str, Any]:
         """Stop a migration of ``vm``: roll back its destinations, leave its source as it was.
@@ -198,6 +288,13 @@ class Migrator:
         committing. Only after ``abort_grace_s`` is it cancelled outright.
         """
         entry = self.active.get(vm)
+        session = self.precopy.get(vm)
+        if session is not None and (entry is None or entry.task is None):
+            # prepared, "not-running" not come: remove what was staged
+            result = await self.precopy.abort(vm)
+            await self.journal.finish(session.migration, "aborted", "aborted by request")
+            return {"ok": True, "vm": vm, "aborted": True, "was": "prepared",
+                    "migration": session.migration, **result}
         if entry is not None and entry.task is not None:
             await self._abort_under_way(entry)
             return {"ok": True, "vm": vm, "aborted": True, "was": "under way"}

@@ -56,6 +56,7 @@ class Outcome:
 
     committed: list[tuple[Device, Device, tuple[Kind, ...]]] = field(default_factory=list)
     failed: list[tuple[Device, Device, tuple[Kind, ...], str]] = field(default_factory=list)
+    precopy: dict[str, int] | None = None  # {"staged", "deltas"} when conntrack was pre-copied
 
     @property
     def ok(self) -> bool:

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from xfer.agent.client import AgentClient
 from xfer.bundle import DEFAULT_MAX_SIZE
-from xfer.errors import AuthError, BundleError, NotLeader, UsageError, XferError
+from xfer.errors import AuthError, BundleError, NotLeader, Overloaded, UsageError, XferError
 from xfer.manager import topology
 from xfer.manager.backends import maintain, open_backend
 from xfer.manager.config import API_PATH, ManagerConfig
@@ -74,6 +74,11 @@ class ManagerMetrics:
         self.rollbacks_pending = Gauge("xfer_manager_rollbacks_pending",
                                        "Rollbacks not done yet (a destination unreachable), retried",
                                        registry=self.registry)
+        self.queue_depth = Gauge("xfer_manager_queue_depth", "Moves admitted and not finished, per device",
+                                 ["device"], registry=self.registry)
+        self.refused = Counter("xfer_manager_refused_overloaded", "Messages refused with 503: their "
+                               "devices' queues would have made them miss their deadline",
+                               registry=self.registry)
 
     def record(self, report: dict[str, Any]) -> None:
         if report.get("ms") is not None:
@@ -290,6 +295,10 @@ class ManagerServer(Listener):
             return web.json_response({**error_body(exc), "report": exc.report}, status=502)
         except Conflict as exc:
             return web.json_response(error_body(exc), status=409)
+        except Overloaded as exc:
+            self.metrics.refused.inc()
+            return web.json_response({**error_body(exc), "retry_after_s": exc.retry_after_s}, status=503,
+                                     headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
         except XferError as exc:
             return web.json_response(error_body(exc), status=status_of(exc))
         except web.HTTPException:
@@ -353,6 +362,9 @@ class ManagerServer(Listener):
                                                   request.match_info["device"], await self._json(request)))
 
     async def metrics_registry(self) -> CollectorRegistry:
+        if self._migrator is not None:
+            for device, depth in self._migrator.admission.depths().items():
+                self.metrics.queue_depth.labels(device).set(depth)
         return self.metrics.registry
 
     def datagram(self, data: bytes, addr: tuple[str, int], transport: asyncio.DatagramTransport,

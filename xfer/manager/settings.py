@@ -40,6 +40,10 @@ class Settings:
     cleanup: Cleanup = Cleanup.DELETE
     budget_ms: float = DEFAULT_BUDGET_MS
     device_timeout_s: float = DEFAULT_DEVICE_TIMEOUT_S
+    # pre-copy: seconds between rounds of changes, and how long a prepared migration waits
+    # for its "not-running" before what it staged is removed
+    precopy_interval_s: float = 0.5
+    precopy_expire_s: float = 600.0
 
     def __post_init__(self) -> None:
         # Names are accepted (tests, callers that read them from a file) and converted.
@@ -47,3 +51,5 @@ class Settings:
         object.__setattr__(self, "cleanup", Cleanup.of(self.cleanup))
         if not self.device_timeout_s > 0:
             raise UsageError("device_timeout_s must be a positive number of seconds")
+        if not (self.precopy_interval_s > 0 and self.precopy_expire_s > 0):
+            raise UsageError("precopy_interval_s and precopy_expire_s must be positive numbers of seconds")

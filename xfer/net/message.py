@@ -1,9 +1,11 @@
 """The migration message: what the hypervisor hook, the CLI and the agents send, and the
 manager receives, as an HTTP JSON body or one UDP datagram::
 
-    {"vm", "indication": "not-running"|"starting"|"abort", "direction": "out"|"in",
+    {"vm", "indication": "not-running"|"starting"|"abort"|"migrating", "direction": "out"|"in",
      "source", "destination", "kinds"?, "mode"?, "id"?}
 
+``"indication": "migrating"`` ("out", the VM still runs, its migration started) starts
+pre-copy (``xfer.manager.precopy``); "not-running" then moves only the last delta.
 ``"indication": "abort"`` is the HTTP (and UDP) form of ``xfer migrate --abort VM``:
 the hook sends it after cancelling a migration. Over UDP the same JSON travels as
 one datagram, to the manager or to a multicast group it joins; the manager answers
@@ -29,7 +31,7 @@ from typing import Any
 from xfer.errors import UsageError
 from xfer.model import Kind, parse_kinds
 
-INDICATIONS = ("not-running", "starting", "abort")
+INDICATIONS = ("not-running", "starting", "abort", "migrating")
 MAX_DATAGRAM = 8192
 # Copies of a datagram without an id arrive within milliseconds; a genuinely new message
 # with the same content (the VM came back and leaves again) cannot come this soon.
@@ -135,6 +137,9 @@ def parse(body: Any) -> Message:
     mode = body.get("mode")
     if mode is not None:
         mode = Mode.of(str(mode))
+    if indication == "migrating" and (direction != "out" or not destination):
+        # the VM still runs at its source: its state is staged at a known destination
+        raise UsageError("a \"migrating\" message goes \"out\" and names its destination server")
     if indication != "abort":
         if direction == "out" and not source:
             raise UsageError("an \"out\" message must name its source server")
