@@ -66,8 +66,14 @@ def test_prepare_then_switch_over_moves_only_the_delta(lab: ManagerLab, mode: st
     lab.move_vm()
     for name, (vm, srv) in (("before", before), ("during", during)):
         assert conversation_continues(vm, srv, f"{name}-after"), f"{name} did not survive ({mode})"
-    rec = next(m for m in lab.migrations() if m["id"] == report["migration"])
-    assert rec["precopy"] == report["precopy"] and rec["pause_ms"] == report["pause_ms"]
+    # the pause's record is written just after the answer, out of the pause
+    deadline = time.monotonic() + 5
+    while True:
+        rec = next(m for m in lab.migrations() if m["id"] == report["migration"])
+        if rec["pause_ms"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert rec["precopy"] == report["precopy"] and rec["pause_ms"] == report["pause_ms"], rec
     prep = next(m for m in lab.migrations() if m["id"] == prepared["migration"])
     assert prep["precopy"] is not None
 
