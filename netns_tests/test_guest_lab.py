@@ -60,7 +60,11 @@ def test_the_guest_keeps_its_connection_binding_and_counters_only_with_xfer(
     assert d["hook"]["outcome"] == "moved" and d["hook"]["status"] == "completed"
     # The window held the transfer: the guest ran nowhere while the state moved.
     assert result["guest_gap_ms"]["with_xfer"] >= result["pause_cost_ms"]["transfer"]
-    assert set(result["pause_cost_ms"]["by_kind"]) == {"dhcp", "conntrack+counters"}
+    cost = result["pause_cost_ms"]
+    if cost["precopy"] is None:     # the window came before QEMU reported the migration active
+        assert set(cost["by_kind"]) == {"dhcp", "conntrack+counters"}, cost
+    else:                           # pre-copied: conntrack's last delta went beside these phases
+        assert set(cost["by_kind"]) == {"dhcp", "counters"} and cost["precopy"]["staged"] >= 1, cost
     # Independent witnesses the command collected: sw2 holds the moved binding, dropped only
     # the control guest; fw2 counted vm1's connection although its SYN never crossed fw2.
     assert [(b["mac"], b["port"]) for b in d["sw2_bindings"]] == [("52:54:00:00:01:01", "tap-vm1")]

@@ -63,8 +63,9 @@ def test_connection_survives_because_the_window_moved_its_state(lab: Lab, moves_
                 return {"src_migration": stopped, "moved": moved, "dst_table": table}
 
             async with StubManager(work=work) as mgr:
+                # the window alone (no "migrating"): this test is about what the pause holds
                 opts = hook.HookOptions(vm="vm1", manager=mgr.url, source="hv1", destination="hv2",
-                                        deadline_s=5.0, wait_s=20, finish_s=20)
+                                        deadline_s=5.0, wait_s=20, finish_s=20, precopy=False)
                 report = await migrate.run_migration(pair.src.qmp, pair.dst.qmp, pair.uri(), opts)
                 return report, mgr.received[0].work
 

@@ -60,15 +60,19 @@ def _connection(lab: GuestLab, vm: Vm, acks: int = 3, timeout: float = 20) -> in
 
 def _pause_cost(hook: dict[str, Any]) -> dict[str, Any]:
     """What the window cost: held in total, the manager's transfer, and per kind of state
-    (by the devices' phases: a firewall's phase carries conntrack and counters together)."""
+    (by the devices' phases: a firewall's phase carries conntrack and counters together).
+    ``precopy``: what the manager's "migrating" staged beforehand (conntrack then moves
+    as the last delta beside those phases), or None when the window came first."""
     by_kind: dict[str, float] = {}
+    precopy = None
     for answer in hook.get("manager", []):
+        precopy = answer.get("precopy") or precopy
         for phase in answer.get("phases", []):
             if phase.get("kinds") and phase.get("ms") is not None:
                 key = "+".join(sorted(phase["kinds"]))
                 by_kind[key] = round(by_kind.get(key, 0.0) + phase["ms"], 3)
     return {"window": hook.get("window_ms"), "transfer": hook.get("transfer_ms"),
-            "hook_overhead": hook.get("overhead_ms"), "by_kind": by_kind}
+            "hook_overhead": hook.get("overhead_ms"), "by_kind": by_kind, "precopy": precopy}
 
 
 def _drops(counters: dict[str, dict[str, int]], port: str) -> int:
@@ -212,3 +216,6 @@ def _story(lab: GuestLab, say: Callable[[str], None], result: dict[str, Any],
     say(f"pause cost: window held {cost['window']} ms (manager {cost['transfer']} ms, hook "
         f"{cost['hook_overhead']} ms); per kind: "
         + ", ".join(f"{k} {v} ms" for k, v in cost["by_kind"].items()))
+    if cost["precopy"]:
+        say(f"  conntrack was pre-copied while vm1 ran ({cost['precopy']['staged']} entries staged, "
+            f"{cost['precopy']['deltas']} deltas); the window carried its last delta")
