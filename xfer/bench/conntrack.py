@@ -47,8 +47,33 @@ _FIXED = b"".join([
 ])
 
 
+CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+
+
+def make_room(entries: int) -> None:
+    """Raise the host's nf_conntrack_max (one limit for every namespace) to hold ``entries``
+    more, and put the old value back when the process exits. Never lowers it."""
+    import atexit
+    import logging
+
+    try:
+        before = int(CONNTRACK_MAX.read_text())
+        in_use = int(Path("/proc/sys/net/netfilter/nf_conntrack_count").read_text())
+    except (OSError, ValueError):
+        return                                      # no conntrack sysctls here: fill says why
+    wanted = in_use + entries + max(65536, entries // 10)   # and room for the copies it makes
+    if wanted <= before:
+        return
+    CONNTRACK_MAX.write_text(str(wanted))
+    logging.getLogger("xfer.bench").warning("nf_conntrack_max raised from %d to %d for this run",
+                                            before, wanted)
+    atexit.register(CONNTRACK_MAX.write_text, str(before))
+
+
 def fill(namespace: str, total: int, vm_flows: int, vm_ip: str = VM_IP) -> None:
-    """Create ``total`` established TCP entries, ``vm_flows`` of them opened by ``vm_ip``."""
+    """Create ``total`` established TCP entries, ``vm_flows`` of them opened by ``vm_ip``
+    (raising nf_conntrack_max for the run when it is too low)."""
+    make_room(total)
     base_other = int(ipaddress.IPv4Address("10.64.0.0"))
     server = "10.200.0.1"
 

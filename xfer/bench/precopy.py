@@ -177,15 +177,20 @@ MANAGER_PORT = 8700
 
 @contextlib.contextmanager
 def managed(hosts: Hosts, src: str, dst: str, workdir: Path, interval_s: float = 0.2,
-            vms: dict[str, str] | None = None) -> Iterator[tuple[str, ssl.SSLContext]]:
+            vms: dict[str, str] | None = None, extra: str = "", link: bool = True
+            ) -> Iterator[tuple[str, ssl.SSLContext]]:
     """Agents on both firewalls and a manager (in the source's namespace, on the agents'
-    link), as processes; yields the manager's URL and the operator's TLS context."""
+    link), as processes; yields the manager's URL and the operator's TLS context.
+    ``extra``: more of the manager's configuration (a ``[journal]`` section); ``link``
+    False: the agents' link is there from an earlier ``managed`` in these namespaces."""
+    workdir.mkdir(parents=True, exist_ok=True)
     from xfer.lab.agents import DST_AGENT_IP, OPERATOR, SRC_AGENT_IP, LabAgents
     from xfer.lab.manager_lab import ManagerProcess
     from xfer.net import tls
 
     agents = LabAgents(hosts, workdir)
-    agents.link(src, dst)
+    if link:
+        agents.link(src, dst)
     # the source table was filled with nf_conntrack_events=1: every entry reports events
     agents.start("fw-src", src, SRC_AGENT_IP, ["conntrack"], extra="[precopy]\nevents_trusted = true\n")
     agents.start("fw-dst", dst, DST_AGENT_IP, ["conntrack"])
@@ -211,7 +216,7 @@ port = {MANAGER_PORT}
 cert = "pki/manager.pem"
 key = "pki/manager.key"
 ca = "pki/ca.pem"
-""")
+""" + extra)
     url = f"https://{SRC_AGENT_IP}:{MANAGER_PORT}/v1/migrations"
     manager = ManagerProcess(hosts, "manager", src, config, workdir / "manager.log", url)
     manager.start()

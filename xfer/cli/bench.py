@@ -74,16 +74,21 @@ def bench_evacuate(
     vms: Annotated[int, typer.Option(help="VMs leaving the host at once.")] = 100,
     flows: Annotated[int, typer.Option(help="Conntrack entries per VM.")] = 200,
     total: Annotated[int, typer.Option(help="Entries in the source table (others' included).")] = 0,
+    etcd: Annotated[bool, typer.Option(
+        "--etcd", help="Also with pre-copy through a manager with its journal on etcd "
+        "(a one-member etcd, started for the run).")] = False,
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/evacuate.json"),
     as_json: JsonOpt = False,
 ) -> None:
     """Host evacuation: every VM's message at once through one manager, with and without pre-copy.
 
     Example: xfer bench evacuate --vms 100 --flows 200
+
+    Example: xfer bench evacuate --vms 100 --flows 200 --etcd
     """
     from xfer.bench import evacuate as bench
 
-    result = bench.run(vms, flows, total, out, echo=None if as_json else typer.echo)
+    result = bench.run(vms, flows, total, out, echo=None if as_json else typer.echo, etcd=etcd)
     if as_json:
         print_json(result)
 
