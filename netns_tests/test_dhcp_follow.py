@@ -132,3 +132,47 @@ def test_the_cli_follows_until_told_to_stop(lab: SwitchLab) -> None:
     finally:
         stop_process(proc)  # type: ignore[arg-type]
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def _port_limits(lab: SwitchLab) -> dict[str, int | None]:
+    with BindingTable(lab.sw) as table:
+        return {p.name: p.max_bindings for p in table.ports() if p.role == "untrusted"}
+
+
+def test_a_followed_port_gets_the_per_port_binding_limit(lab: SwitchLab) -> None:
+    # A port that appears later is as hostile as one named at attach: same limit.
+    device.attach(lab.sw, ["uplink"], ["tap*"], max_bindings=3)
+    with PortFollower(lab.sw, ["tap*"], trusted=["uplink"], max_bindings=3):
+        _new_port(lab, "lim", "tap-lim")
+        _wait_attached(lab, "tap-lim")
+        deadline = time.monotonic() + 5
+        while "tap-lim" not in _port_limits(lab):
+            assert time.monotonic() < deadline, "tap-lim never configured"
+            time.sleep(0.02)
+        assert _port_limits(lab)["tap-lim"] == 3
+
+
+def test_an_agent_with_privsep_follows_new_ports_through_its_helper(
+        lab: SwitchLab, tmp_path: Path) -> None:
+    # The network-facing process cannot attach programs after dropping its capabilities:
+    # the helper follows the configured patterns, with the configured limit.
+    from xfer.lab.agents import SRC_AGENT_IP, LabAgents, device_toml
+
+    agents = LabAgents(lab.hosts, tmp_path / "agents")
+    agents.link(lab.sw, lab.hosts.add("peer"))
+    (tmp_path / "agents").chmod(0o755)            # the unprivileged agent reaches its journal
+    extra = (device_toml(trusted="uplink", untrusted=["tap*"]) + "max_bindings = 2\n"
+             + '\n[privsep]\nuser = "nobody"\n')
+    agent = agents.start("sw-agent", lab.sw, SRC_AGENT_IP, ["dhcp"], extra=extra)
+    try:
+        _new_port(lab, "pv", "tap-pv")
+        _wait_attached(lab, "tap-pv", timeout=15)
+        deadline = time.monotonic() + 5
+        while "tap-pv" not in _port_limits(lab):
+            assert time.monotonic() < deadline, "tap-pv never configured"
+            time.sleep(0.02)
+        assert _port_limits(lab)["tap-pv"] == 2
+        status = (Path("/proc") / str(agent.proc.pid) / "status").read_text()
+        assert "CapEff:\t0000000000000000" in status, "the network-facing process kept capabilities"
+    finally:
+        agent.stop()
