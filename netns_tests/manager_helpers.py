@@ -27,8 +27,10 @@ TRANSFER_PHASES = ("export", "import", "push", "pull", "deposit", "collect")
 def running_lab(monkeypatch: pytest.MonkeyPatch, **options: Any) -> Iterator[ManagerLab]:
     """The body of each test module's ``lab`` fixture: the lab up, agents and manager running.
 
-    ``options``: the manager's ``store_ttl_s`` and ``device_timeout_s``."""
+    ``options``: the manager's ``store_ttl_s`` and ``device_timeout_s``, the agents'
+    ``agent_extra``."""
     with tempfile.TemporaryDirectory(prefix="xfer-manager-") as tmp:
+        Path(tmp).chmod(0o711)      # agents with [privsep] reach their journals as another user
         # Snooping databases in the temp dir (agents inherit the environment).
         monkeypatch.setenv("XFER_DHCP_STATE_DIR", str(Path(tmp) / "dhcp"))
         with ManagerLab(f"m{os.getpid() % 10000}", Path(tmp), **options) as lab:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,12 @@ pytestmark = needs_all_kinds
 @pytest.fixture
 def lab(monkeypatch: pytest.MonkeyPatch) -> Iterator[ManagerLab]:
     yield from running_lab(monkeypatch)
+
+
+@pytest.fixture
+def privsep_lab(monkeypatch: pytest.MonkeyPatch) -> Iterator[ManagerLab]:
+    # every agent's network-facing process runs without capabilities, as nobody
+    yield from running_lab(monkeypatch, agent_extra='\n[privsep]\nuser = "nobody"\n')
 
 
 def _vm_table(lab: ManagerLab, short: str) -> list[str]:
@@ -50,6 +57,20 @@ def _second_conversation(lab: ManagerLab) -> tuple[Peer, Peer]:
 
 @pytest.mark.parametrize("mode", ["relay", "pull", "push"])
 def test_prepare_then_switch_over_moves_only_the_delta(lab: ManagerLab, mode: str) -> None:
+    _prepare_then_switch_over(lab, mode)
+
+
+@pytest.mark.parametrize("mode", ["relay", "pull"])
+def test_with_privsep_the_helpers_track_and_stage(privsep_lab: ManagerLab, mode: str) -> None:
+    # The tracker and the stages read and write ctnetlink: the privileged helpers do it.
+    for agent in privsep_lab.agents.values():
+        assert agent.proc is not None
+        status = (Path("/proc") / str(agent.proc.pid) / "status").read_text()
+        assert "CapEff:\t0000000000000000" in status, f"{agent.name} kept its capabilities"
+    _prepare_then_switch_over(privsep_lab, mode)
+
+
+def _prepare_then_switch_over(lab: ManagerLab, mode: str) -> None:
     before = conversation(lab)
     prepared = lab.migrate(mode, "--prepare")
     assert prepared["state"] == "prepared" and prepared["precopy"]["staged"] >= 1, prepared

@@ -190,14 +190,3 @@ def test_after_a_migrations_state_is_forgotten_its_late_imports_are_refused(tmp_
     assert fake.imported == [Kind.CONNTRACK, Kind.CONNTRACK]
     assert len(fake.forgotten) == 1
 
-
-def test_an_agent_with_privsep_refuses_precopy_by_name_and_aborts_nothing(tmp_path: Path) -> None:
-    # The tracker needs CAP_NET_ADMIN, which the network-facing process of [privsep] gives up.
-    svc, _ = _service(tmp_path, privsep_user="nobody")
-    assert "precopy" not in svc.capabilities()["operations"]
-    MIGRATION.set("m-1")
-    with pytest.raises(UsageError, match=r"pre-copy is not available .*\[privsep\]"):
-        asyncio.run(svc.precopy.changes(VM, "", Trace()))
-    with pytest.raises(UsageError, match="privsep"):
-        asyncio.run(svc.precopy.stage(b"x", VM, False, Trace()))
-    assert asyncio.run(svc.precopy.abort(VM, Trace())) == {"session": "m-1", "removed": 0}

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from xfer.bundle import Section
 from xfer.conntrack.delta import delta_section, read_delta
@@ -135,6 +136,15 @@ class PrecopyStages:
         state.deltas += 0 if delta.whole else 1
         state.touched = time.monotonic()
         return report, state
+
+    def stage(self, session: str, vm: VmIdentity, section: Section, final: bool) -> dict[str, Any]:
+        """``apply``, and with ``final`` ``commit``, in one call (the pause's one trip to the
+        kernel, and to the privileged helper); the answer is plain data."""
+        report, state = self.apply(session, vm, section, final=final)
+        staged = len(state.stage.staged)
+        if final:
+            self.commit(session)
+        return {"staged": staged, "deltas": state.deltas, "cursor": state.cursor, **report.to_dict()}
 
     def cursor(self, session: str) -> str:
         state = self._sessions.get(session)

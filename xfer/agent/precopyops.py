@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from xfer import bundle as bundle_mod
-from xfer.agent.precopy import DEFAULT_EXPIRE_S, PrecopySource, PrecopyStages, Session
+from xfer.agent.precopy import DEFAULT_EXPIRE_S, PrecopySource, PrecopyStages
 from xfer.agent.protocol import MIGRATION, check_agent_url
-from xfer.bundle import Bundle, Section
+from xfer.bundle import Bundle
 from xfer.conntrack.delta import is_delta
-from xfer.conntrack.staging import StageReport
 from xfer.errors import BundleError, ForeignEntryError, UsageError
 from xfer.model import Kind, VmIdentity
 
@@ -59,21 +58,16 @@ class PrecopyOps:
     """Pre-copy for one agent (``service.precopy``)."""
 
     def __init__(self, service: Host, *, trust_seed: bool = False,
-                 expire_s: float = DEFAULT_EXPIRE_S, unavailable: str | None = None) -> None:
+                 expire_s: float = DEFAULT_EXPIRE_S, kernel: tuple[Any, Any] | None = None) -> None:
+        """``kernel``: (source, stages) standing in for ``PrecopySource``/``PrecopyStages``
+        (the privileged helper's, ``privsep.Helper.precopy``); by default this process's own."""
         self.service = service
-        self.unavailable = unavailable    # why this agent cannot pre-copy (None: it can)
         netns = service.config.netns
-        self.source = PrecopySource(netns, trust_seed=trust_seed)
-        self.stages = PrecopyStages(netns, expire_s=expire_s)
+        self.source: PrecopySource = kernel[0] if kernel else PrecopySource(netns, trust_seed=trust_seed)
+        self.stages: PrecopyStages = kernel[1] if kernel else PrecopyStages(netns, expire_s=expire_s)
         self._journal: dict[str, Path] = {}
 
-    def _usable(self) -> None:
-        if self.unavailable:
-            raise UsageError(self.unavailable)
-
-    def _session(self, usable: bool = True) -> str:
-        if usable:
-            self._usable()
+    def _session(self) -> str:
         session = MIGRATION.get()
         if not session:
             raise UsageError("a pre-copy request must name its migration (Xfer-Migration header)")
@@ -83,7 +77,6 @@ class PrecopyOps:
 
     async def changes(self, vm: VmIdentity, cursor: str, trace: Trace) -> bytes:
         """Bundle bytes holding the VM's conntrack changes since ``cursor`` ("" : all)."""
-        self._usable()
         self.service.held([Kind.CONNTRACK])
         trace.about(vm, [Kind.CONNTRACK])
         with trace.phase("changes"):
@@ -135,39 +128,28 @@ class PrecopyOps:
                 self._journal[session] = svc.journal.begin(f"precopy{session}", vm, [Kind.CONNTRACK],
                                                            svc.config.netns)
             with trace.phase("stage"):
-                report, state, staged = await asyncio.to_thread(self._apply, session, vm, section, final)
+                staged = await asyncio.to_thread(self.stages.stage, session, vm, section, final)
             if final:
                 svc.journal.end(self._journal.pop(session))
         trace.entries["conntrack"] = section.count
-        return {"session": session, "staged": staged, "deltas": state.deltas, "cursor": state.cursor,
-                "committed": final, **report.to_dict()}
-
-    def _apply(self, session: str, vm: VmIdentity, section: Section, final: bool
-               ) -> tuple[StageReport, Session, int]:
-        """Stage, and with ``final`` commit, in one trip to the worker thread (the pause)."""
-        report, state = self.stages.apply(session, vm, section, final=final)
-        staged = len(state.stage.staged)
-        if final:
-            self.stages.commit(session)
-        return report, state, staged
+        return {"session": session, "committed": final, **staged}
 
     async def pull(self, vm: VmIdentity, source: str, final: bool, trace: Trace) -> dict[str, Any]:
         """Fetch the changes since this stage's cursor from the source agent and stage them."""
         source = check_agent_url(source)
         session = self._session()
         self.service.held([Kind.CONNTRACK])
+        # a thread: with [privsep] the stages are the helper's, one round trip away
+        cursor = await asyncio.to_thread(self.stages.cursor, session)
         with trace.phase("fetch"):
-            data = await self.service._peers().precopy_changes(
-                source, vm, self.stages.cursor(session))
+            data = await self.service._peers().precopy_changes(source, vm, cursor)
         result: dict[str, Any] = await self.stage(data, vm, final, trace)
         return result
 
     async def abort(self, vm: VmIdentity, trace: Trace) -> dict[str, Any]:
         """Remove what the session staged here (nothing staged: nothing to do)."""
-        session = self._session(usable=False)
+        session = self._session()
         trace.about(vm, [Kind.CONNTRACK])
-        if self.unavailable:
-            return {"session": session, "removed": 0}     # nothing can have been staged
         async with self.service._kernel_lock:
             with trace.phase("abort"):
                 gone = await asyncio.to_thread(self.stages.abort, session)
@@ -189,9 +171,6 @@ class PrecopyOps:
                 if marker is not None:
                     self.service.journal.end(marker)
         return gone
-
-    def status(self) -> dict[str, Any]:
-        return {"source": self.source.stats(), "stages": self.stages.sessions()}
 
     def close(self) -> None:
         self.stages.close()

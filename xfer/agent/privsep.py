@@ -16,7 +16,10 @@ with:
   passed back with SCM_RIGHTS (outgoing connections of push/pull);
 - ``counts`` -> per-kind counts for ``/status``, ``dhcp_counters`` -> the DHCP
   guard's counters for ``/metrics``; ``keep_dhcp`` starts the DHCP snooping
-  database keeper in the helper.
+  database keeper (and port follower) in the helper;
+- ``precopy_*``: pre-copy's tracker (changes since a cursor) and stages (stage a
+  delta section, read strictly as an import is; cursor, abort, expire), which
+  read and write ctnetlink (``Helper.precopy``).
 
 ``drop_capabilities`` empties the calling process's capability sets and bounding
 set (and switches user); ``separate`` does it for a running agent, replacing the
@@ -48,7 +51,7 @@ from typing import Any
 
 from xfer import bundle as bundle_mod
 from xfer import errors
-from xfer.errors import KernelError, PermissionDenied, UsageError, XferError
+from xfer.errors import BundleError, KernelError, PermissionDenied, UsageError, XferError
 from xfer.model import Kind, KindReport, VmIdentity
 from xfer.transfer import ImportReport, Options
 
@@ -148,6 +151,25 @@ class DhcpPorts:
     max_bindings: int
 
 
+@dataclass(frozen=True)
+class HelperSettings:
+    """What the helper is configured with at start (from the agent's configuration, before
+    the split): the network side can ask it to act within these, never to change them."""
+
+    dhcp: DhcpPorts | None = None
+    precopy_trust_seed: bool = False
+    precopy_expire_s: float = 600.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> HelperSettings:
+        d = json.loads(text)
+        return cls(DhcpPorts(**d["dhcp"]) if d.get("dhcp") else None,
+                   bool(d.get("precopy_trust_seed")), float(d.get("precopy_expire_s", 600.0)))
+
+
 class PrivilegedTransfer:
     """``xfer.transfer``'s agent-facing API (``TransferApi``), performed by the helper.
 
@@ -222,6 +244,61 @@ class PrivilegedTransfer:
         return sock
 
 
+class HelperPrecopySource:
+    """``xfer.agent.precopy.PrecopySource`` in the helper: its tracker reads ctnetlink."""
+
+    started = None          # no index in this process: shared exports walk nothing here
+
+    def __init__(self, transfer: PrivilegedTransfer) -> None:
+        self._transfer = transfer
+
+    def changes(self, vm: VmIdentity, cursor: str) -> bundle_mod.Section:
+        answer, data, _ = self._transfer._call({"op": "precopy_changes", "vm": vm.to_dict(),
+                                                "cursor": cursor})
+        return bundle_mod.Section(Kind.CONNTRACK, str(answer["encoding"]), int(answer["count"]), data,
+                                  dict(answer["meta"]))
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._transfer._call({"op": "precopy_status"})[0]["source"])
+
+    def close(self) -> None:
+        """The helper stops its tracker when the agent closes the channel."""
+
+
+class HelperPrecopyStages:
+    """``xfer.agent.precopy.PrecopyStages`` in the helper: staging writes the conntrack table."""
+
+    def __init__(self, transfer: PrivilegedTransfer) -> None:
+        self._transfer = transfer
+
+    def _ask(self, header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
+        return self._transfer._call(header, payload)[0]
+
+    def stage(self, session: str, vm: VmIdentity, section: bundle_mod.Section, final: bool
+              ) -> dict[str, Any]:
+        return dict(self._ask({"op": "precopy_stage", "session": session, "vm": vm.to_dict(),
+                               "encoding": section.encoding, "count": section.count,
+                               "meta": dict(section.meta), "final": final}, section.payload)["staged"])
+
+    def cursor(self, session: str) -> str:
+        return str(self._ask({"op": "precopy_cursor", "session": session})["cursor"])
+
+    def abort(self, session: str) -> int:
+        return int(self._ask({"op": "precopy_abort", "session": session})["removed"])
+
+    def abort_vm(self, vm: VmIdentity) -> int:
+        return int(self._ask({"op": "precopy_abort_vm", "vm": vm.to_dict()})["removed"])
+
+    def expire(self) -> list[str]:
+        return [str(x) for x in self._ask({"op": "precopy_expire"})["sessions"]]
+
+    def sessions(self) -> dict[str, dict[str, object]]:
+        return dict(self._ask({"op": "precopy_status"})["stages"])
+
+    def close(self) -> None:
+        """The helper aborts what is still staged when the agent closes the channel."""
+
+
 @dataclass
 class Helper:
     """The running helper process and the transfer API that talks to it."""
@@ -230,21 +307,26 @@ class Helper:
     transfer: PrivilegedTransfer
     sock: socket.socket = field(repr=False)
 
+    @property
+    def precopy(self) -> tuple[HelperPrecopySource, HelperPrecopyStages]:
+        """Pre-copy's kernel side (``PrecopyOps(kernel=...)``), done by the helper."""
+        return HelperPrecopySource(self.transfer), HelperPrecopyStages(self.transfer)
+
     @classmethod
     def start(cls, namespace: str | None, kinds: Sequence[Kind],
-              dhcp_ports: DhcpPorts | None = None) -> Helper:
+              settings: HelperSettings | None = None) -> Helper:
         """Start the helper (a fresh interpreter; it keeps this process's capabilities).
 
-        ``dhcp_ports`` are the snooper's ports from the configuration, fixed here so
-        that the network side can only ask the helper to keep them, never to name others.
+        ``settings`` (the snooper's ports, pre-copy's) come from the configuration and
+        are fixed here: the network side can ask the helper to keep those ports, never
+        to name others.
 
         >>> helper = Helper.start("fw-src", [Kind.CONNTRACK])  # doctest: +SKIP
         """
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-c", "import sys; from xfer.agent.privsep import main; "
                 "sys.exit(main(sys.argv[1:]))", str(theirs.fileno()), namespace or "",
-                ",".join(k.value for k in kinds), json.dumps(dataclasses.asdict(dhcp_ports))
-                if dhcp_ports else ""]
+                ",".join(k.value for k in kinds), (settings or HelperSettings()).to_json()]
         try:
             proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         finally:
@@ -275,11 +357,12 @@ class _Served:
     """What the helper does for one request; refuses anything outside its namespace and kinds."""
 
     def __init__(self, namespace: str | None, kinds: Sequence[Kind],
-                 dhcp_ports: DhcpPorts | None = None) -> None:
+                 settings: HelperSettings | None = None) -> None:
         from xfer import transfer
 
         self.namespace, self.kinds, self.transfer = namespace, tuple(kinds), transfer
-        self.dhcp_ports = dhcp_ports
+        self.settings = settings or HelperSettings()
+        self._precopy: tuple[Any, Any] | None = None    # PrecopySource, PrecopyStages (lazily)
         self.keeper: Any = None     # stops the DHCP database keeper, once started
 
     def _kinds(self, names: Any) -> list[Kind]:
@@ -309,7 +392,7 @@ class _Served:
             if Kind.DHCP not in self.kinds:
                 raise UsageError("privileged helper: this device does not hold dhcp")
             if self.keeper is None:
-                self.keeper = _dhcp_keeper(self.namespace, self.dhcp_ports)
+                self.keeper = _dhcp_keeper(self.namespace, self.settings.dhcp)
             return {}, b"", []
         if op == "export":
             vm = VmIdentity.from_dict(header["vm"])
@@ -330,6 +413,8 @@ class _Served:
                                            options=options)
             return {"reports": {k.value: {**r.to_dict(), "errors": r.errors}
                                 for k, r in reports.items()}}, b"", []
+        if isinstance(op, str) and op.startswith("precopy_"):
+            return self._precopy_op(op, header, payload)
         if op == "socket":
             family, kind = int(header["family"]), int(header["type"])
             if family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM:
@@ -340,6 +425,59 @@ class _Served:
                 s = socket.socket(family, kind)
             return {}, b"", [s.detach()]
         raise UsageError(f"privileged helper: no operation {op!r}")
+
+
+    def precopy(self) -> tuple[Any, Any]:
+        """The tracker (source side) and the stages (destination side), made at first use."""
+        if Kind.CONNTRACK not in self.kinds:
+            raise UsageError("privileged helper: this device does not hold conntrack")
+        if self._precopy is None:
+            from xfer.agent.precopy import PrecopySource, PrecopyStages
+
+            self._precopy = (PrecopySource(self.namespace, trust_seed=self.settings.precopy_trust_seed),
+                             PrecopyStages(self.namespace, expire_s=self.settings.precopy_expire_s))
+        return self._precopy
+
+    def _precopy_op(self, op: str, header: dict[str, Any], payload: bytes
+                    ) -> tuple[dict[str, Any], bytes, list[int]]:
+        from xfer.conntrack.delta import is_delta
+
+        source, stages = self.precopy()
+        if op == "precopy_changes":
+            section = source.changes(VmIdentity.from_dict(header["vm"]), str(header["cursor"]))
+            return ({"encoding": section.encoding, "count": section.count, "meta": dict(section.meta)},
+                    section.payload, [])
+        if op == "precopy_stage":
+            meta = header.get("meta")
+            if not isinstance(meta, dict):
+                raise UsageError("privileged helper: a delta section's meta must be an object")
+            section = bundle_mod.Section(Kind.CONNTRACK, str(header["encoding"]), int(header["count"]),
+                                         payload, meta)
+            if not is_delta(section):
+                raise BundleError("privileged helper: not a conntrack delta section")
+            # Stage.apply reads every entry strictly (transfer._validated) for the VM named
+            staged = stages.stage(str(header["session"]), VmIdentity.from_dict(header["vm"]), section,
+                                  header.get("final") is True)
+            return {"staged": staged}, b"", []
+        if op == "precopy_cursor":
+            return {"cursor": stages.cursor(str(header["session"]))}, b"", []
+        if op == "precopy_abort":
+            return {"removed": stages.abort(str(header["session"]))}, b"", []
+        if op == "precopy_abort_vm":
+            return {"removed": stages.abort_vm(VmIdentity.from_dict(header["vm"]))}, b"", []
+        if op == "precopy_expire":
+            return {"sessions": stages.expire()}, b"", []
+        if op == "precopy_status":
+            return {"source": source.stats(), "stages": stages.sessions()}, b"", []
+        raise UsageError(f"privileged helper: no operation {op!r}")
+
+    def close(self) -> None:
+        """The agent went away: staged entries go (as ``PrecopyOps.close``), the tracker stops."""
+        if self._precopy is not None:
+            source, stages = self._precopy
+            stages.close()
+            source.close()
+            self._precopy = None
 
 
 def _dhcp_keeper(namespace: str | None, ports: DhcpPorts | None) -> Callable[[], None]:
@@ -376,12 +514,13 @@ def _dhcp_keeper(namespace: str | None, ports: DhcpPorts | None) -> Callable[[],
 def main(argv: Sequence[str]) -> int:
     """The helper's loop: one request, one answer, until the other end closes."""
     fd, namespace, kinds = int(argv[0]), argv[1] or None, [Kind(k) for k in argv[2].split(",") if k]
-    dhcp_ports = DhcpPorts(**json.loads(argv[3])) if len(argv) > 3 and argv[3] else None
+    settings = HelperSettings.from_json(argv[3]) if len(argv) > 3 and argv[3] else None
     sock = socket.socket(fileno=fd)
-    served = _Served(namespace, kinds, dhcp_ports)
+    served = _Served(namespace, kinds, settings)
     try:
         return _serve(sock, served)
     finally:
+        served.close()
         if served.keeper is not None:
             served.keeper()
 
@@ -482,10 +621,18 @@ def separate(user: str, state_dir: os.PathLike[str] | str) -> None:
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(thread_name_prefix="xfer"))
     if old is not None:
         old.shutdown(wait=True)
-    holding = [t for t in os.listdir("/proc/self/task")
-               if effective_capabilities(f"self/task/{t}") != 0]
+    holding = [t for t in os.listdir("/proc/self/task") if _thread_capabilities(t) != 0]
     if holding:
         raise PermissionDenied(f"threads {', '.join(holding)} still hold capabilities")
+
+
+def _thread_capabilities(task: str) -> int:
+    """A thread's effective capabilities; 0 for one that exited since it was listed (a
+    worker thread finishing then is no thread that holds anything)."""
+    try:
+        return effective_capabilities(f"self/task/{task}")
+    except FileNotFoundError:
+        return 0
 
 
 def effective_capabilities(pid: int | str = "self") -> int:

@@ -62,10 +62,11 @@ EXPIRE_EVERY_S = 5.0
 
 
 
-def _dhcp_ports(cfg: AgentConfig) -> privsep.DhcpPorts | None:
-    if Kind.DHCP not in cfg.kinds or not cfg.dhcp_trusted:
-        return None
-    return privsep.DhcpPorts(cfg.dhcp_trusted, list(cfg.dhcp_untrusted), cfg.dhcp_max_bindings)
+def _helper_settings(cfg: AgentConfig) -> privsep.HelperSettings:
+    dhcp = (privsep.DhcpPorts(cfg.dhcp_trusted, list(cfg.dhcp_untrusted), cfg.dhcp_max_bindings)
+            if Kind.DHCP in cfg.kinds and cfg.dhcp_trusted else None)
+    return privsep.HelperSettings(dhcp, cfg.precopy_events_trusted, cfg.precopy_expire_s)
+
 
 class AgentServer(Listener):
     """One agent: explicit ``start()``/``stop()``, or ``async with``.
@@ -103,7 +104,7 @@ class AgentServer(Listener):
             server_ctx = tls.server_context(cfg.tls)
             if cfg.privsep_user and self._service is None:
                 # docs/privsep.md: the kernel work goes to a helper; this process drops below.
-                self._helper = privsep.Helper.start(cfg.netns, cfg.kinds, _dhcp_ports(cfg))
+                self._helper = privsep.Helper.start(cfg.netns, cfg.kinds, _helper_settings(cfg))
             if self._service is None or cfg.manager:
                 # Other agents and the manager are reached with this agent's own certificate.
                 self._client = AgentClient(tls.client_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key),
@@ -114,6 +115,7 @@ class AgentServer(Listener):
             if self._service is None:
                 self._service = AgentService(cfg, peers=self._client,
                                              transfer=self._helper.transfer if self._helper else None,
+                                             precopy_kernel=self._helper.precopy if self._helper else None,
                                              key=bundle_mod.load_key(cfg.bundle_key_file))
             attached = await asyncio.to_thread(device.bring_up, cfg)
             if attached:

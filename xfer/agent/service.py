@@ -99,7 +99,8 @@ class AgentService:
     """
 
     def __init__(self, config: AgentConfig, transfer: TransferApi | None = None,
-                 peers: Peers | None = None, key: bytes | None = None) -> None:
+                 peers: Peers | None = None, key: bytes | None = None,
+                 precopy_kernel: tuple[Any, Any] | None = None) -> None:
         real = transfer is None
         if transfer is None:
             from xfer import transfer as transfer_module
@@ -120,13 +121,9 @@ class AgentService:
         self._forgotten: dict[str, float] = {}   # migration -> when its state was forgotten here
         from xfer.agent.precopyops import PrecopyOps
 
-        # NOTE: the tracker reads ctnetlink in this process, which [privsep] leaves without
-        # CAP_NET_ADMIN; until it moves into the helper, such an agent moves VMs in the pause only.
+        # With [privsep] the tracker and the stages live in the privileged helper (ctnetlink).
         self.precopy = PrecopyOps(self, trust_seed=config.precopy_events_trusted,
-                                  expire_s=config.precopy_expire_s,
-                                  unavailable="pre-copy is not available on an agent with [privsep] "
-                                  "(docs/privsep.md); the VM's state moves in the pause"
-                                  if config.privsep_user else None)
+                                  expire_s=config.precopy_expire_s, kernel=precopy_kernel)
         # Concurrent conntrack exports share one table walk (or the pre-copy index): with the
         # real transfer API only (tests give fakes that count their calls).
         self.shared: SharedExports | None = None
@@ -323,8 +320,7 @@ class AgentService:
         return {"device": c.device_id, "type": c.device_type, "kinds": [k.value for k in c.kinds],
                 "netns": c.netns, "signed_bundles": self.key is not None,
                 "max_bundle_bytes": c.max_bundle_bytes,
-                "operations": ["export", "import", "forget", "push", "pull",
-                               *([] if self.precopy.unavailable else ["precopy"])]}
+                "operations": ["export", "import", "forget", "push", "pull", "precopy"]}
 
 
 def _report_ok(report: dict[str, Any]) -> bool:

@@ -177,12 +177,13 @@ MANAGER_PORT = 8700
 
 @contextlib.contextmanager
 def managed(hosts: Hosts, src: str, dst: str, workdir: Path, interval_s: float = 0.2,
-            vms: dict[str, str] | None = None, extra: str = "", link: bool = True
-            ) -> Iterator[tuple[str, ssl.SSLContext]]:
+            vms: dict[str, str] | None = None, extra: str = "", link: bool = True,
+            agent_extra: str = "") -> Iterator[tuple[str, ssl.SSLContext]]:
     """Agents on both firewalls and a manager (in the source's namespace, on the agents'
     link), as processes; yields the manager's URL and the operator's TLS context.
     ``extra``: more of the manager's configuration (a ``[journal]`` section); ``link``
-    False: the agents' link is there from an earlier ``managed`` in these namespaces."""
+    False: the agents' link is there from an earlier ``managed`` in these namespaces;
+    ``agent_extra``: more of both agents' (a ``[privsep]`` section)."""
     workdir.mkdir(parents=True, exist_ok=True)
     from xfer.lab.agents import DST_AGENT_IP, OPERATOR, SRC_AGENT_IP, LabAgents
     from xfer.lab.manager_lab import ManagerProcess
@@ -192,8 +193,9 @@ def managed(hosts: Hosts, src: str, dst: str, workdir: Path, interval_s: float =
     if link:
         agents.link(src, dst)
     # the source table was filled with nf_conntrack_events=1: every entry reports events
-    agents.start("fw-src", src, SRC_AGENT_IP, ["conntrack"], extra="[precopy]\nevents_trusted = true\n")
-    agents.start("fw-dst", dst, DST_AGENT_IP, ["conntrack"])
+    agents.start("fw-src", src, SRC_AGENT_IP, ["conntrack"],
+                 extra="[precopy]\nevents_trusted = true\n" + agent_extra)
+    agents.start("fw-dst", dst, DST_AGENT_IP, ["conntrack"], extra=agent_extra)
     pki.issue(agents.pki, "manager", ips=[SRC_AGENT_IP])
     vms = vms or {"vm1": VM_IP}
     (workdir / "topology.yaml").write_text(
@@ -243,46 +245,56 @@ async def _send(url: str, ctx: ssl.SSLContext, indication: str, mode: str) -> tu
 
 
 def _through_manager(hosts: Hosts, src: str, dst: str, vm: VmIdentity, churn: Churn, changes: int,
-                     vm_flows: int, repeat: int, mode: str, say: Callable[[str], None]
-                     ) -> dict[str, list[float]]:
+                     vm_flows: int, repeat: int, mode: str, say: Callable[[str], None],
+                     privsep: bool = False) -> dict[str, list[float]]:
     runs: dict[str, list[float]] = {"without": [], "with": [], "with_pause_ms": [], "last_delta": []}
-    with tempfile.TemporaryDirectory(prefix="xfer-bench-precopy-") as tmp, \
-            managed(hosts, src, dst, Path(tmp)) as (url, ctx):
-        for n in range(repeat):
-            with netns.entered(src):
-                took, answer = asyncio.run(_send(url, ctx, "not-running", mode))
-            if answer.get("state") != "committed":
-                raise RuntimeError(f"without pre-copy: {answer}")
-            runs["without"].append(took)
-            _check(src, dst, vm, "through the manager, without pre-copy")
-            _flush(hosts, dst)
-            time.sleep(LATE_MIGRATING_S + 0.1)  # a new migration, not the one just switched over
-            with netns.entered(src):
-                _, prepared = asyncio.run(_send(url, ctx, "migrating", mode))
-            if prepared.get("state") != "prepared":
-                raise RuntimeError(f"pre-copy did not start: {prepared}")
-            churn.step(changes, vm_flows)
-            time.sleep(0.5)  # rounds of changes go while the VM runs
-            churn.step(changes, vm_flows)
-            with netns.entered(src):
-                took, answer = asyncio.run(_send(url, ctx, "not-running", mode))
-            if answer.get("state") != "committed" or not answer.get("precopy"):
-                raise RuntimeError(f"with pre-copy: {answer}")
-            runs["with"].append(took)
-            runs["with_pause_ms"].append(float(answer["pause_ms"]))
-            _check(src, dst, vm, "through the manager, with pre-copy")
-            _flush(hosts, dst)
-            time.sleep(LATE_MIGRATING_S + 0.1)
-            say(f"  through the manager ({mode}) run {n + 1}/{repeat}: pause without pre-copy "
-                f"{runs['without'][-1] * 1000:.1f} ms, with {took * 1000:.2f} ms "
-                f"(manager's pause_ms {answer['pause_ms']:.2f}; staged {answer['precopy']['staged']}, "
-                f"{answer['precopy']['deltas']} deltas)")
+    with tempfile.TemporaryDirectory(prefix="xfer-bench-precopy-") as tmp:
+        Path(tmp).chmod(0o711)          # agents with [privsep] reach their journals as nobody
+        with managed(hosts, src, dst, Path(tmp),
+                     agent_extra='\n[privsep]\nuser = "nobody"\n' if privsep else "") as (url, ctx):
+            _rounds(hosts, src, dst, vm, churn, changes, vm_flows, repeat, mode, say, url, ctx, runs)
     return runs
 
 
+def _rounds(hosts: Hosts, src: str, dst: str, vm: VmIdentity, churn: Churn, changes: int,
+            vm_flows: int, repeat: int, mode: str, say: Callable[[str], None], url: str,
+            ctx: ssl.SSLContext, runs: dict[str, list[float]]) -> None:
+    for n in range(repeat):
+        with netns.entered(src):
+            took, answer = asyncio.run(_send(url, ctx, "not-running", mode))
+        if answer.get("state") != "committed":
+            raise RuntimeError(f"without pre-copy: {answer}")
+        runs["without"].append(took)
+        _check(src, dst, vm, "through the manager, without pre-copy")
+        _flush(hosts, dst)
+        time.sleep(LATE_MIGRATING_S + 0.1)  # a new migration, not the one just switched over
+        with netns.entered(src):
+            _, prepared = asyncio.run(_send(url, ctx, "migrating", mode))
+        if prepared.get("state") != "prepared":
+            raise RuntimeError(f"pre-copy did not start: {prepared}")
+        churn.step(changes, vm_flows)
+        time.sleep(0.5)  # rounds of changes go while the VM runs
+        churn.step(changes, vm_flows)
+        with netns.entered(src):
+            took, answer = asyncio.run(_send(url, ctx, "not-running", mode))
+        if answer.get("state") != "committed" or not answer.get("precopy"):
+            raise RuntimeError(f"with pre-copy: {answer}")
+        runs["with"].append(took)
+        runs["with_pause_ms"].append(float(answer["pause_ms"]))
+        _check(src, dst, vm, "through the manager, with pre-copy")
+        _flush(hosts, dst)
+        time.sleep(LATE_MIGRATING_S + 0.1)
+        say(f"  through the manager ({mode}) run {n + 1}/{repeat}: pause without pre-copy "
+            f"{runs['without'][-1] * 1000:.1f} ms, with {took * 1000:.2f} ms "
+            f"(manager's pause_ms {answer['pause_ms']:.2f}; staged {answer['precopy']['staged']}, "
+            f"{answer['precopy']['deltas']} deltas)")
+
+
 def run(total: int, vm_flows: int, churn_ratio: float, repeat: int, out: Path,
-        echo: Echo = print, manager: bool = True, mode: str = "relay") -> dict[str, Any]:
-    """Run the benchmark; returns (and writes to ``out``) the figures."""
+        echo: Echo = print, manager: bool = True, mode: str = "relay",
+        privsep: bool = False) -> dict[str, Any]:
+    """Run the benchmark; returns (and writes to ``out``) the figures. ``privsep``: the agents
+    run separated (docs/privsep.md), their kernel work in their privileged helpers."""
     say = echo or (lambda _m: None)
     vm = parse_vm(VM_IP, {})
     changes = max(3, int(vm_flows * churn_ratio))
@@ -317,8 +329,8 @@ def run(total: int, vm_flows: int, churn_ratio: float, repeat: int, out: Path,
                     f"with pre-copy {pause * 1000:.2f} ms ({int(phases['last_delta_entries'])} "
                     f"entries in the last delta; bulk copy before the pause "
                     f"{phases['bulk_s'] * 1000:.0f} ms)")
-        managed_runs = (_through_manager(hosts, src, dst, vm, churn, changes, vm_flows, repeat, mode, say)
-                        if manager else None)
+        managed_runs = (_through_manager(hosts, src, dst, vm, churn, changes, vm_flows, repeat, mode, say,
+                                         privsep) if manager else None)
     base, pre = median(runs["without"]), median(runs["with"])
     ratios = [b / w for b, w in zip(runs["without"], runs["with"], strict=True)]
     scenarios: dict[str, Any] = {}
@@ -326,7 +338,8 @@ def run(total: int, vm_flows: int, churn_ratio: float, repeat: int, out: Path,
         mb, mw = median(managed_runs["without"]), median(managed_runs["with"])
         mratio = median([b / w for b, w in zip(managed_runs["without"], managed_runs["with"], strict=True)])
         scenarios["through_manager"] = {
-            "mode": mode, "baseline_s": mb, "xfer_s": mw, "ratio": mratio, "pause_ms": mw * 1000,
+            "mode": mode, "privsep": privsep, "baseline_s": mb, "xfer_s": mw, "ratio": mratio,
+            "pause_ms": mw * 1000,
             "manager_pause_ms": median(managed_runs["with_pause_ms"]),
             "target_ms": 15.0, "target_ratio": 10.0,
             "meets_target": mw * 1000 <= 15.0 and mratio >= 10.0}

@@ -54,17 +54,21 @@ def bench_precopy(
     manager: Annotated[bool, typer.Option("--manager/--no-manager", help="Also through a manager and "
                                           "two agents (processes, mutual TLS).")] = True,
     mode: Annotated[str, typer.Option(help="Mode through the manager: relay|pull|push.")] = "relay",
+    privsep: Annotated[bool, typer.Option("--privsep", help="Agents separated ([privsep]): their "
+                                          "kernel work in their privileged helpers.")] = False,
     out: Annotated[Path, typer.Option(help="Results file.")] = Path("bench/results/precopy.json"),
     as_json: JsonOpt = False,
 ) -> None:
     """Pause cost with pre-copy (only the last delta in the pause) vs without, same run.
 
     Example: xfer bench precopy --total 200000 --vm-flows 20000 --churn 0.01
+
+    Example: xfer bench precopy --privsep --out bench/results/precopy-privsep.json
     """
     from xfer.bench import precopy as bench
 
     result = bench.run(total, vm_flows, churn, repeat, out, echo=None if as_json else typer.echo,
-                       manager=manager, mode=mode)
+                       manager=manager, mode=mode, privsep=privsep)
     if as_json:
         print_json(result)
 

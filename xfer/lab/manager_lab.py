@@ -107,9 +107,10 @@ class ManagerLab:
     """Build, run and tear down the manager lab (namespaces ``{prefix}-vm`` ...) in ``workdir``."""
 
     def __init__(self, prefix: str, workdir: Path, cleanup: str = "delete", store_ttl_s: float = 60,
-                 device_timeout_s: float = 10, rules: bool = False) -> None:
+                 device_timeout_s: float = 10, rules: bool = False, agent_extra: str = "") -> None:
         self.hosts = Hosts(prefix)
         self.rules = rules      # both firewalls hold the rules kind as well
+        self.agent_extra = agent_extra   # more TOML for every agent (a [privsep] section)
         self.workdir = workdir
         self.cleanup = cleanup
         self.store_ttl_s, self.device_timeout_s = store_ttl_s, device_timeout_s
@@ -220,7 +221,8 @@ class ManagerLab:
             if device_driven:
                 extra += (f'\n[manager]\nurl = "https://{MANAGER_IP}:{MANAGER_PORT}"\n'
                           f'group = "{MCAST_GROUP}:{MCAST_PORT}"\ninterface = "{AGENT_IPS[name]}"\n')
-            self.agents[name] = agents.start(name, self.ns[short], AGENT_IPS[name], kinds, extra=extra)
+            self.agents[name] = agents.start(name, self.ns[short], AGENT_IPS[name], kinds,
+                                             extra=extra + self.agent_extra)
         from xfer.dhcp.device import add_static
         from xfer.dhcp.model import Binding
 
