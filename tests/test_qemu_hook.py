@@ -421,8 +421,10 @@ def test_qemu_migrate_to_a_mutual_tls_manager(pair: QemuPair, tmp_path: Any) -> 
             assert proc.returncode == 0, err
             assert json.loads(out)["outcome"] == "moved"
             # "not-running" in the window; "migrating" (pre-copy) only if QEMU reported the
-            # migration active before the window (a guest this small may skip straight to it)
-            got = [r.message["indication"] for r in mgr.received]
-            assert got[-1] == "not-running" and got[:-1] in ([], ["migrating"])
+            # migration active before the window (a guest this small may skip straight to it).
+            # The two go on their own connections and may cross: the manager refuses a late
+            # "migrating" (LATE_MIGRATING_S), so the order the stand-in saw is not asserted.
+            got = sorted(r.message["indication"] for r in mgr.received)
+            assert got in (["not-running"], ["migrating", "not-running"]), got
 
     asyncio.run(scenario())
