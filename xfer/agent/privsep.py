@@ -426,7 +426,6 @@ class _Served:
             return {}, b"", [s.detach()]
         raise UsageError(f"privileged helper: no operation {op!r}")
 
-
     def precopy(self) -> tuple[Any, Any]:
         """The tracker (source side) and the stages (destination side), made at first use."""
         if Kind.CONNTRACK not in self.kinds:

@@ -61,7 +61,6 @@ _CONTROL_MAX = 64 * 1024
 EXPIRE_EVERY_S = 5.0
 
 
-
 def _helper_settings(cfg: AgentConfig) -> privsep.HelperSettings:
     dhcp = (privsep.DhcpPorts(cfg.dhcp_trusted, list(cfg.dhcp_untrusted), cfg.dhcp_max_bindings)
             if Kind.DHCP in cfg.kinds and cfg.dhcp_trusted else None)
