@@ -35,7 +35,13 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-
             await asyncio.sleep(0.02)
 
 
-def test_a_failed_rollback_stays_pending_and_is_retried_until_done(tmp_path: Path) -> None:
+def test_a_failed_rollback_stays_pending_and_is_retried_until_done(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from xfer.manager import migration
+
+    # a "migrating" right after a "not-running" is refused as late; here it is a new migration
+    monkeypatch.setattr(migration, "LATE_MIGRATING_S", 0.0)
+
     async def scenario() -> None:
         devices = FakeDevices()
         devices.put("fw-a", [Kind.CONNTRACK, Kind.DHCP, Kind.COUNTERS])
@@ -51,6 +57,11 @@ def test_a_failed_rollback_stays_pending_and_is_retried_until_done(tmp_path: Pat
         # The VM may not migrate again while a rollback could still land on top of it.
         with pytest.raises(Conflict, match="still pending"):
             await m.handle(Message("vm1", "not-running", "out", "hv1", "hv2", None, "relay"))
+        # Nor be pre-copied: the rollback would delete what a pre-copy stages.
+        started = len(await m.journal.recent(10))
+        with pytest.raises(Conflict, match="still pending"):
+            await m.handle(Message("vm1", "migrating", "out", "hv1", "hv2", None, "relay"))
+        assert len(await m.journal.recent(10)) == started, "a refused pre-copy was journaled"
         await asyncio.sleep(0.3)
         assert (await m.journal.get(mid)).outcome is None, "journaled done while the device was unreachable"
         tries = len([c for c in devices.ops("forget") if c[0] == URL["fw-b"]])

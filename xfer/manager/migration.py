@@ -208,6 +208,11 @@ class Migrator:
         mode = msg.mode or self.settings.mode
         if msg.vm in self.active:
             raise Conflict(f"a migration of VM {msg.vm} is already under way")
+        pending = self.outcomes.pending_of(msg.vm)
+        if pending is not None:
+            # the pending rollback would delete what this stages at the destinations
+            raise Conflict(f"the rollback of migration {pending} of VM {msg.vm} is still pending: "
+                           "no pre-copy of it until it is done")
         switched = self._switched.get(msg.vm)
         if switched is not None and time.monotonic() - switched < LATE_MIGRATING_S:
             # it crossed its own "not-running" on the way (a migration of a few milliseconds)
