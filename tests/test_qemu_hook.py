@@ -311,10 +311,12 @@ def test_hook_leaving_before_the_window_cancels_the_migration_it_armed(pair: Qem
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
-            assert proc.returncode == 1 and b"cancelling the migration" in err
+            assert proc.returncode == 1 and b"cancelling the migration" in err, err
             assert await window.migration_status(w.src) == "cancelled"
             assert (await status(w.src))["running"] is True
-            assert (await window.capabilities(w.src))[window.PAUSE] is False
+            # It stayed set under load on Python 3.11 (an asyncio.timeout in the clean-up
+            # raised CancelledError: hook._consume_cancel); the hook's log says why if again.
+            assert (await window.capabilities(w.src))[window.PAUSE] is False, err.decode()
             assert not w.mgr.received
 
     asyncio.run(scenario())

@@ -209,6 +209,7 @@ async def hold_window(qmp: QmpClient, opts: HookOptions, report: WindowReport, n
         report.error = str(exc)
     finally:
         # Also on CancelledError (SIGTERM, Ctrl-C): the window must end.
+        _consume_cancel()
         await _end(qmp, report, moved, opts.on_fail)
         if report.outcome == "cancelled":
             await tell_abort(opts)
@@ -228,6 +229,17 @@ async def tell_abort(opts: HookOptions, timeout_s: float = 1.0) -> None:
             await link.send(message, time.monotonic() + timeout_s)
     except (XferError, OSError) as exc:
         log.warning("vm %s: could not tell the manager to abort: %s", opts.vm, exc)
+
+
+def _consume_cancel() -> None:
+    """In a clean-up that runs because the task was cancelled (SIGTERM), take the request
+    back: on Python 3.11 ``asyncio.timeout`` turns its own expiry into CancelledError
+    while one is pending (``uncancel() == 0`` there; 3.12 compares with the count at
+    entry), so the clean-up's QMP waits were cut short and the hook left QEMU's
+    pause-before-switchover set. The CancelledError already raised still propagates."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()
 
 
 async def _end(qmp: QmpClient, report: WindowReport, moved: bool, on_fail: str) -> None:
@@ -253,6 +265,7 @@ async def _abandon(qmp: QmpClient, opts: HookOptions, armed: window.Armed, repor
     """On the way out: a migration still running with the capability set would stop in a
     window nobody ends, so cancel it (or end its window); then restore the capabilities.
     A migration whose window we already ended forwards is left to finish."""
+    _consume_cancel()
     try:
         status = await window.migration_status(qmp)
         if status == window.PRE_SWITCHOVER and report.ended is None:
