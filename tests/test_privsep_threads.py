@@ -1,6 +1,8 @@
 """``privsep.separate`` checks every thread of the agent for capabilities after the drop;
 a worker thread that exits between the listing and the read must not stop the agent
-(it did: FileNotFoundError on /proc/self/task/N/status, seen in ``xfer bench precopy --privsep``)."""
+(it did: FileNotFoundError on /proc/self/task/N/status, seen in ``xfer bench precopy --privsep``,
+and ProcessLookupError when the file was opened just before the thread went, seen in the
+netns pre-copy tests with [privsep])."""
 
 from __future__ import annotations
 
@@ -25,3 +27,12 @@ def test_a_thread_gone_since_the_listing_holds_nothing() -> None:
         assert time.monotonic() < deadline, "the thread's /proc entry stayed"
         time.sleep(0.01)
     assert privsep._thread_capabilities(tid) == 0
+
+
+def test_a_thread_gone_while_its_status_is_read_holds_nothing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # /proc/self/task/N/status opened, then the thread exits: reading it fails with ESRCH.
+    def gone(pid: object = "self") -> int:
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(privsep, "effective_capabilities", gone)
+    assert privsep._thread_capabilities("12345") == 0

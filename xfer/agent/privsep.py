@@ -627,10 +627,11 @@ def separate(user: str, state_dir: os.PathLike[str] | str) -> None:
 
 def _thread_capabilities(task: str) -> int:
     """A thread's effective capabilities; 0 for one that exited since it was listed (a
-    worker thread finishing then is no thread that holds anything)."""
+    worker thread finishing then is no thread that holds anything): its status file is
+    gone (ENOENT) or, opened just before it went, reads ESRCH."""
     try:
         return effective_capabilities(f"self/task/{task}")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return 0
 
 
