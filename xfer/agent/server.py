@@ -306,18 +306,24 @@ class AgentServer(Listener):
             packed, headers = compress(data)
         return web.Response(body=packed, content_type=BUNDLE_TYPE, headers=headers)
 
-    async def _import(self, request: web.Request) -> web.StreamResponse:
-        trace: Trace = TRACE.get()
-        vm = parse_request_vm(request.query.get("vm"))
-        kinds = parse_request_kinds(request.query["kinds"]) if request.query.get("kinds") else None
+    async def _bundle_body(self, request: web.Request, trace: Trace, nothing: str) -> bytes:
+        """A bundle request's body, inflated, within this device's limit (over it: nothing
+        ``nothing``, in one line)."""
+        limit = self.config.max_bundle_bytes
         with trace.phase("receive"):
             try:
                 data = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise BundleError(f"bundle is over this device's limit of "
-                                  f"{self.config.max_bundle_bytes} bytes; nothing imported") from None
+                raise BundleError(f"bundle is over this device's limit of {limit} bytes; "
+                                  f"nothing {nothing}") from None
         with trace.phase("inflate"):
-            data = decompress(data, request.headers.get(COMPRESSION_HEADER), self.config.max_bundle_bytes)
+            return decompress(data, request.headers.get(COMPRESSION_HEADER), limit)
+
+    async def _import(self, request: web.Request) -> web.StreamResponse:
+        trace: Trace = TRACE.get()
+        vm = parse_request_vm(request.query.get("vm"))
+        kinds = parse_request_kinds(request.query["kinds"]) if request.query.get("kinds") else None
+        data = await self._bundle_body(request, trace, "imported")
         report = await self.service.import_(data, vm, kinds, trace)
         return web.json_response(report.to_dict())
 
@@ -353,14 +359,7 @@ class AgentServer(Listener):
     async def _precopy_stage(self, request: web.Request) -> web.StreamResponse:
         trace: Trace = TRACE.get()
         vm = parse_request_vm(request.query.get("vm"))
-        with trace.phase("receive"):
-            try:
-                data = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise BundleError(f"bundle is over this device's limit of "
-                                  f"{self.config.max_bundle_bytes} bytes; nothing staged") from None
-        with trace.phase("inflate"):
-            data = decompress(data, request.headers.get(COMPRESSION_HEADER), self.config.max_bundle_bytes)
+        data = await self._bundle_body(request, trace, "staged")
         result = await self.service.precopy.stage(data, vm, request.query.get("final") == "1", trace)
         return web.json_response(result)
 

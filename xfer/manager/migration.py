@@ -165,11 +165,7 @@ class Migrator:
             work = Work.COLLECT
         if current is not None and current is not prior:
             raise Conflict(f"a migration of VM {msg.vm} is already under way")
-        pending = self.outcomes.pending_of(msg.vm)
-        if pending is not None:
-            # A rollback that lands after a newer import would undo it.
-            raise Conflict(f"the rollback of migration {pending} of VM {msg.vm} is still pending (a "
-                           "destination could not be reached): no new migration of it until it is done")
+        self._no_rollback_pending(msg.vm, "new migration")
         # The device-driven variant is the store's: other modes heard on the group are the manager's.
         driver = Driver.DEVICES if transport == "multicast" and work != Work.MOVE else Driver.MANAGER
         entry = Entry(msg, work, driver, time.perf_counter(), prior,
@@ -200,6 +196,14 @@ class Migrator:
                                       "rolled back", {"ok": False, "vm": vm, "aborted": True}) from None
             raise
 
+    def _no_rollback_pending(self, vm: str, what: str) -> None:
+        """Conflict while a rollback of ``vm`` is pending: landing after a newer import or a
+        pre-copy's stage, it would undo it."""
+        pending = self.outcomes.pending_of(vm)
+        if pending is not None:
+            raise Conflict(f"the rollback of migration {pending} of VM {vm} is still pending (a "
+                           f"destination could not be reached): no {what} of it until it is done")
+
     async def prepare(self, msg: Message, budget_ms: float | None) -> dict[str, Any]:
         """"migrating": stage the VM's conntrack state at its destinations now (pre-copy,
         ``xfer.manager.precopy``); returns once the whole copy is staged, changes keep
@@ -208,11 +212,7 @@ class Migrator:
         mode = msg.mode or self.settings.mode
         if msg.vm in self.active:
             raise Conflict(f"a migration of VM {msg.vm} is already under way")
-        pending = self.outcomes.pending_of(msg.vm)
-        if pending is not None:
-            # the pending rollback would delete what this stages at the destinations
-            raise Conflict(f"the rollback of migration {pending} of VM {msg.vm} is still pending: "
-                           "no pre-copy of it until it is done")
+        self._no_rollback_pending(msg.vm, "pre-copy")
         switched = self._switched.get(msg.vm)
         if switched is not None and time.monotonic() - switched < LATE_MIGRATING_S:
             # it crossed its own "not-running" on the way (a migration of a few milliseconds)
